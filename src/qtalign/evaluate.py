@@ -1,0 +1,331 @@
+"""Few-shot evaluation: tasks x languages x label variants, per-item records, resumable, data-parallel.
+
+Output dir layout:
+    run.json            config, fingerprint, versions (written first)
+    predictions.jsonl   one record per item (appended as batches finish: an interrupted run resumes from it)
+    results.json        metrics, timings, environment (written last: its presence means the run finished)
+    table.md/.csv       per-language accuracy with Wilson CIs, calibrated accuracy, group averages
+    labels.md/.json     label-tokenisation report
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import platform
+import subprocess
+import time
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from . import __version__
+from .data import DataSource, load_items, parse_range
+from .errors import QtalignError
+from .faithful import official_correct, special_case
+from .models import LoadedModel, ModelConfig, load_model
+from .scoring import METHODS, ScoreRequest, Scorer, calibrate, content_free_requests, mean_probs
+from .specs import SpecSet, canonical_variant, load_specs
+from .stats import mean, wilson
+
+
+class EvalConfig(BaseModel):
+    """Evaluation settings (round-trips to YAML/JSON)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], description="task names")
+    langs: list[str] = Field(default_factory=lambda: ["all"], description="language codes, 'all', 'high' or 'low'")
+    variants: list[str] = Field(default_factory=lambda: ["enout"], description="label variants: enout, native, irrelevant")
+    method: Literal["first-token", "faithful", "sequence"] = Field("first-token", description="scoring rule")
+    length_norm: bool = Field(False, description="sequence method: mean instead of summed token log-prob")
+    limit: int | None = Field(None, ge=1, description="first N items per language (after `items`)")
+    items: str | None = Field(None, description="item range START:END (e.g. 0:250)")
+    exclude_items: list[int] = Field(default_factory=list, description="item indices never evaluated (e.g. training items)")
+    data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
+    data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or hf:<dataset>")
+    split: str = Field("test", description="split for hf: datasets")
+    prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
+    batch_size: int = Field(8, ge=1)
+    prefix_cache: bool = Field(True, description="compute each language's demo block once and reuse its KV cache")
+    calibrate: bool = Field(True, description="also report contextual calibration (content-free queries)")
+    seed: int = 0
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v):
+        return [canonical_variant(x) for x in v]
+
+    @field_validator("tasks", "langs", "variants", "prompts", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+    def source(self) -> DataSource:
+        if self.data_files == "demo" or (not self.data_files and not self.data_dir):
+            return DataSource.demo()
+        return DataSource(data_dir=self.data_dir, files=self.data_files, split=self.split)
+
+    def fingerprint(self) -> str:
+        d = self.model_dump(exclude={"batch_size"})  # results do not depend on the batch size
+        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_hash() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                              cwd=Path(__file__).parent).stdout.strip() or None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def environment() -> dict:
+    import torch
+    import transformers
+
+    import peft
+
+    return {
+        "qtalign": __version__,
+        "git": git_hash(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def plan_groups(cfg: EvalConfig, specs: SpecSet, source: DataSource) -> tuple[list[tuple[str, str, str]], list[dict]]:
+    groups, skipped = [], []
+    explicit = cfg.langs not in (["all"], ["high"], ["low"])
+    for t in cfg.tasks:
+        task = specs.task(t)
+        for lang in specs.resolve_langs(cfg.langs, t):
+            if not source.exists(task, lang):
+                if explicit:
+                    raise QtalignError(f"{source.path(task, lang)}: no data for task '{t}' language '{lang}'")
+                skipped.append({"task": t, "lang": lang, "reason": "no data file"})
+                continue
+            for v in cfg.variants:
+                task.label_words(lang, v)  # validates the variant for this task
+                groups.append((t, v, lang))
+    if not groups:
+        raise QtalignError(f"nothing to evaluate: no data found under {source.describe()} for tasks {cfg.tasks}")
+    return groups, skipped
+
+
+def _read_done(paths: list[Path]) -> dict[str, dict]:
+    done = {}
+    for p in paths:
+        if not p.exists():
+            continue
+        with open(p, encoding="utf-8") as f:
+            for line in f:
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a line cut by a kill: recomputed
+                done[r["key"]] = r
+    return done
+
+
+def item_key(task: str, variant: str, lang: str, index: int) -> str:
+    return f"{task}/{variant}/{lang}/{index}"
+
+
+def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | None = None, overwrite: bool = False,
+             progress: bool = True) -> dict:
+    from accelerate import PartialState
+    from tqdm.auto import tqdm
+
+    state = PartialState()
+    out = Path(out)
+    specs = load_specs(cfg.prompts)
+    source = cfg.source()
+    groups, skipped = plan_groups(cfg, specs, source)
+    fp = cfg.fingerprint()
+    run_json, results_json = out / "run.json", out / "results.json"
+    if state.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if run_json.exists() and not overwrite:
+            prev = json.loads(run_json.read_text())
+            if prev.get("fingerprint") != fp:
+                raise QtalignError(f"{out}: holds a run with a different config (fingerprint {prev.get('fingerprint')} != {fp}); use another --out or --overwrite")
+            if results_json.exists():
+                return json.loads(results_json.read_text())
+        if overwrite:
+            for name in ("predictions.jsonl", "results.json", "table.md", "table.csv"):
+                (out / name).unlink(missing_ok=True)
+            for p in out.glob("predictions.rank*.jsonl"):
+                p.unlink()
+        run_json.write_text(json.dumps({"fingerprint": fp, "config": cfg.model_dump(), "started": time.time()}, indent=1))
+    state.wait_for_everyone()
+
+    t_load = time.time()
+    loaded = loaded or load_model(cfg.model)
+    t_load = time.time() - t_load
+    scorer = Scorer(loaded.model, loaded.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm)
+    rank, world = state.process_index, state.num_processes
+    shard = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
+    done = _read_done([out / "predictions.jsonl", *out.glob("predictions.rank*.jsonl")])
+    rng_items = parse_range(cfg.items)
+    excl = set(cfg.exclude_items)
+
+    todo: list[tuple[tuple[str, str, str], list]] = []
+    for g in groups:
+        task = specs.task(g[0])
+        items = load_items(task, g[2], source, rng_items, exclude=excl)
+        if cfg.limit:
+            items = items[: cfg.limit]
+        mine = [it for k, it in enumerate(items) if k % world == rank]
+        todo.append((g, [it for it in mine if item_key(*g, it.index) not in done]))
+    total = sum(len(x) for _, x in todo)
+    timings: dict[str, float] = {}
+    bar = tqdm(total=total, desc=f"eval[{rank}]" if world > 1 else "eval", unit="item", disable=not progress or None, dynamic_ncols=True)
+    with open(shard, "a", encoding="utf-8") as f:
+        for (t, v, lang), items in todo:
+            if not items:
+                continue
+            t0 = time.time()
+            task = specs.task(t)
+            words = task.label_words(lang, v)
+            gname = f"{t}/{v}/{lang}"
+            forced, scored = "", list(words)
+            if cfg.method == "faithful" and (case := special_case(task, lang, v)):
+                forced = case["forced_prefix"]
+                scored = [case["continuation_label_words"][c] for c in task.classes]
+            cf = None
+            if cfg.calibrate:
+                cf = mean_probs(list(scorer.score(content_free_requests(task, lang, v, gname, scored, forced))))
+            reqs, by_key = [], {}
+            for it in items:
+                prefix, q = task.prompt_parts(lang, v, it.fields)
+                k = item_key(t, v, lang, it.index)
+                reqs.append(ScoreRequest(k, gname, prefix, q, list(scored), forced=forced))
+                by_key[k] = it
+            for s in scorer.score(reqs, progress=None):
+                it = by_key[s.key]
+                rec = {
+                    "key": s.key, "task": t, "variant": v, "lang": lang, "index": it.index, "id": it.id,
+                    "gold": task.classes[it.gold], "pred": task.classes[s.pred], "correct": s.pred == it.gold,
+                    "scores": dict(zip(task.classes, [round(x, 6) for x in s.probs])),
+                    ("logprobs" if cfg.method == "sequence" else "mass"): dict(zip(task.classes, [float(f"{x:.6g}") for x in s.raw])),
+                }
+                if cf is not None:
+                    cal = calibrate(s.probs, cf)
+                    cp = max(range(len(cal)), key=lambda i: (cal[i], -i))
+                    rec.update(cal_scores=dict(zip(task.classes, [round(x, 6) for x in cal])), cal_pred=task.classes[cp], cal_correct=cp == it.gold)
+                if cfg.method == "faithful":
+                    rec["official_correct"] = official_correct(task, lang, v, s.pred, it.gold_word)
+                if s.extra:
+                    rec.update(s.extra)
+                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                bar.update(1)
+            f.flush()
+            timings[gname] = round(time.time() - t0, 3)
+    bar.close()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
+    records = _read_done([out / "predictions.jsonl", *sorted(out.glob("predictions.rank*.jsonl"))])
+    order = {g: i for i, g in enumerate(groups)}
+    recs = sorted((r for r in records.values() if (r["task"], r["variant"], r["lang"]) in order),
+                  key=lambda r: (order[(r["task"], r["variant"], r["lang"])], r["index"]))
+    tmp = out / "predictions.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in recs:
+            f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    os.replace(tmp, out / "predictions.jsonl")
+    for p in out.glob("predictions.rank*.jsonl"):
+        p.unlink()
+    metrics = compute_metrics(recs, specs)
+    from .labels import label_report, write_label_report
+
+    write_label_report(label_report(scorer, specs, cfg.tasks, sorted({g[2] for g in groups}, key=specs.order.index), cfg.variants), out)
+    results = {
+        "config": cfg.model_dump(),
+        "fingerprint": fp,
+        "model": loaded.info,
+        "environment": environment(),
+        "seed": cfg.seed,
+        "processes": world,
+        "skipped": skipped,
+        "timing": {"model_load_s": round(t_load, 2), "groups_s": timings, "items_scored_this_run": total,
+                   "eval_s": round(sum(timings.values()), 2)},
+        "metrics": metrics,
+    }
+    write_tables(metrics, specs, out)
+    tmp = out / "results.json.tmp"
+    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
+    os.replace(tmp, results_json)
+    return results
+
+
+def compute_metrics(recs: list[dict], specs: SpecSet) -> dict:
+    """metrics[task][variant] = {'langs': {lang: {...}}, 'avg': {'all','high','low'}}."""
+    by = defaultdict(list)
+    for r in recs:
+        by[(r["task"], r["variant"], r["lang"])].append(r)
+    out: dict = {}
+    for (t, v, lang), rs in by.items():
+        n = len(rs)
+        k = sum(r["correct"] for r in rs)
+        lo, hi = wilson(k, n)
+        preds = Counter(r["pred"] for r in rs)
+        m = {"n": n, "acc": k / n, "ci_low": lo, "ci_high": hi, "majority_pred_share": preds.most_common(1)[0][1] / n,
+             "pred_counts": dict(preds)}
+        if "official_correct" in rs[0]:
+            m["official_acc"] = sum(r["official_correct"] for r in rs) / n
+        if "cal_correct" in rs[0]:
+            kc = sum(r["cal_correct"] for r in rs)
+            m.update(cal_acc=kc / n, cal_ci_low=wilson(kc, n)[0], cal_ci_high=wilson(kc, n)[1])
+        out.setdefault(t, {}).setdefault(v, {"langs": {}})["langs"][lang] = m
+    for t, tv in out.items():
+        for v, d in tv.items():
+            langs = d["langs"]
+            avg = {}
+            for name, sel in (("all", lambda c: True), ("high", lambda c: specs.language(c).resource_group == "high"),
+                              ("low", lambda c: specs.language(c).resource_group == "low")):
+                codes = [c for c in langs if sel(c)]
+                avg[name] = {"n_langs": len(codes), "acc": mean(langs[c]["acc"] for c in codes),
+                             "cal_acc": mean(langs[c].get("cal_acc") for c in codes)}
+            d["avg"] = avg
+            d["langs"] = {c: langs[c] for c in specs.order if c in langs}
+    return out
+
+
+def _pct(x) -> str:
+    return "" if x is None or x != x else f"{100 * x:.1f}"
+
+
+def write_tables(metrics: dict, specs: SpecSet, out: Path) -> None:
+    md = []
+    rows = []
+    for t, tv in metrics.items():
+        for v, d in tv.items():
+            md += [f"### {t} ({v})", "", "| lang | n | acc % | 95 % CI | calibrated acc % | majority-pred share % |", "|---|---:|---:|---|---:|---:|"]
+            for lang, m in d["langs"].items():
+                md.append(f"| {lang} | {m['n']} | {_pct(m['acc'])} | {_pct(m['ci_low'])}–{_pct(m['ci_high'])} | "
+                          f"{_pct(m.get('cal_acc'))} | {_pct(m['majority_pred_share'])} |")
+                rows.append({"task": t, "variant": v, "lang": lang, "group": specs.language(lang).resource_group, "n": m["n"],
+                             "acc": m["acc"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "cal_acc": m.get("cal_acc"),
+                             "majority_pred_share": m["majority_pred_share"]})
+            for name, a in d["avg"].items():
+                md.append(f"| **avg {name}** ({a['n_langs']}) | | **{_pct(a['acc'])}** | | **{_pct(a['cal_acc'])}** | |")
+                rows.append({"task": t, "variant": v, "lang": f"avg_{name}", "group": name, "n": a["n_langs"], "acc": a["acc"],
+                             "ci_low": None, "ci_high": None, "cal_acc": a["cal_acc"], "majority_pred_share": None})
+            md.append("")
+    (out / "table.md").write_text("\n".join(md), encoding="utf-8")
+    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)

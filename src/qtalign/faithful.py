@@ -1,0 +1,96 @@
+"""The official evaluation scripts' decision rule, reproduced for exact comparison (``--method faithful``).
+
+Differences from ``first-token`` (see docs/scoring.md):
+- candidate sets are a vocabulary lookup of every character prefix of the label, with and without the
+  SentencePiece ``▁``, plus the byte-fallback token of the label's first UTF-8 byte for non-ASCII labels, plus (for
+  byte-level BPE tokenizers, the official 'Qwen' rule) the first token of every prefix tokenised alone. Tokens
+  shared by two classes are kept in both sets;
+- ties between classes are broken at random (seeded), and in an exact three-way tie neutral cannot win;
+- a task's declared special case (Thai native emotion) appends ``tokenizer(prefix)`` with the default special
+  tokens (a BOS in mid-sequence for tokenizers that add one) and scores the label remainders;
+- correctness is the scripts' string comparison with the stored gold word (see :func:`official_correct`).
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Iterator
+
+import torch
+
+from .engine import Prompt, encode_prompts
+from .tokens import _is_byte_level
+
+
+def official_candidates(tokenizer, word: str) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    prefixes = [word[:i] for i in range(1, len(word) + 1)]
+    ids = {vocab[t] for t in ["▁" + p for p in prefixes] + prefixes if t in vocab}
+    if word and ord(word[0]) > 127:
+        byte_tok = f"<0x{word[0].encode('utf-8')[0]:02X}>"
+        if byte_tok in vocab:
+            ids.add(vocab[byte_tok])
+    if _is_byte_level(tokenizer):
+        for p in prefixes:
+            t = tokenizer(p, add_special_tokens=False)["input_ids"]
+            if t:
+                ids.add(t[0])
+    return sorted(ids)
+
+
+def official_decision(mass: list[float], rng: random.Random) -> int:
+    """Strictly greatest class wins; pairwise ties by randint(0,1); a full 3-way tie never picks the middle class."""
+    best = max(mass)
+    tied = [i for i, m in enumerate(mass) if m == best]
+    if len(tied) == 1:
+        return tied[0]
+    if len(tied) == 2:
+        return tied[0] if rng.randint(0, 1) == 1 else tied[1]
+    return 0 if rng.randint(0, 1) >= 2 / 3 else len(mass) - 1
+
+
+def faithful_scores(scorer, reqs, progress=None) -> Iterator:
+    from .scoring import ItemScore, normalise
+
+    tok = scorer.tokenizer
+    sets_cache: dict[str, list[int]] = {}
+
+    def cands(w):
+        if w not in sets_cache:
+            sets_cache[w] = official_candidates(tok, w)
+        return sets_cache[w]
+
+    prompts = []
+    for r in reqs:
+        extra = tok(r.forced, add_special_tokens=True)["input_ids"] if r.forced else []
+        prompts.append(Prompt(r.key, r.group, r.prefix, r.prefix + r.question, append_ids=extra))
+    by_key = {r.key: r for r in reqs}
+    rngs: dict[str, random.Random] = {}
+    enc = encode_prompts(tok, prompts)
+    with torch.inference_mode():
+        for b in scorer.engine.run(enc, progress=progress):
+            probs = torch.softmax(scorer.engine.parts.unembed(b.last_hidden), dim=-1)
+            for row, key in enumerate(b.keys):
+                r = by_key[key]
+                rng = rngs.setdefault(r.group, random.Random(0))
+                mass = [float(probs[row, cands(w)].sum()) if cands(w) else 0.0 for w in r.words]
+                yield ItemScore(key, mass, normalise(mass), official_decision(mass, rng), {"forced_prefix": r.forced} if r.forced else {})
+
+
+def special_case(task, lang: str, variant: str) -> dict | None:
+    """The task's declared faithful special case for a language and variant (e.g. Thai native emotion)."""
+    info = task.variants_info.get(variant) or task.variants_info.get({"irrelevant": "irrelative"}.get(variant, variant)) or {}
+    return (info.get("special_cases") or {}).get(lang)
+
+
+def official_correct(task, lang: str, variant: str, pred: int, gold_word: str | None) -> bool:
+    """The official scripts' string test of a prediction against the stored gold word."""
+    if gold_word is None:
+        return False
+    c = task.classes[pred]
+    ls = task.lang(lang)
+    if ls.data_label_words == {k: k for k in task.classes}:  # the data stores English class words (PAWS)
+        return gold_word == c
+    if variant == "native":
+        return ls.label_words[c].startswith(gold_word)
+    return gold_word == (ls.script_label_words.get(c) or "")

@@ -1,0 +1,208 @@
+"""Scoring label words on top of the engine: first-token (the paper's constrained decoding), faithful (the
+official decision rule, for exact comparison) and sequence (exact multi-token log-likelihood).
+
+Every method returns, per item, raw per-class numbers, class probabilities normalised over the classes, and the
+predicted class. Contextual calibration (Zhao et al., 2021) divides the class probabilities by those of
+content-free queries rendered in the same prompt and renormalises.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Iterator
+
+import torch
+from transformers import DynamicCache
+
+from .engine import Engine, Prompt, encode_prompts
+from .errors import QtalignError
+from .tokens import CandidateSets, candidate_sets, common_prefix, label_continuation
+
+METHODS = ("first-token", "faithful", "sequence")
+CONTENT_FREE = ("N/A", "", "[MASK]")
+
+
+@dataclass
+class ScoreRequest:
+    key: Any
+    group: str
+    prefix: str  # shared demo block + newline
+    question: str  # the query, ending with the answer cue
+    words: list[str]  # label word per class (identical within a group)
+    forced: str = ""  # text appended after the answer cue before scoring (common label prefix)
+
+
+@dataclass
+class ItemScore:
+    key: Any
+    raw: list[float]  # first-token: probability mass per class; sequence: summed log-prob per class
+    probs: list[float]  # normalised over the classes
+    pred: int
+    extra: dict = field(default_factory=dict)
+
+
+def normalise(xs: list[float]) -> list[float]:
+    s = sum(xs)
+    if s <= 0 or not math.isfinite(s):
+        return [1.0 / len(xs)] * len(xs)
+    return [x / s for x in xs]
+
+
+def softmax(xs: list[float]) -> list[float]:
+    m = max(xs)
+    if not math.isfinite(m):
+        return [1.0 / len(xs)] * len(xs)
+    e = [math.exp(x - m) for x in xs]
+    return normalise(e)
+
+
+def argmax(xs: list[float]) -> int:
+    return max(range(len(xs)), key=lambda i: (xs[i], -i))
+
+
+def calibrate(probs: list[float], content_free: list[float]) -> list[float]:
+    """Contextual calibration: p_c / p_cf_c, renormalised."""
+    return normalise([p / max(q, 1e-12) for p, q in zip(probs, content_free)])
+
+
+class Scorer:
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        method: str = "first-token",
+        batch_size: int = 8,
+        prefix_cache: bool = True,
+        length_norm: bool = False,
+    ):
+        if method not in METHODS:
+            raise QtalignError(f"unknown scoring method '{method}' (choose from {', '.join(METHODS)})")
+        self.tokenizer = tokenizer
+        self.method = method
+        self.length_norm = length_norm
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+        self.engine = Engine(model, pad_id=pad, batch_size=batch_size, prefix_cache=prefix_cache)
+        self._sets: dict[tuple[str, ...], CandidateSets] = {}
+
+    # -- candidate sets ---------------------------------------------------------------------------------
+    def candidates(self, words: list[str]) -> CandidateSets:
+        key = tuple(words)
+        if key not in self._sets:
+            self._sets[key] = candidate_sets(self.tokenizer, words)
+        return self._sets[key]
+
+    def plan(self, words: list[str]) -> tuple[str, list[str]]:
+        """First-token scoring needs every class to own at least one token. When the label words share a
+        common prefix (both Thai sentiment words start with 'เชิง'), that prefix is appended to the prompt
+        and the remainders are scored: the paper's Thai two-step, derived for any language."""
+        cs = self.candidates(words)
+        if not cs.empty_classes:
+            return "", words
+        cp = common_prefix(words)
+        rest = [w[len(cp) :] for w in words]
+        if cp and all(rest) and not self.candidates(rest).empty_classes:
+            return cp, rest
+        bad = [words[i] for i in cs.empty_classes]
+        raise QtalignError(
+            f"label words {words}: no token can begin {bad} without also beginning another class's word; "
+            "use --method sequence for these labels"
+        )
+
+    # -- scoring -----------------------------------------------------------------------------------------
+    def _prompts(self, reqs: list[ScoreRequest]) -> list[Prompt]:
+        return [Prompt(r.key, r.group, r.prefix, r.prefix + r.question + r.forced) for r in reqs]
+
+    def score(self, requests: Iterable[ScoreRequest], progress=None) -> Iterator[ItemScore]:
+        reqs = list(requests)
+        if not reqs:
+            return
+        if self.method == "first-token":
+            for r in reqs:
+                r.forced, r.words = self.plan(r.words)
+            yield from self._first_token(reqs, progress)
+        elif self.method == "sequence":
+            yield from self._sequence(reqs, progress)
+        else:
+            from .faithful import faithful_scores
+
+            yield from faithful_scores(self, reqs, progress)
+
+    @torch.inference_mode()
+    def _first_token(self, reqs: list[ScoreRequest], progress) -> Iterator[ItemScore]:
+        by_key = {r.key: r for r in reqs}
+        enc = encode_prompts(self.tokenizer, self._prompts(reqs))
+        for b in self.engine.run(enc, progress=progress):
+            logp = torch.log_softmax(self.engine.parts.unembed(b.last_hidden), dim=-1)
+            for row, key in enumerate(b.keys):
+                r = by_key[key]
+                sets = self.candidates(r.words).sets
+                mass = [float(logp[row, s].exp().sum()) if s else 0.0 for s in sets]
+                yield ItemScore(key, mass, normalise(mass), argmax(mass), {"forced_prefix": r.forced} if r.forced else {})
+
+    @torch.inference_mode()
+    def _sequence(self, reqs: list[ScoreRequest], progress) -> Iterator[ItemScore]:
+        """Exact log P(label | prompt) for every class: the prompt runs once (prefix from the group cache);
+        every class's continuation is scored from that item's KV cache."""
+        by_key = {r.key: r for r in reqs}
+        prompts = self._prompts(reqs)
+        enc = encode_prompts(self.tokenizer, prompts)
+        text = {p.key: p.text for p in prompts}
+        parts = self.engine.parts
+        for b in self.engine.run(enc, keep_cache=True, progress=progress):
+            logp_first = torch.log_softmax(parts.unembed(b.last_hidden), dim=-1)
+            enc_by_key = {e.key: e for e in enc if e.key in set(b.keys)}
+            for row, key in enumerate(b.keys):
+                r, e = by_key[key], enc_by_key[key]
+                conts = [label_continuation(self.tokenizer, e.ids, text[key], w) for w in r.words]
+                lps = [float(logp_first[row, c[0]]) for c in conts]
+                if any(len(c) > 1 for c in conts):
+                    rest = self._continuations(b, row, conts)
+                    lps = [a + x for a, x in zip(lps, rest)]
+                raw = [lp / len(c) if self.length_norm else lp for lp, c in zip(lps, conts)]
+                probs = softmax(raw)
+                yield ItemScore(key, raw, probs, argmax(raw), {"label_tokens": [len(c) for c in conts]})
+
+    def _continuations(self, b, row: int, conts: list[list[int]]) -> list[float]:
+        """Sum of log-probs of tokens 2..n of each class's label, from row `row`'s cache (pads sliced off)."""
+        n_ctx = b.prefix_len + int(b.lengths[row])
+        C = len(conts)
+        cache = DynamicCache()
+        for i, layer in enumerate(b.cache.layers):
+            k = layer.keys[row : row + 1, :, :n_ctx].expand(C, -1, -1, -1).contiguous()
+            v = layer.values[row : row + 1, :, :n_ctx].expand(C, -1, -1, -1).contiguous()
+            cache.update(k, v, i)
+        T = max(max(len(c) for c in conts) - 1, 1)
+        dev = self.engine.device
+        ids = torch.full((C, T), self.engine.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((C, n_ctx + T), dtype=torch.long, device=dev)
+        mask[:, :n_ctx] = 1
+        for i, c in enumerate(conts):
+            if len(c) > 1:
+                ids[i, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
+                mask[i, n_ctx : n_ctx + len(c) - 1] = 1
+        out = self.engine.parts.decoder(input_ids=ids, attention_mask=mask, cache=cache, use_cache=True)
+        res = []
+        for i, c in enumerate(conts):
+            if len(c) == 1:
+                res.append(0.0)
+                continue
+            h = out.last_hidden_state[i, : len(c) - 1]
+            lp = torch.log_softmax(self.engine.parts.unembed(h), dim=-1)
+            res.append(float(lp[torch.arange(len(c) - 1), torch.tensor(c[1:])].sum()))
+        return res
+
+
+def content_free_requests(task, lang: str, variant: str, group: str, words: list[str], forced: str = "") -> list[ScoreRequest]:
+    """Content-free queries ('N/A', '', '[MASK]' in every item field) rendered in the same prompt."""
+    reqs = []
+    for j, cf in enumerate(CONTENT_FREE):
+        prefix, q = task.prompt_parts(lang, variant, {f: cf for f in task.item_fields})
+        reqs.append(ScoreRequest(key=("cf", j), group=group, prefix=prefix, question=q, words=list(words), forced=forced))
+    return reqs
+
+
+def mean_probs(scores: list[ItemScore]) -> list[float]:
+    n = len(scores)
+    return [sum(s.probs[c] for s in scores) / n for c in range(len(scores[0].probs))]
+
