@@ -50,8 +50,8 @@ def spm_tokenizer(tok_dir):
     corpus.write_text("\n".join(_corpus()), encoding="utf-8")
     prefix = tok_dir / "spm"
     spm.SentencePieceTrainer.train(
-        input=str(corpus), model_prefix=str(prefix), vocab_size=1200, model_type="bpe", byte_fallback=True,
-        character_coverage=0.9995, pad_id=3, bos_id=1, eos_id=2, unk_id=0, num_threads=1, minloglevel=2,
+        input=str(corpus), model_prefix=str(prefix), vocab_size=2000, model_type="bpe", byte_fallback=True,
+        character_coverage=0.98, pad_id=3, bos_id=1, eos_id=2, unk_id=0, num_threads=1, minloglevel=2,
     )
     model_dir = tok_dir / "spm_model"
     model_dir.mkdir()
@@ -71,7 +71,7 @@ def bpe_tokenizer(tok_dir):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     bt = ByteLevelBPETokenizer()
-    bt.train_from_iterator(_corpus(), vocab_size=1200, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
+    bt.train_from_iterator(_corpus(), vocab_size=2000, min_frequency=2, special_tokens=["<|endoftext|>"], show_progress=False)
     tok = PreTrainedTokenizerFast(tokenizer_object=bt._tokenizer, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     out = tok_dir / "bpe_hf"
     tok.save_pretrained(out)

@@ -20,6 +20,9 @@ from .errors import QtalignError
 COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("qtalign.cli_eval", "few-shot evaluation over tasks x languages x label variants"),
     "labels": ("qtalign.cli_eval", "label-tokenisation report for a model"),
+    "lens": ("qtalign.cli_analysis", "language logit lens: English vs output-language label probability per layer"),
+    "geometry": ("qtalign.cli_analysis", "cross-lingual representation geometry per layer (PCA, PC1 correlation, cosine, CKA)"),
+    "build-data": ("qtalign.qtdata", "question-translation training data (the paper's alignment records)"),
 }
 
 

@@ -142,12 +142,37 @@ def item_key(task: str, variant: str, lang: str, index: int) -> str:
     return f"{task}/{variant}/{lang}/{index}"
 
 
+def group_name(task: str, variant: str, lang: str) -> str:
+    return f"{task}/{variant}/{lang}"
+
+
+def scored_words(task, lang: str, variant: str, method: str) -> tuple[str, list[str]]:
+    """(forced text after the answer cue, label words scored per class) for a task x language x variant: the
+    label words, except for a faithful special case (the Thai two-step), which forces the common prefix."""
+    if method == "faithful" and (case := special_case(task, lang, variant)):
+        return case["forced_prefix"], [case["continuation_label_words"][c] for c in task.classes]
+    return "", list(task.label_words(lang, variant))
+
+
+def build_requests(task, lang: str, variant: str, items: list, method: str) -> list[ScoreRequest]:
+    """The score requests of one task x language x variant, one per item, in item order (what `evaluate` scores;
+    also used by benchmarks/eval_throughput.py)."""
+    forced, scored = scored_words(task, lang, variant, method)
+    gname = group_name(task.name, variant, lang)
+    reqs = []
+    for it in items:
+        prefix, q = task.prompt_parts(lang, variant, it.fields)
+        reqs.append(ScoreRequest(item_key(task.name, variant, lang, it.index), gname, prefix, q, list(scored), forced=forced))
+    return reqs
+
+
 def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | None = None, overwrite: bool = False,
              progress: bool = True) -> dict:
-    from accelerate import PartialState
     from tqdm.auto import tqdm
 
-    state = PartialState()
+    from .parallel import distributed_state
+
+    state = distributed_state()
     out = Path(out)
     specs = load_specs(cfg.prompts)
     source = cfg.source()
@@ -197,21 +222,13 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | None = None
                 continue
             t0 = time.time()
             task = specs.task(t)
-            words = task.label_words(lang, v)
-            gname = f"{t}/{v}/{lang}"
-            forced, scored = "", list(words)
-            if cfg.method == "faithful" and (case := special_case(task, lang, v)):
-                forced = case["forced_prefix"]
-                scored = [case["continuation_label_words"][c] for c in task.classes]
+            gname = group_name(t, v, lang)
+            forced, scored = scored_words(task, lang, v, cfg.method)
             cf = None
             if cfg.calibrate:
                 cf = mean_probs(list(scorer.score(content_free_requests(task, lang, v, gname, scored, forced))))
-            reqs, by_key = [], {}
-            for it in items:
-                prefix, q = task.prompt_parts(lang, v, it.fields)
-                k = item_key(t, v, lang, it.index)
-                reqs.append(ScoreRequest(k, gname, prefix, q, list(scored), forced=forced))
-                by_key[k] = it
+            reqs = build_requests(task, lang, v, items, cfg.method)
+            by_key = {r.key: it for r, it in zip(reqs, items)}
             for s in scorer.score(reqs, progress=None):
                 it = by_key[s.key]
                 rec = {

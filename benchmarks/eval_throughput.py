@@ -1,0 +1,344 @@
+"""Evaluation throughput: qtalign's scorer against (a) the official scripts' method and (b) lm-evaluation-harness.
+
+Same loaded model, same items, same prompts, one process. Per task x language group, every method scores the
+group's items in turn (interleaved by group, so that changes in machine load hit all methods alike), after an
+untimed warm-up. Printed: items/s per method, the ratios ours/official and ours/lm-eval, and how often the
+predictions agree.
+
+- ours: ``scoring.Scorer`` (batched, length-sorted, prefix KV cache, logits only at the last position) over the
+  requests ``evaluate.build_requests`` makes, in the three scoring methods first-token, faithful and sequence;
+- official: the official eval scripts' loop (docs/notes_research.md §1): batch 1, ``tokenizer(prompt)``,
+  ``model.forward(input_ids).logits`` at every position, softmax (fp32) over the full vocabulary, summed
+  probability of ``faithful.official_candidates`` at the last position, random tie-break, no ``torch.no_grad``;
+  it must agree with ours in ``faithful`` mode;
+- lm-eval: lm-evaluation-harness 0.4.x ``HFLM`` on the same model object, one ``ConfigurableTask`` per group over
+  a JSON file of the same items (doc_to_text = our full prompt, choices = the label words, target_delimiter="",
+  0-shot); its rule is the full-label log-likelihood, so it must agree with ours in ``sequence`` mode.
+
+Run: ``python benchmarks/eval_throughput.py`` (see benchmarks/README.md, section "Evaluation throughput").
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("QTALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
+OURS = ("first-token", "faithful", "sequence")
+COLUMNS = ("first-token", "faithful", "sequence", "official", "lm-eval")
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never wait on the hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from qtalign.evaluate import build_requests, group_name  # noqa: E402
+from qtalign.faithful import official_candidates, official_decision  # noqa: E402
+from qtalign.scoring import Scorer, ScoreRequest  # noqa: E402
+
+
+@dataclass
+class Group:
+    task: object  # TaskSpec
+    lang: str
+    variant: str
+    items: list  # data.Item
+
+    @property
+    def name(self) -> str:
+        return group_name(self.task.name, self.variant, self.lang)
+
+
+@dataclass
+class Timing:
+    items: int = 0
+    seconds: float = 0.0
+    preds: dict = field(default_factory=dict)  # request key -> predicted class index
+
+    def add(self, n: int, s: float, preds: dict) -> None:
+        self.items += n
+        self.seconds += s
+        self.preds.update(preds)
+
+    @property
+    def rate(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else float("nan")
+
+
+# -- (a) the official method ---------------------------------------------------------------------------------
+def official_predict(model, tokenizer, reqs: list[ScoreRequest], rng: random.Random | None = None) -> dict:
+    """The official eval loop, re-implemented: one item at a time, full logits at every position, softmax over
+    the full vocabulary, summed candidate-token probability at the last position, no ``torch.no_grad``.
+    ``reqs`` are faithful-method requests (``forced`` = the Thai two-step's prefix, appended as
+    ``tokenizer(prefix)`` with its default special tokens, as the script does)."""
+    rng = rng or random.Random(0)
+    sets: dict[str, list[int]] = {}
+    for r in reqs:  # the scripts build the candidate sets once, before the loop
+        for w in r.words:
+            if w not in sets:
+                sets[w] = official_candidates(tokenizer, w)
+    device = next(model.parameters()).device
+    preds = {}
+    for r in reqs:
+        input_ids = tokenizer(r.prefix + r.question, return_tensors="pt")["input_ids"].to(device)
+        if r.forced:
+            input_ids = torch.cat((input_ids, tokenizer(r.forced, return_tensors="pt")["input_ids"].to(device)), dim=-1)
+        logits = model.forward(input_ids).logits.float()  # transformers 4.38 Mistral/Qwen2 return fp32 logits
+        probs = torch.nn.functional.softmax(logits, dim=-1)
+        mass = [sum(probs[0][-1][i].item() for i in sets[w]) for w in r.words]
+        preds[r.key] = official_decision(mass, rng)
+    return preds
+
+
+# -- ours ------------------------------------------------------------------------------------------------------
+def ours_predict(scorer: Scorer, reqs: list[ScoreRequest]) -> dict:
+    return {s.key: s.pred for s in scorer.score(reqs)}
+
+
+# -- (b) lm-evaluation-harness -----------------------------------------------------------------------------------
+def lm_eval_task(group: Group, folder: Path, items: list | None = None):
+    """A ConfigurableTask over a JSON file of the group's items: our full prompt, the label words as choices,
+    the gold class index as target, no delimiter between the prompt's opening quote and the label."""
+    from lm_eval.api.task import ConfigurableTask
+
+    items = group.items if items is None else items
+    reqs = build_requests(group.task, group.lang, group.variant, items, "sequence")
+    docs = [{"key": r.key, "text": r.prefix + r.question, "choices": list(r.words), "label": it.gold or 0}
+            for r, it in zip(reqs, items)]
+    name = "qtalign_bench_" + group.name.replace("/", "_") + f"_{len(items)}"
+    path = folder / f"{name}.json"
+    path.write_text(json.dumps(docs, ensure_ascii=False), encoding="utf-8")
+    return ConfigurableTask(config={
+        "task": name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {"test": str(path)}},
+        "test_split": "test",
+        "output_type": "multiple_choice",
+        "doc_to_text": lambda d: d["text"],
+        "doc_to_choice": lambda d: d["choices"],
+        "doc_to_target": lambda d: d["label"],
+        "target_delimiter": "",
+        "num_fewshot": 0,
+        "metric_list": [{"metric": "acc"}],
+    })
+
+
+def lm_eval_predict(lm, task) -> dict:
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(model=lm, tasks=[task], log_samples=True, bootstrap_iters=0, verbosity="ERROR")
+    samples = res["samples"][task.config.task]
+    return {s["doc"]["key"]: max(range(len(s["filtered_resps"])), key=lambda i: (s["filtered_resps"][i][0], -i))
+            for s in samples}
+
+
+def make_hflm(model, tokenizer, batch_size: int):
+    import logging
+
+    from lm_eval.models.huggingface import HFLM
+
+    for name in ("lm_eval", "lm-eval"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+# -- the benchmark ---------------------------------------------------------------------------------------------
+def agreement(a: dict, b: dict) -> tuple[int, int]:
+    """(matching predictions, items both scored)."""
+    common = [k for k in a if k in b]
+    return sum(a[k] == b[k] for k in common), len(common)
+
+
+def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_official: int | None = 6,
+                  n_lm_eval: int | None = None, columns=COLUMNS, warmup: int = 2, log=print) -> dict:
+    """Score every group with every method in ``columns`` (interleaved by group) and time it.
+    ``n_official`` / ``n_lm_eval`` limit those methods to each group's first N items (None: all)."""
+    columns = [c for c in COLUMNS if c in columns]
+    scorers = {m: Scorer(model, tokenizer, m, batch_size=batch_size, prefix_cache=True) for m in OURS if m in columns}
+    for g in groups:  # candidate sets are built once per label-word set (cached by the scorer), outside the timing
+        if "first-token" in scorers:
+            scorers["first-token"].plan(g.task.label_words(g.lang, g.variant))
+    tmp = tempfile.TemporaryDirectory(prefix="qtalign_bench_")
+    folder = Path(tmp.name)
+    lm = None
+    lm_tasks = {}
+    if "lm-eval" in columns:
+        lm = make_hflm(model, tokenizer, batch_size)
+        for g in groups:  # dataset building (datasets' json loader) is set-up, not evaluation
+            lm_tasks[g.name] = lm_eval_task(g, folder, g.items[:n_lm_eval])
+
+    def call(col: str, g: Group, items: list, lm_task=None) -> dict:
+        if col in scorers:
+            return ours_predict(scorers[col], build_requests(g.task, g.lang, g.variant, items, col))
+        if col == "official":
+            return official_predict(model, tokenizer, build_requests(g.task, g.lang, g.variant, items, "faithful"))
+        return lm_eval_predict(lm, lm_task or lm_eval_task(g, folder, items))
+
+    def subset(col: str, g: Group) -> list:
+        n = {"official": n_official, "lm-eval": n_lm_eval}.get(col)
+        return g.items if n is None else g.items[:n]
+
+    # warm-up: every method once on a couple of items (first-call costs: kernels, tables, lm-eval imports)
+    g0 = groups[0]
+    for col in columns:
+        call(col, g0, g0.items[:warmup])
+    timings = {c: Timing() for c in columns}
+    load = [os.getloadavg()[0]]
+    for gi, g in enumerate(groups):
+        order = columns[gi % len(columns):] + columns[: gi % len(columns)]  # rotate the order across groups
+        for col in order:
+            items = subset(col, g)
+            t0 = time.perf_counter()
+            preds = call(col, g, items, lm_tasks.get(g.name) if col == "lm-eval" else None)
+            dt = time.perf_counter() - t0
+            timings[col].add(len(items), dt, preds)
+            log(f"  {g.name:<22} {col:<12} {len(items):>4} items {dt:8.2f} s  {len(items) / dt:7.2f} items/s")
+        load.append(os.getloadavg()[0])
+    tmp.cleanup()
+    rates = {c: timings[c].rate for c in columns}
+    ratios = {}
+    for base in ("official", "lm-eval"):
+        if base in rates:
+            for m in OURS:
+                if m in rates:
+                    ratios[f"{m}/{base}"] = rates[m] / rates[base]
+    pairs = [("faithful", "official"), ("first-token", "official"), ("sequence", "lm-eval"), ("first-token", "lm-eval"),
+             ("first-token", "faithful"), ("first-token", "sequence")]
+    agree = {}
+    for a, b in pairs:
+        if a in timings and b in timings:
+            k, n = agreement(timings[a].preds, timings[b].preds)
+            agree[f"{a} vs {b}"] = {"agree": k, "n": n, "rate": k / n if n else float("nan")}
+    return {
+        "items": {c: timings[c].items for c in columns},
+        "seconds": {c: round(timings[c].seconds, 3) for c in columns},
+        "items_per_s": rates,
+        "ratios": ratios,
+        "agreement": agree,
+        "load_avg_1min": {"min": min(load), "max": max(load), "samples": load},
+        "predictions": {c: {str(k): v for k, v in timings[c].preds.items()} for c in columns},
+    }
+
+
+def format_table(res: dict) -> str:
+    lines = ["| method | items | seconds | items/s | ours ÷ official | ours ÷ lm-eval |", "|---|---:|---:|---:|---:|---:|"]
+    for c, r in res["items_per_s"].items():
+        ro = res["ratios"].get(f"{c}/official")
+        rl = res["ratios"].get(f"{c}/lm-eval")
+        lines.append(f"| {c} | {res['items'][c]} | {res['seconds'][c]:.1f} | {r:.2f} | "
+                     f"{'' if ro is None else f'{ro:.1f}×'} | {'' if rl is None else f'{rl:.1f}×'} |")
+    lines += ["", "| predictions | agree | n | rate |", "|---|---:|---:|---:|"]
+    for name, a in res["agreement"].items():
+        lines.append(f"| {name} | {a['agree']} | {a['n']} | {100 * a['rate']:.1f} % |")
+    return "\n".join(lines)
+
+
+def load_groups(specs, source, tasks: list[str], langs: list[str], variant: str, n: int | None, items: str | None = None) -> list[Group]:
+    from qtalign.data import load_items, parse_range
+
+    groups = []
+    for t in tasks:
+        task = specs.task(t)
+        for lang in specs.resolve_langs(langs, t):
+            if not source.exists(task, lang):
+                print(f"skip {t}/{lang}: no data under {source.describe()}", file=sys.stderr)
+                continue
+            its = load_items(task, lang, source, parse_range(items))
+            groups.append(Group(task, lang, variant, its[:n] if n else its))
+    return groups
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from qtalign.cli import add_model_args
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
+    g = p.add_argument_group("benchmark")
+    default_data = SHARED / "official"
+    g.add_argument("--tasks", default="emotion,snli", help="comma list of tasks (default emotion,snli)")
+    g.add_argument("--langs", default="en,de,zh", help="comma list of language codes (default en,de,zh)")
+    g.add_argument("--variant", default="enout", help="label variant (default enout, the paper's main setting)")
+    g.add_argument("--n", type=int, default=24, help="items per task x language for our methods (default 24)")
+    g.add_argument("--n-official", type=int, default=6, help="items per group for the (slow) official method (default 6)")
+    g.add_argument("--n-lm-eval", type=int, default=12, help="items per group for lm-eval (default 12; 0 = --n)")
+    g.add_argument("--items", help="item range START:END before --n (default: from the first item)")
+    g.add_argument("--batch-size", type=int, default=8, help="batch size for ours and lm-eval (default 8)")
+    g.add_argument("--data-dir", default=str(default_data) if default_data.exists() else None,
+                   help=f"official layout folder (default {default_data}; the demo data when absent)")
+    g.add_argument("--prompts", action="append",
+                   help=f"spec file merged over the defaults (default {SHARED / 'paper_prompts.json'} when present)")
+    g.add_argument("--skip-lm-eval", action="store_true", help="do not run lm-evaluation-harness")
+    g.add_argument("--skip-official", action="store_true", help="do not run the official method")
+    g.add_argument("--methods", default=",".join(OURS), help="our scoring methods to time (default all three)")
+    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--json", help="write the full results (with per-item predictions) here")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from qtalign.cli import model_overrides
+    from qtalign.data import DataSource
+    from qtalign.errors import QtalignError
+    from qtalign.models import ModelConfig, load_model
+    from qtalign.specs import load_specs
+
+    args = build_parser().parse_args(argv)
+    random.seed(0)
+    torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        prompts = args.prompts or ([str(SHARED / "paper_prompts.json")] if (SHARED / "paper_prompts.json").exists() else [])
+        specs = load_specs(prompts)
+        source = DataSource(data_dir=args.data_dir) if args.data_dir else DataSource.demo()
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        langs = [x.strip() for x in args.langs.split(",") if x.strip()]
+        groups = load_groups(specs, source, tasks, langs, args.variant, args.n, args.items)
+        if not groups:
+            raise QtalignError(f"nothing to benchmark: no data under {source.describe()} for {tasks} x {langs}")
+        columns = [m.strip() for m in args.methods.split(",") if m.strip()]
+        bad = [m for m in columns if m not in OURS]
+        if bad:
+            raise QtalignError(f"--methods: unknown {bad} (choose from {', '.join(OURS)})")
+        if not args.skip_official:
+            columns.append("official")
+        if not args.skip_lm_eval:
+            try:
+                import lm_eval  # noqa: F401
+            except ImportError:
+                raise QtalignError('lm-evaluation-harness is not installed: pip install "lm_eval>=0.4.8" (or --skip-lm-eval)') from None
+            columns.append("lm-eval")
+        cfg = ModelConfig(**model_overrides(args))
+        t0 = time.time()
+        loaded = load_model(cfg)
+    except QtalignError as e:
+        print(f"eval_throughput: error: {e}", file=sys.stderr)
+        return 2
+    print(f"model {cfg.name} ({cfg.dtype}, {loaded.info['device']}) loaded in {time.time() - t0:.1f} s; torch threads "
+          f"{torch.get_num_threads()}; {len(groups)} groups x {args.n} items from {source.describe()}; "
+          f"batch size {args.batch_size}; load avg {os.getloadavg()[0]:.2f}")
+    res = run_benchmark(loaded.model, loaded.tokenizer, groups, args.batch_size, args.n_official or None,
+                        args.n_lm_eval or None, columns)
+    res["config"] = {k: v for k, v in vars(args).items() if k != "json"}
+    res["model"] = loaded.info
+    res["torch_threads"] = torch.get_num_threads()
+    print()
+    print(format_table(res))
+    la = res["load_avg_1min"]
+    print(f"\n1-min load average during the run: {la['min']:.2f} to {la['max']:.2f} on {os.cpu_count()} CPUs")
+    if args.json:
+        Path(args.json).write_text(json.dumps(res, indent=1, ensure_ascii=False, default=float))
+        print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

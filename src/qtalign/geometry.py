@@ -1,0 +1,416 @@
+"""Cross-lingual representation geometry: how close the hidden states of parallel items in different languages are,
+layer by layer, before vs after tuning (the paper's PCA analysis, plus cosine and CKA).
+
+Hidden states (the residual stream; index 0 = embedding output, 1..L = after each decoder layer; layer L is passed
+through the final norm by default, as in HF's ``hidden_states`` that the paper used) of every parallel item in
+every language are pooled three ways:
+
+- ``prompt``: mean over all prompt tokens, demonstrations and BOS included (the paper's pooling; the shared demo
+  text is identical for every item of a language, which pulls the vectors of one language together),
+- ``query``: mean over the item's own tokens only (the tokens after the demo block's token prefix),
+- ``last``: the last prompt token (right after the answer cue), the position the model answers from.
+
+Per model x pooling x layer: a joint 2-D PCA of all languages' vectors (scatter by language and by item); the PC1
+Pearson correlation between every pair of languages over parallel items (the paper's number); the mean cosine
+similarity of each language's item vectors to the reference language's vectors of the same items (raw, and after
+removing the layer's global mean); linear CKA between every pair of languages.
+
+Output folder:
+    geometry_{task}_{variant}.npz      all metrics per model/pool (+ PCA coordinates; + vectors with save_vectors)
+    geom_{task}_{variant}_{pool}_layers.png  languages x layers heatmaps (models side by side, + tuned - base)
+    geom_{task}_{variant}_{pool}_pairs.png   language x language PC1-correlation and CKA at selected layers
+    geom_{task}_{variant}_{pool}_pca.png     PCA scatter at selected layers, by language and by item
+    summary.json
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field, field_validator
+
+from .data import load_items, parse_range
+from .engine import Engine, Prompt, _lcp, encode_prompts
+from .errors import QtalignError
+from .lens import AnalysisConfig, load_models, seed_everything, write_summary
+from .models import LoadedModel
+from .specs import load_specs
+
+POOLS = ("prompt", "query", "last")
+
+
+class GeometryConfig(AnalysisConfig):
+    """Representation-geometry settings (round-trips to YAML/JSON)."""
+
+    pools: list[Literal["prompt", "query", "last"]] = Field(
+        default_factory=lambda: list(POOLS), description="poolings: prompt (mean over all prompt tokens, the paper), query (mean over the item's tokens), last (last token)"
+    )
+    layers: list[int] | None = Field(None, description="layers shown in scatter plots and pair heatmaps (default: 5 evenly spaced, 0..L)")
+    reference: str = Field("en", description="reference language for cosine similarity and the per-layer heatmaps")
+    normed_last: bool = Field(True, description="pass layer L through the final norm (as HF hidden_states and the paper)")
+    save_vectors: bool = Field(False, description="also save the pooled vectors (float16) in the npz")
+
+    @field_validator("pools", mode="before")
+    @classmethod
+    def _split_pools(cls, v):
+        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+# --------------------------------------------------------------------------------------------------------
+# metrics on (n_items, d) blocks of parallel items
+
+
+def _centre(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x - x.mean(0, keepdims=True)
+
+
+def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA (Kornblith et al., 2019) of two representations of the same n items (rows), features centred."""
+    k, l_ = _centre(x), _centre(y)
+    kx, ky = k @ k.T, l_ @ l_.T
+    den = np.linalg.norm(kx) * np.linalg.norm(ky)
+    return float((kx * ky).sum() / den) if den > 0 else float("nan")
+
+
+def cka_matrix(blocks: list[np.ndarray]) -> np.ndarray:
+    grams = []
+    for b in blocks:
+        c = _centre(b)
+        g = c @ c.T
+        grams.append(g / max(np.linalg.norm(g), 1e-300))
+    n = len(blocks)
+    m = np.ones((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            m[i, j] = m[j, i] = float((grams[i] * grams[j]).sum())
+    return m
+
+
+def paired_cosine(x: np.ndarray, y: np.ndarray) -> float:
+    """Mean over items of cos(x_i, y_i)."""
+    x, y = np.asarray(x, dtype=np.float64), np.asarray(y, dtype=np.float64)
+    num = (x * y).sum(1)
+    den = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-300)))
+
+
+def joint_pca(blocks: list[np.ndarray], k: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """PCA fitted on all blocks stacked: (coordinates (sum n, k), explained variance ratio (k,))."""
+    from sklearn.decomposition import PCA
+
+    x = np.concatenate([np.asarray(b, dtype=np.float64) for b in blocks])
+    k = min(k, x.shape[0], x.shape[1])
+    pca = PCA(n_components=k, svd_solver="full")
+    return pca.fit_transform(x), pca.explained_variance_ratio_
+
+
+def pc1_correlations(blocks: list[np.ndarray], coords: np.ndarray | None = None) -> np.ndarray:
+    """Pearson correlation, over parallel items, of the items' first principal component (fitted jointly on all
+    languages) between every pair of languages (the paper's number)."""
+    if coords is None:
+        coords, _ = joint_pca(blocks, 1)
+    n = blocks[0].shape[0]
+    pc1 = coords[:, 0].reshape(len(blocks), n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.corrcoef(pc1)
+
+
+def layer_metrics(blocks: list[np.ndarray], ref: int) -> dict[str, np.ndarray]:
+    """All metrics of one layer: blocks[i] = (n_items, d) vectors of language i, rows parallel."""
+    coords, var = joint_pca(blocks, 2)
+    allx = np.concatenate(blocks).astype(np.float64)
+    mu = allx.mean(0)
+    return {
+        "pc1corr": pc1_correlations(blocks, coords),
+        "cka": cka_matrix(blocks),
+        "cos": np.array([paired_cosine(b, blocks[ref]) for b in blocks]),
+        "cos_centred": np.array([paired_cosine(b - mu, blocks[ref] - mu) for b in blocks]),
+        "pca2": coords[:, :2] if coords.shape[1] >= 2 else np.pad(coords, ((0, 0), (0, 2 - coords.shape[1]))),
+        "pca2_var": np.pad(var, (0, 2 - len(var))),
+    }
+
+
+# --------------------------------------------------------------------------------------------------------
+# hidden states
+
+
+@torch.inference_mode()
+def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batch_size: int = 8,
+                  normed_last: bool = True) -> dict[str, dict]:
+    """{pool: {prompt key: (L+1, d) float32 array}} for prompts that share their group's prefix."""
+    tok = lm.tokenizer
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    eng = Engine(lm.model, pad_id=pad, batch_size=batch_size)
+    parts = eng.parts
+    enc = encode_prompts(tok, prompts)
+    # where the item's own tokens begin: after the longest token prefix shared with the tokenized demo block
+    pids: dict[str, list[int]] = {}
+    qstart = {}
+    for p, e in zip(prompts, enc):
+        if p.group not in pids:
+            pids[p.group] = tok(p.prefix, add_special_tokens=True)["input_ids"] if p.prefix else []
+        qstart[e.key] = min(_lcp(pids[p.group], e.ids), len(e.ids) - 1)
+    out: dict[str, dict] = {p: {} for p in pools}
+
+    def norm(h):
+        return parts.norm(h.to(parts.norm.weight.dtype)).float()
+
+    for b in eng.run(enc, capture="all"):
+        states = list(b.layer_states)
+        pre = list(b.prefix_states) if b.prefix_states is not None else None
+        if normed_last:
+            states[-1] = norm(states[-1])
+            if pre is not None:
+                pre[-1] = norm(pre[-1])
+        S = torch.stack(states, 1)  # (B, L+1, T, d)
+        plen = b.prefix_len
+        for row, key in enumerate(b.keys):
+            n = int(b.lengths[row])
+            if "last" in out:
+                out["last"][key] = S[row, :, n - 1].cpu().numpy()
+            if "prompt" in out:
+                s = S[row, :, :n].sum(1)
+                if pre is not None and plen:
+                    s = s + torch.stack([p_.sum(0) for p_ in pre])
+                out["prompt"][key] = (s / (plen + n)).cpu().numpy()
+            if "query" in out:
+                q0 = max(qstart[key] - plen, 0)
+                out["query"][key] = S[row, :, q0:n].mean(1).cpu().numpy()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------
+# plots
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plot_layers(path: Path, res: dict, langs: list[str], ref: str, title: str) -> None:
+    plt = _plt()
+    names = list(res)
+    ri = langs.index(ref)
+    cols = names + [f"{n} − {names[0]}" for n in names[1:]]
+    rows = [("cos", f"cosine to {ref}"), ("cos_centred", f"cosine to {ref} (centred)"), ("pc1corr", f"PC1 corr. with {ref}"),
+            ("cka", f"CKA with {ref}")]
+    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.4 * len(cols) + 0.6, 0.22 * len(langs) * len(rows) + 1.8),
+                             squeeze=False, sharex=True, sharey=True)
+    for i, (metric, label) in enumerate(rows):
+        mats = {}
+        for n in names:
+            a = res[n][metric]
+            mats[n] = (a[:, :, ri] if a.ndim == 3 else a).T  # (n_lang, L+1)
+        for j, c in enumerate(cols):
+            ax = axes[i, j]
+            if j < len(names):
+                m = mats[c]
+                lo = -1 if metric == "pc1corr" else min(0.0, float(np.nanmin(m)))
+                im = ax.imshow(m, aspect="auto", cmap="RdBu_r" if metric == "pc1corr" else "viridis", vmin=lo, vmax=1, interpolation="nearest")
+            else:
+                m = mats[names[j - len(names) + 1]] - mats[names[0]]
+                v = max(float(np.nanmax(np.abs(m))), 1e-6)
+                im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+            ax.set_yticks(range(len(langs)), langs, fontsize=6)
+            ax.tick_params(labelsize=6)
+            if i == 0:
+                ax.set_title(c, fontsize=8)
+            if j == 0:
+                ax.set_ylabel(label, fontsize=7)
+            if i == len(rows) - 1:
+                ax.set_xlabel("layer", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_pairs(path: Path, res: dict, langs: list[str], layers: list[int], title: str) -> None:
+    plt = _plt()
+    names = list(res)
+    cols = [(n, m) for n in names for m in ("pc1corr", "cka")]
+    k = len(langs)
+    size = max(1.8, 0.3 * k)
+    fig, axes = plt.subplots(len(layers), len(cols), figsize=(size * len(cols) + 0.5, size * len(layers) + 0.6), squeeze=False)
+    for i, layer in enumerate(layers):
+        for j, (n, metric) in enumerate(cols):
+            ax = axes[i, j]
+            m = res[n][metric][layer]
+            ax.imshow(m, cmap="RdBu_r" if metric == "pc1corr" else "viridis", vmin=-1 if metric == "pc1corr" else 0, vmax=1)
+            if k <= 8:
+                for a in range(k):
+                    for b in range(k):
+                        ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=5, color="w" if abs(m[a, b]) > 0.6 else "k")
+            ax.set_xticks(range(k), langs, fontsize=5, rotation=90)
+            ax.set_yticks(range(k), langs, fontsize=5)
+            ax.set_title(f"{n}: {'PC1 corr.' if metric == 'pc1corr' else 'CKA'}, layer {layer}", fontsize=6)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def _plot_pca(path: Path, res: dict, langs: list[str], n_items: int, layers: list[int], title: str) -> None:
+    plt = _plt()
+    names = list(res)
+    fig, axes = plt.subplots(len(layers), 2 * len(names), figsize=(2.6 * 2 * len(names), 2.4 * len(layers) + 0.5), squeeze=False)
+    cmap = plt.get_cmap("tab10" if len(langs) <= 10 else "tab20")
+    item_colour = np.tile(np.arange(n_items), len(langs))
+    for i, layer in enumerate(layers):
+        for j, n in enumerate(names):
+            xy = res[n]["pca2"][layer]
+            var = res[n]["pca2_var"][layer]
+            ax = axes[i, 2 * j]
+            for li, lang in enumerate(langs):
+                s = slice(li * n_items, (li + 1) * n_items)
+                ax.scatter(xy[s, 0], xy[s, 1], s=4, color=cmap(li % cmap.N), label=lang, alpha=0.7, lw=0)
+            ax.set_title(f"{n}, layer {layer}: by language", fontsize=7)
+            ax2 = axes[i, 2 * j + 1]
+            ax2.scatter(xy[:, 0], xy[:, 1], s=4, c=item_colour, cmap="viridis", alpha=0.7, lw=0)
+            ax2.set_title(f"{n}, layer {layer}: by item", fontsize=7)
+            for a in (ax, ax2):
+                a.set_xlabel(f"PC1 ({100 * var[0]:.0f} %)", fontsize=6)
+                a.set_ylabel(f"PC2 ({100 * var[1]:.0f} %)", fontsize=6)
+                a.tick_params(labelsize=5)
+    axes[0, 0].legend(fontsize=5, markerscale=2, loc="best")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+# --------------------------------------------------------------------------------------------------------
+# stage
+
+
+def default_layers(n_layers: int, k: int = 5) -> list[int]:
+    return sorted({int(round(x)) for x in np.linspace(0, n_layers, k)})
+
+
+def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True) -> dict:
+    """Representation geometry for every task x variant of ``cfg`` and every model (``{'base': ..., 'tuned': ...}``;
+    loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
+    from tqdm.auto import tqdm
+
+    from .evaluate import plan_groups
+    from .lens import BASE
+
+    t0 = time.time()
+    seed_everything(cfg.seed)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    specs = load_specs(cfg.prompts)
+    source = cfg.source()
+    groups, skipped = plan_groups(cfg, specs, source)
+    models = models or load_models(cfg)
+    names = list(models)
+    rng, excl = parse_range(cfg.items), set(cfg.exclude_items)
+    figures, tables, numbers = [], [], {}
+    timing: dict[str, float] = {n: 0.0 for n in names}
+    for t in cfg.tasks:
+        task = specs.task(t)
+        for v in cfg.variants:
+            langs = [lang for (tt, vv, lang) in groups if tt == t and vv == v]
+            if not langs:
+                continue
+            if cfg.reference not in langs:
+                raise QtalignError(f"geometry {t}/{v}: reference language '{cfg.reference}' is not among the analysed languages {langs} "
+                                   "(add it to --langs or choose --reference)")
+            if len(langs) < 2:
+                raise QtalignError(f"geometry {t}/{v}: needs at least two languages with data, got {langs}")
+            per_lang = {lang: {it.index: it for it in load_items(task, lang, source, rng, exclude=excl)} for lang in langs}
+            common = sorted(set.intersection(*(set(d) for d in per_lang.values())))
+            if cfg.limit:
+                common = common[: cfg.limit]
+            if len(common) < 3:
+                raise QtalignError(f"geometry {t}/{v}: only {len(common)} items are present in every language of {langs}; need >= 3")
+            prompts = []
+            for lang in langs:
+                for i in common:
+                    prefix, q = task.prompt_parts(lang, v, per_lang[lang][i].fields)
+                    prompts.append(Prompt((lang, i), f"{t}/{v}/{lang}", prefix, prefix + q))
+            res: dict[str, dict] = {}
+            vectors: dict[str, dict] = {}
+            bar = tqdm(total=len(names) * len(cfg.pools), desc=f"geometry {t}/{v}", unit="model×pool", disable=not progress or None)
+            for name in names:
+                t1 = time.time()
+                states = pooled_states(models[name], prompts, cfg.pools, cfg.batch_size, cfg.normed_last)
+                for pool in cfg.pools:
+                    arr = np.stack([np.stack([states[pool][(lang, i)] for i in common]) for lang in langs])  # (n_lang, n, L+1, d)
+                    arr = arr.transpose(2, 0, 1, 3)  # (L+1, n_lang, n, d)
+                    per_layer = [layer_metrics(list(arr[layer]), langs.index(cfg.reference)) for layer in range(arr.shape[0])]
+                    res[f"{name}/{pool}"] = {k: np.stack([m[k] for m in per_layer]) for k in per_layer[0]}
+                    if cfg.save_vectors:
+                        vectors[f"{name}/{pool}/vectors"] = arr.astype(np.float16)
+                    bar.update(1)
+                timing[name] += time.time() - t1
+            bar.close()
+            n_layers = next(iter(res.values()))["cka"].shape[0] - 1
+            layers = cfg.layers if cfg.layers is not None else default_layers(n_layers)
+            bad = [x for x in layers if not 0 <= x <= n_layers]
+            if bad:
+                raise QtalignError(f"geometry: layers {bad} out of range 0..{n_layers}")
+            gold = [per_lang[cfg.reference][i].gold for i in common]
+            np.savez_compressed(
+                out / f"geometry_{t}_{v}.npz", langs=np.array(langs), index=np.array(common), layers=np.array(layers),
+                gold=np.array([-1 if g is None else g for g in gold]),
+                **{f"{k}/{m}": a for k, d in res.items() for m, a in d.items()}, **vectors,
+            )
+            mid = n_layers // 2
+            for pool in cfg.pools:
+                by_model = {n: res[f"{n}/{pool}"] for n in names}
+                title = f"{t} ({v} prompts), pooling: {pool}, n = {len(common)} parallel items"
+                f1, f2, f3 = (f"geom_{t}_{v}_{pool}_{s}.png" for s in ("layers", "pairs", "pca"))
+                _plot_layers(out / f1, by_model, langs, cfg.reference, title)
+                _plot_pairs(out / f2, by_model, langs, layers, title)
+                _plot_pca(out / f3, by_model, langs, len(common), layers, title)
+                figures += [
+                    {"path": f1, "caption": f"{t}/{v}, {pool} pooling: per layer and language, cosine similarity to {cfg.reference} (raw and "
+                     f"centred), PC1 correlation with {cfg.reference} and linear CKA with {cfg.reference}; " + " vs ".join(names)
+                     + (" with the difference" if len(names) > 1 else "") + "."},
+                    {"path": f2, "caption": f"{t}/{v}, {pool} pooling: language x language PC1 correlation and CKA at layers {layers}."},
+                    {"path": f3, "caption": f"{t}/{v}, {pool} pooling: joint 2-D PCA of all languages' item vectors at layers {layers}, "
+                     "coloured by language and by item."},
+                ]
+                ri = langs.index(cfg.reference)
+                hdr = [f"{n}: PC1 r (L{n_layers})" for n in names] + [f"{n}: PC1 r (L{mid})" for n in names] \
+                    + [f"{n}: CKA (L{mid})" for n in names] + [f"{n}: cos (L{mid})" for n in names]
+                md = [f"| lang | {' | '.join(hdr)} |", "|---|" + "---:|" * len(hdr)]
+                for li, lang in enumerate(langs):
+                    if li == ri:
+                        continue
+                    cells = []
+                    for metric, layer in (("pc1corr", n_layers), ("pc1corr", mid), ("cka", mid), ("cos", mid)):
+                        for n in names:
+                            a = by_model[n][metric][layer]
+                            x = float(a[li, ri] if a.ndim == 2 else a[li])
+                            cells.append(f"{x:.3f}")
+                            numbers[f"{n}/{t}/{v}/{pool}/{lang}/{metric}_L{layer}"] = x
+                    md.append(f"| {lang} | {' | '.join(cells)} |")
+                tables.append({"title": f"Geometry vs {cfg.reference}: {t} ({v} prompts), {pool} pooling", "markdown": "\n".join(md)})
+            numbers[f"{t}/{v}/items"] = len(common)
+    summary = {
+        "stage": "geometry",
+        "fingerprint": cfg.fingerprint(),
+        "config": cfg.model_dump(),
+        "models": {n: lm.info for n, lm in models.items()},
+        "figures": figures,
+        "tables": tables,
+        "numbers": numbers,
+        "skipped": skipped,
+        "timing_s": round(time.time() - t0, 2),
+        "timing_per_model_s": {n: round(x, 2) for n, x in timing.items()},
+        "base": BASE,
+    }
+    write_summary(out, summary)
+    return summary

@@ -1,0 +1,134 @@
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from qtalign.evaluate import EvalConfig, evaluate
+from qtalign.errors import QtalignError
+from qtalign.models import ModelConfig, load_model
+
+
+def _cfg(model_dir, **kw):
+    base = dict(model=ModelConfig(name=str(model_dir), dtype="fp32"), tasks=["emotion"], langs=["en", "zh", "de"],
+                variants=["enout", "native"], data_files="demo", limit=12, batch_size=5)
+    base.update(kw)
+    return EvalConfig(**base)
+
+
+def _preds(out):
+    return [json.loads(x) for x in (out / "predictions.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+@pytest.fixture(scope="module")
+def tiny_loaded(tiny_llama_dir):
+    return load_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32"))
+
+
+def test_end_to_end_outputs(tmp_path, tiny_llama_dir, tiny_loaded):
+    out = tmp_path / "run"
+    res = evaluate(_cfg(tiny_llama_dir), out, loaded=tiny_loaded, progress=False)
+    recs = _preds(out)
+    assert len(recs) == 3 * 2 * 12
+    r = recs[0]
+    assert set(r["scores"]) == {"positive", "negative"} and abs(sum(r["scores"].values()) - 1) < 1e-5
+    assert set(r["cal_scores"]) == {"positive", "negative"} and r["pred"] in r["scores"]
+    m = res["metrics"]["emotion"]["enout"]["langs"]["zh"]
+    zh = [x for x in recs if x["lang"] == "zh" and x["variant"] == "enout"]
+    assert m["n"] == 12 and m["acc"] == sum(x["correct"] for x in zh) / 12
+    assert m["ci_low"] <= m["acc"] <= m["ci_high"]
+    assert res["metrics"]["emotion"]["native"]["avg"]["all"]["n_langs"] == 3
+    for name in ("run.json", "results.json", "table.md", "table.csv", "labels.md", "labels.json"):
+        assert (out / name).exists(), name
+    assert res["environment"]["torch"] and res["model"]["name"] == str(tiny_llama_dir)
+    # a second call with the same config returns the finished results without recomputing
+    assert evaluate(_cfg(tiny_llama_dir), out, loaded=tiny_loaded, progress=False)["fingerprint"] == res["fingerprint"]
+
+
+def test_resume_after_interruption_recomputes_nothing_finished(tmp_path, tiny_llama_dir, tiny_loaded, monkeypatch):
+    ref_out = tmp_path / "ref"
+    evaluate(_cfg(tiny_llama_dir), ref_out, loaded=tiny_loaded, progress=False)
+    ref = _preds(ref_out)
+
+    import qtalign.evaluate as ev
+
+    real_score = ev.Scorer.score
+    seen = {"n": 0}
+
+    def dying_score(self, reqs, progress=None):
+        for s in real_score(self, reqs, progress):
+            if not isinstance(s.key, tuple):  # content-free keys are tuples
+                seen["n"] += 1
+                if seen["n"] > 30:
+                    raise KeyboardInterrupt
+            yield s
+
+    monkeypatch.setattr(ev.Scorer, "score", dying_score)
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(_cfg(tiny_llama_dir), out, loaded=tiny_loaded, progress=False)
+    assert not (out / "results.json").exists()  # nothing half-done looks finished
+    partial = _preds(out)
+    assert 0 < len(partial) < len(ref)
+    monkeypatch.setattr(ev.Scorer, "score", real_score)
+    # resume with another batch size: allowed, results do not depend on it
+    res = evaluate(_cfg(tiny_llama_dir, batch_size=3), out, loaded=tiny_loaded, progress=False)
+    assert res["timing"]["items_scored_this_run"] == len(ref) - len(partial)
+    got = _preds(out)
+    assert [r["key"] for r in got] == [r["key"] for r in ref]
+    for a, b in zip(got, ref):
+        assert a["pred"] == b["pred"] and a["cal_pred"] == b["cal_pred"]
+        assert max(abs(a["scores"][c] - b["scores"][c]) for c in a["scores"]) < 1e-5
+
+
+def test_changed_config_in_same_dir_is_refused(tmp_path, tiny_llama_dir, tiny_loaded):
+    out = tmp_path / "run"
+    evaluate(_cfg(tiny_llama_dir, limit=4), out, loaded=tiny_loaded, progress=False)
+    with pytest.raises(QtalignError, match="different config"):
+        evaluate(_cfg(tiny_llama_dir, limit=5), out, loaded=tiny_loaded, progress=False)
+
+
+def test_config_validation_errors():
+    with pytest.raises(Exception, match="unknown label variant"):
+        EvalConfig(variants=["weird"])
+    with pytest.raises(Exception, match="Extra inputs"):
+        EvalConfig(bogus=1)
+    with pytest.raises(Exception):
+        EvalConfig(batch_size=0)
+
+
+def _cli(args, **kw):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "qtalign", *args], capture_output=True, text=True, env=env, timeout=600, **kw)
+
+
+def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_llama_dir):
+    bad = tmp_path / "emotion" / "en.jsonl"
+    bad.parent.mkdir()
+    bad.write_text('{"input": "ok", "answer": "positive"}\n{"answer": "negative"}\n')
+    p = _cli(["eval", "--model", str(tiny_llama_dir), "--dtype", "fp32", "--tasks", "emotion", "--langs", "en",
+              "--data-dir", str(tmp_path), "--data-files", "{task}/{lang}.jsonl", "--out", str(tmp_path / "o")])
+    assert p.returncode == 2
+    err = [line for line in p.stderr.splitlines() if line.startswith("qtalign")]
+    assert err == [f"qtalign eval: error: {bad}: record 1: field 'input': missing"]
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_two_processes_give_the_same_results(tmp_path, tiny_llama_dir):
+    """Data-parallel evaluation with accelerate on 2 CPU processes equals the single-process run."""
+    common = ["--model", str(tiny_llama_dir), "--dtype", "fp32", "--tasks", "emotion", "--langs", "en,de",
+              "--variants", "enout", "--data-files", "demo", "--limit", "10"]
+    one = _cli(["eval", *common, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                          "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtalign", "eval", *common,
+                          "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _preds(tmp_path / "one"), _preds(tmp_path / "two")
+    assert [r["key"] for r in a] == [r["key"] for r in b] and len(a) == 20
+    for x, y in zip(a, b):
+        assert x["pred"] == y["pred"] and max(abs(x["scores"][c] - y["scores"][c]) for c in x["scores"]) < 1e-5
+    res = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert res["processes"] == 2
