@@ -60,12 +60,14 @@ class Group:
 @dataclass
 class Timing:
     items: int = 0
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall clock
+    cpu_seconds: float = 0.0  # this process's CPU time (less sensitive to other load on a shared machine)
     preds: dict = field(default_factory=dict)  # request key -> predicted class index
 
-    def add(self, n: int, s: float, preds: dict) -> None:
+    def add(self, n: int, s: float, cpu: float, preds: dict) -> None:
         self.items += n
         self.seconds += s
+        self.cpu_seconds += cpu
         self.preds.update(preds)
 
     @property
@@ -131,23 +133,34 @@ def lm_eval_task(group: Group, folder: Path, items: list | None = None):
     })
 
 
-def lm_eval_predict(lm, task) -> dict:
-    import lm_eval
-
-    res = lm_eval.simple_evaluate(model=lm, tasks=[task], log_samples=True, bootstrap_iters=0, verbosity="ERROR")
-    samples = res["samples"][task.config.task]
-    return {s["doc"]["key"]: max(range(len(s["filtered_resps"])), key=lambda i: (s["filtered_resps"][i][0], -i))
-            for s in samples}
+@dataclass
+class LmEval:
+    lm: object  # HFLM on our model object
+    manager: object  # a TaskManager without lm-eval's bundled tasks (indexing those takes ~10-50 s per call)
 
 
-def make_hflm(model, tokenizer, batch_size: int):
+def make_lm_eval(model, tokenizer, batch_size: int) -> LmEval:
     import logging
 
     from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
 
     for name in ("lm_eval", "lm-eval"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    return LmEval(HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size), TaskManager(include_defaults=False))
+
+
+def lm_eval_scores(le: LmEval, task) -> dict:
+    """Request key -> lm-eval's log-likelihood of each choice (from the logged samples)."""
+    import lm_eval
+
+    res = lm_eval.simple_evaluate(model=le.lm, tasks=[task], task_manager=le.manager, log_samples=True, bootstrap_iters=0)
+    return {s["doc"]["key"]: [float(fr[0]) for fr in s["filtered_resps"]] for s in res["samples"][task.config.task]}
+
+
+def lm_eval_predict(le: LmEval, task) -> dict:
+    """lm-eval's prediction (argmax log-likelihood, first class on ties, as its `acc`)."""
+    return {k: max(range(len(ll)), key=lambda i: (ll[i], -i)) for k, ll in lm_eval_scores(le, task).items()}
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
@@ -171,7 +184,7 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
     lm = None
     lm_tasks = {}
     if "lm-eval" in columns:
-        lm = make_hflm(model, tokenizer, batch_size)
+        lm = make_lm_eval(model, tokenizer, batch_size)
         for g in groups:  # dataset building (datasets' json loader) is set-up, not evaluation
             lm_tasks[g.name] = lm_eval_task(g, folder, g.items[:n_lm_eval])
 
@@ -191,25 +204,28 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
     for col in columns:
         call(col, g0, g0.items[:warmup])
     timings = {c: Timing() for c in columns}
+    per_task: dict[str, dict[str, Timing]] = {}
     load = [os.getloadavg()[0]]
     for gi, g in enumerate(groups):
         order = columns[gi % len(columns):] + columns[: gi % len(columns)]  # rotate the order across groups
         for col in order:
             items = subset(col, g)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             preds = call(col, g, items, lm_tasks.get(g.name) if col == "lm-eval" else None)
-            dt = time.perf_counter() - t0
-            timings[col].add(len(items), dt, preds)
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            timings[col].add(len(items), dt, dc, preds)
+            per_task.setdefault(g.task.name, {}).setdefault(col, Timing()).add(len(items), dt, dc, {})
             log(f"  {g.name:<22} {col:<12} {len(items):>4} items {dt:8.2f} s  {len(items) / dt:7.2f} items/s")
         load.append(os.getloadavg()[0])
     tmp.cleanup()
     rates = {c: timings[c].rate for c in columns}
-    ratios = {}
-    for base in ("official", "lm-eval"):
-        if base in rates:
-            for m in OURS:
-                if m in rates:
-                    ratios[f"{m}/{base}"] = rates[m] / rates[base]
+    cpu_rates = {c: timings[c].items / timings[c].cpu_seconds if timings[c].cpu_seconds > 0 else float("nan") for c in columns}
+
+    def ratio_table(r: dict) -> dict:
+        return {f"{m}/{base}": r[m] / r[base] for base in ("official", "lm-eval") if base in r for m in OURS if m in r}
+
+    ratios = ratio_table(rates)
+    task_rates = {t: {c: tm.rate for c, tm in d.items()} for t, d in per_task.items()}
     pairs = [("faithful", "official"), ("first-token", "official"), ("sequence", "lm-eval"), ("first-token", "lm-eval"),
              ("first-token", "faithful"), ("first-token", "sequence")]
     agree = {}
@@ -220,21 +236,39 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
     return {
         "items": {c: timings[c].items for c in columns},
         "seconds": {c: round(timings[c].seconds, 3) for c in columns},
+        "cpu_seconds": {c: round(timings[c].cpu_seconds, 3) for c in columns},
         "items_per_s": rates,
         "ratios": ratios,
+        "items_per_cpu_s": cpu_rates,
+        "cpu_ratios": ratio_table(cpu_rates),
+        "per_task": {t: {"items_per_s": task_rates[t], "ratios": ratio_table(task_rates[t]),
+                         "items": {c: tm.items for c, tm in per_task[t].items()}} for t in per_task},
         "agreement": agree,
         "load_avg_1min": {"min": min(load), "max": max(load), "samples": load},
         "predictions": {c: {str(k): v for k, v in timings[c].preds.items()} for c in columns},
     }
 
 
+def _x(v) -> str:
+    return "" if v is None else f"{v:.1f}×"
+
+
 def format_table(res: dict) -> str:
-    lines = ["| method | items | seconds | items/s | ours ÷ official | ours ÷ lm-eval |", "|---|---:|---:|---:|---:|---:|"]
+    lines = ["| method | items | wall s | items/s | ÷ official | ÷ lm-eval | CPU s | items/CPU-s | ÷ official (CPU) | ÷ lm-eval (CPU) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, r in res["items_per_s"].items():
-        ro = res["ratios"].get(f"{c}/official")
-        rl = res["ratios"].get(f"{c}/lm-eval")
-        lines.append(f"| {c} | {res['items'][c]} | {res['seconds'][c]:.1f} | {r:.2f} | "
-                     f"{'' if ro is None else f'{ro:.1f}×'} | {'' if rl is None else f'{rl:.1f}×'} |")
+        ra, rc = res["ratios"], res["cpu_ratios"]
+        lines.append(f"| {c} | {res['items'][c]} | {res['seconds'][c]:.1f} | {r:.3g} | {_x(ra.get(f'{c}/official'))} | "
+                     f"{_x(ra.get(f'{c}/lm-eval'))} | {res['cpu_seconds'][c]:.1f} | {res['items_per_cpu_s'][c]:.3g} | "
+                     f"{_x(rc.get(f'{c}/official'))} | {_x(rc.get(f'{c}/lm-eval'))} |")
+    if len(res["per_task"]) > 1:
+        cols = list(res["items_per_s"])
+        lines += ["", "| task | " + " | ".join(f"{c} items/s" for c in cols) + " | ours ÷ official | ours ÷ lm-eval |",
+                  "|---|" + "---:|" * (len(cols) + 2)]
+        for t, d in res["per_task"].items():
+            ro = " / ".join(f"{m} {_x(d['ratios'].get(f'{m}/official'))}" for m in OURS if f"{m}/official" in d["ratios"])
+            rl = " / ".join(f"{m} {_x(d['ratios'].get(f'{m}/lm-eval'))}" for m in OURS if f"{m}/lm-eval" in d["ratios"])
+            lines.append(f"| {t} | " + " | ".join(f"{d['items_per_s'].get(c, float('nan')):.3g}" for c in cols) + f" | {ro} | {rl} |")
     lines += ["", "| predictions | agree | n | rate |", "|---|---:|---:|---:|"]
     for name, a in res["agreement"].items():
         lines.append(f"| {name} | {a['agree']} | {a['n']} | {100 * a['rate']:.1f} % |")

@@ -23,6 +23,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "lens": ("qtalign.cli_analysis", "language logit lens: English vs output-language label probability per layer"),
     "geometry": ("qtalign.cli_analysis", "cross-lingual representation geometry per layer (PCA, PC1 correlation, cosine, CKA)"),
     "build-data": ("qtalign.qtdata", "question-translation training data (the paper's alignment records)"),
+    "train": ("qtalign.train", "LoRA instruction tuning on question-translation data (resumable; accelerate launch for data parallel)"),
+    "merge": ("qtalign.train", "merge a LoRA adapter into its base model (in fp32) and save it"),
+    "run": ("qtalign.experiment", "one-command experiment: data, tuning, evaluation, analyses and report (default: the demo)"),
 }
 
 

@@ -216,6 +216,10 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | None = None
     total = sum(len(x) for _, x in todo)
     timings: dict[str, float] = {}
     bar = tqdm(total=total, desc=f"eval[{rank}]" if world > 1 else "eval", unit="item", disable=not progress or None, dynamic_ncols=True)
+    if shard.exists():  # a kill can leave a cut last line: drop it, so that appended records start on a new line
+        tail = shard.read_bytes()
+        if tail and not tail.endswith(b"\n"):
+            shard.write_bytes(tail[: tail.rfind(b"\n") + 1])
     with open(shard, "a", encoding="utf-8") as f:
         for (t, v, lang), items in todo:
             if not items:

@@ -44,31 +44,37 @@ from .train import TrainConfig
 
 STAGES = ("data", "train", "eval", "lens", "geometry", "report")
 StageName = Literal["data", "train", "eval", "lens", "geometry", "report"]
-TOP_LEVEL = ("model", "seed")  # set once for the whole experiment, never per section
+# fields of the stage configs that the experiment sets itself (never per section)
+MANAGED = {
+    "model": "the model is set once, at the top level ('model:'); the tuned model is it + train/adapter",
+    "seed": "the seed is set once, at the top level ('seed:')",
+    "data": "the experiment trains on its own data stage (data/train.jsonl); configure that in the 'data' section",
+    "compare": "the experiment analyses 'base' and 'tuned' (base + train/adapter) itself",
+}
 NOT_FINGERPRINTED = {"batch_size"}  # evaluation-type stages: results do not depend on it
+# training: what train.TrainConfig.fingerprint leaves out (does not change the result)
+TRAIN_NOT_FINGERPRINTED = {"per_device_batch_size", "eval_batch_size", "save_total_limit", "logging_steps", "loss_chunk_tokens"}
 
 
-def _top_level_only(cls, v, info):
+def _managed(cls, v, info):
     if v is not None:
-        raise ValueError(f"'{info.field_name}' is set once at the top level of the experiment config, not per section")
+        raise ValueError(f"not set per section in an experiment: {MANAGED[info.field_name]}")
     return v
 
 
-def section(cls: type[BaseModel]) -> type[BaseModel]:
-    """The stage config `cls` as an experiment section: its `model`/`seed` fields come from the top level."""
-    over = {k: (type(None), Field(None, exclude=True, description=f"set at the experiment's top level ('{k}:')"))
-            for k in TOP_LEVEL if k in cls.model_fields}
-    if not over:
-        return cls
-    validators = {"_top_level_only": field_validator(*over, mode="before")(_top_level_only)}
+def section(cls: type[BaseModel], managed: tuple[str, ...]) -> type[BaseModel]:
+    """The stage config `cls` as an experiment section: the `managed` fields are filled in by the experiment
+    (setting them is an error; they are left out of dumps)."""
+    over = {k: (type(None), Field(None, exclude=True, description=MANAGED[k])) for k in managed if k in cls.model_fields}
+    validators = {"_managed": field_validator(*over, mode="before")(_managed)} if over else {}
     return create_model(f"{cls.__name__}Section", __base__=cls, __doc__=cls.__doc__, __validators__=validators, **over)
 
 
-DataSection = section(QTDataConfig)
-TrainSection = section(TrainConfig)
-EvalSection = section(EvalConfig)
-LensSection = section(LensConfig)
-GeometrySection = section(GeometryConfig)
+DataSection = section(QTDataConfig, ("model", "seed"))
+TrainSection = section(TrainConfig, ("model", "seed", "data"))
+EvalSection = section(EvalConfig, ("model", "seed"))
+LensSection = section(LensConfig, ("model", "seed", "compare"))
+GeometrySection = section(GeometryConfig, ("model", "seed", "compare"))
 
 
 class ReportConfig(BaseModel):
@@ -78,6 +84,25 @@ class ReportConfig(BaseModel):
 
     title: str | None = Field(None, description="report title (default: the experiment name)")
     notes: str | None = Field(None, description="free text shown under the title (what the experiment tests, caveats)")
+
+
+def substitute_data_dir(d: dict) -> dict:
+    """Replace '{data_dir}' in every string of a raw config by its top-level data_dir (ValueError naming the key
+    when a string uses it and no data_dir is given)."""
+    dd = d.get("data_dir")
+
+    def sub(x, path):
+        if isinstance(x, dict):
+            return {k: sub(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
+        if isinstance(x, list):
+            return [sub(v, f"{path}[{i}]") for i, v in enumerate(x)]
+        if isinstance(x, str) and "{data_dir}" in x:
+            if not dd:
+                raise ValueError(f"field '{path}': uses {{data_dir}} but no data_dir is given (pass --data-dir or data_dir=...)")
+            return x.replace("{data_dir}", str(dd))
+        return x
+
+    return sub(d, "")
 
 
 def _split(v):
@@ -114,22 +139,7 @@ class ExperimentConfig(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _substitute_data_dir(cls, d):
-        if not isinstance(d, dict):
-            return d
-        dd = d.get("data_dir")
-
-        def sub(x, path):
-            if isinstance(x, dict):
-                return {k: sub(v, f"{path}.{k}" if path else str(k)) for k, v in x.items()}
-            if isinstance(x, list):
-                return [sub(v, f"{path}[{i}]") for i, v in enumerate(x)]
-            if isinstance(x, str) and "{data_dir}" in x:
-                if not dd:
-                    raise ValueError(f"'{path}' uses {{data_dir}} but no data_dir is given (pass --data-dir or data_dir=...)")
-                return x.replace("{data_dir}", str(dd))
-            return x
-
-        return sub(d, "")
+        return substitute_data_dir(d) if isinstance(d, dict) else d
 
     @model_validator(mode="after")
     def _check(self):
@@ -180,19 +190,25 @@ def deep_merge(base: dict, over: dict) -> dict:
 
 
 def read_config_tree(path: Path, _seen: tuple = ()) -> dict:
-    """A config file with its `extends:` chain merged (the extending file's keys win; mappings merge key by key)."""
+    """A config file with its `extends:` chain merged: `extends` names one config or a list (merged left to right);
+    the extending file's keys win, mappings merge key by key, lists and scalars are replaced."""
     from .cli import load_config_file
 
     d = load_config_file(str(path))
-    parent = d.pop("extends", None)
-    if parent is None:
+    parents = d.pop("extends", None)
+    if parents is None:
         return d
-    if not isinstance(parent, str):
-        raise QtalignError(f"{path}: field 'extends': expected a config file name")
-    ppath = resolve_config_path(parent, path.parent)
-    if ppath.resolve() in _seen or ppath.resolve() == path.resolve():
-        raise QtalignError(f"{path}: field 'extends': circular ({parent})")
-    return deep_merge(read_config_tree(ppath, (*_seen, path.resolve())), d)
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(x, str) for x in parents):
+        raise QtalignError(f"{path}: field 'extends': expected a config name or a list of them")
+    base: dict = {}
+    for parent in parents:
+        ppath = resolve_config_path(parent, path.parent)
+        if ppath.resolve() in (*_seen, path.resolve()):
+            raise QtalignError(f"{path}: field 'extends': circular ({parent})")
+        base = deep_merge(base, read_config_tree(ppath, (*_seen, path.resolve())))
+    return deep_merge(base, d)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -222,12 +238,21 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     return d
 
 
-def load_experiment(config: str | None = None, overrides: list[str] | None = None, extra: dict | None = None) -> ExperimentConfig:
-    """Bundled name or file (default 'demo') + `extends` + `extra` (CLI options, dotted keys) + key=value overrides."""
-    path = resolve_config_path(config)
-    d = read_config_tree(path)
+def load_experiment(configs: str | list[str] | None = None, overrides: list[str] | None = None,
+                    extra: dict | None = None) -> ExperimentConfig:
+    """Config files or bundled names (default 'demo'; several are merged left to right, e.g. an experiment and a
+    model fragment) + `extends` + `extra` (CLI options, dotted keys) + key=value overrides -> validated config."""
+    names = [configs] if isinstance(configs, str) else list(configs or ["demo"])
+    paths = [resolve_config_path(n) for n in names]
+    d: dict = {}
+    for p in paths:
+        d = deep_merge(d, read_config_tree(p))
     d = apply_overrides(d, [f"{k}={json.dumps(v)}" for k, v in (extra or {}).items()] + list(overrides or []))
-    where = f"{path}" + (" (with overrides)" if overrides or extra else "")
+    where = " + ".join(str(p) for p in paths) + (" (with overrides)" if overrides or extra else "")
+    try:
+        d = substitute_data_dir(d)
+    except ValueError as e:
+        raise QtalignError(f"{where}: {e}") from None
     try:
         return ExperimentConfig.model_validate(d)
     except ValidationError as e:
@@ -289,7 +314,7 @@ def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
                          "built from their own (training) items, not from the evaluation files")
         if data_cfg.task == t and from_items:
             tfile, efile = dsrc.path(task, data_cfg.target), esrc.path(task, data_cfg.target)
-            row["train_source"] = str(dsrc.describe()).format(task=t, lang="{lang}")
+            row["train_source"] = str(dsrc.path(task, "{lang}") or dsrc.describe())
             row["n_train"] = len(train_idx)
             if _same_file(tfile, efile) and (tfile is not None or dsrc.describe() == esrc.describe()):
                 shared = sorted(train_idx & eval_idx)
@@ -319,6 +344,27 @@ def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
 
 # ------------------------------------------------------------------------------------------------------------------
 # stages
+
+
+def hardware() -> dict:
+    """CPU model, cores, RAM and threads (the environment section of the report)."""
+    import torch
+
+    out: dict = {"torch_threads": torch.get_num_threads()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                out["cpu_model"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        out["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
+    except Exception:  # noqa: BLE001
+        pass
+    return out
 
 
 def fingerprint(obj) -> str:
@@ -413,7 +459,7 @@ class Experiment:
             units.append(Unit("data", "data", "data/summary.json", {"data": dc.model_dump()}, [], lambda: self._data(dc)))
         if "train" in cfg.stages:
             tc = self.stage_config("train")
-            units.append(Unit("train", "train", "train/summary.json", {"train": tc.model_dump(), **seed_model}, ["data"],
+            units.append(Unit("train", "train", "train/summary.json", {"train": tc.model_dump(exclude=TRAIN_NOT_FINGERPRINTED | {"model", "seed", "data"}), **seed_model}, ["data"],
                               lambda: self._train(tc)))
         if "eval" in cfg.stages:
             for which in (["base", "tuned"] if self.tuned else ["base"]):
@@ -454,7 +500,13 @@ class Experiment:
     def _evaluate(self, ec, which: str):
         from .evaluate import evaluate
 
-        return evaluate(ec, self.run_dir / "eval" / which, loaded=self.model(which))
+        out = self.run_dir / "eval" / which
+        prev = _read_json(out / "run.json")
+        if prev and prev.get("fingerprint") != ec.fingerprint():
+            # reached only when this stage's own fingerprint matches (else the folder was cleared): the run dir was
+            # moved and the adapter path changed; the predictions are still valid, so resume them
+            _write_json(out / "run.json", {**prev, "fingerprint": ec.fingerprint(), "config": ec.model_dump()})
+        return evaluate(ec, out, loaded=self.model(which))
 
     def _lens(self, lc):
         from .lens import run_lens
@@ -501,20 +553,22 @@ class Experiment:
                 raise QtalignError(f"stage '{s}' is not part of this experiment (its stages: {', '.join(cfg.stages)})")
         if "all" in force:
             force = set(cfg.stages)
+        seen: list[str] = []
         if "data" in cfg.stages and "eval" in cfg.stages:
             self.overlap = check_overlap(self.stage_config("data"), self.stage_config("eval"))  # before anything runs
+            seen = self.overlap["seen_langs"]
+        elif "data" in cfg.stages:
+            from .qtdata import build_records
+
+            records, _ = build_records(self.stage_config("data"))
+            seen = sorted({r[k] for r in records for k in ("src", "tgt") if r[k]})
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
         from .evaluate import environment
 
         env = environment()
-        try:
-            import psutil
-
-            env["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-        except Exception:  # noqa: BLE001
-            pass
-        self._write_experiment({"config": cfg.model_dump(mode="json"), "seen_langs": (self.overlap or {}).get("seen_langs", []),
+        env.update(hardware())
+        self._write_experiment({"config": cfg.model_dump(mode="json"), "seen_langs": seen,
                                 "overlap": self.overlap, "environment": env, "started": time.time()})
         units = self.units()
         done: dict[str, str] = {}
@@ -522,6 +576,9 @@ class Experiment:
         for u in units:
             if u.stage == "report":
                 u.fingerprint = fingerprint({"config": u.config, "inputs": {i: done.get(i) for i in u.inputs}})
+                # outputs on disk that this config did not produce (not rerun in a --stages subset): flagged in the report
+                stale = [v.folder for v in units if v.stage != "report" and v.folder not in done and (rd / v.folder).exists()]
+                self._write_experiment({"stale_stages": stale})
             st = self.state(u)
             wanted = u.stage in only
             if not wanted:
@@ -577,8 +634,8 @@ def configure_parser(p, name: str) -> None:
     from .cli import add_model_args, add_task_args
 
     p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
-                   help="a config file or bundled name (default: demo; see --list), then dotted overrides such as "
-                        "train.epochs=1 eval.langs=en,zh")
+                   help="config files or bundled names (default: demo; see --list; several are merged left to right, "
+                        "e.g. paper/zhde_en paper/model/qwen1.5-4b) and dotted overrides such as train.epochs=1 eval.langs=en,zh")
     g = p.add_argument_group("run")
     g.add_argument("--out", help="run dir (default runs/<name>)")
     g.add_argument("--stages", help=f"comma list: run only these stages ({','.join(STAGES)}); the others must be up to date")
@@ -586,6 +643,7 @@ def configure_parser(p, name: str) -> None:
     g.add_argument("--seed", type=int)
     g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     g.add_argument("--list", action="store_true", help="list the bundled configs and exit")
+    g.add_argument("--export", metavar="DIR", help="after the run, copy the report and its figures (no adapters/arrays) to DIR")
     add_model_args(p)
     add_task_args(p)
 
@@ -606,22 +664,42 @@ def _cli_extra(args) -> dict:
     return extra
 
 
+def export_report(run_dir: str | Path, dest: str | Path) -> Path:
+    """Copy a run's report (report.md + the figures it links, report.html, config.yaml, experiment.json and the
+    evaluation results/tables) to `dest`, keeping relative paths: small enough to commit (no adapters, arrays)."""
+    import re
+
+    run_dir, dest = Path(run_dir), Path(dest)
+    md = run_dir / "report.md"
+    if not md.exists():
+        raise QtalignError(f"{run_dir}: no report.md to export (run the report stage first)")
+    keep = ["report.md", "report.html", "config.yaml", "experiment.json"]
+    keep += [m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text(encoding="utf-8")) if not m.startswith("data:")]
+    for which in ("base", "tuned"):
+        keep += [f"eval/{which}/{n}" for n in ("results.json", "table.md", "table.csv", "labels.md")]
+    keep += ["train/summary.json", "lens/summary.json", "lens/lens_means.csv", "geometry/summary.json", "data/stats.json"]
+    for stage in STAGES:
+        keep.append(f"{stage}/stage.json")
+    keep += ["eval/base/stage.json", "eval/tuned/stage.json"]
+    for rel in dict.fromkeys(keep):
+        src = run_dir / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+    return dest
+
+
 def run_cli(args) -> int:
     if args.list:
         for n in list_configs():
             first = resolve_config_path(n).read_text(encoding="utf-8").splitlines()[0].lstrip("# ")
-            print(f"{n:28s} {first}")
+            print(f"{n:34s} {first}")
         return 0
-    config = args.config
+    configs = [args.config] if args.config else []
     overrides = []
     for a in args.args:
-        if "=" in a and not Path(a).exists():
-            overrides.append(a)
-        elif config is None:
-            config = a
-        else:
-            raise QtalignError(f"two configs given ({config}, {a}); overrides look like key=value")
-    cfg = load_experiment(config, overrides, _cli_extra(args))
+        (overrides if "=" in a and not Path(a).exists() else configs).append(a)
+    cfg = load_experiment(configs or None, overrides, _cli_extra(args))
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
@@ -630,5 +708,7 @@ def run_cli(args) -> int:
     force = _split(args.force) if args.force else None
     Experiment(cfg).run(only, force)
     rd = cfg.run_dir
+    if args.export:
+        print(f"exported the report to {export_report(rd, args.export)}")
     print(f"done in {time.time() - t0:.0f} s: {rd}" + (f"; report: {rd / 'report.html'}" if (rd / "report.html").exists() else ""))
     return 0

@@ -31,6 +31,7 @@ from typing import Literal
 
 import numpy as np
 import torch
+from threadpoolctl import threadpool_limits
 from pydantic import Field, field_validator
 
 from .data import load_items, parse_range
@@ -70,24 +71,33 @@ def _centre(x: np.ndarray) -> np.ndarray:
 
 
 def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
-    """Linear CKA (Kornblith et al., 2019) of two representations of the same n items (rows), features centred."""
-    k, l_ = _centre(x), _centre(y)
-    kx, ky = k @ k.T, l_ @ l_.T
+    """Linear CKA (Kornblith et al., 2019) of two representations of the same n items (rows), features centred:
+    ||Y'X||_F^2 / (||X'X||_F ||Y'Y||_F), computed through n x n Gram matrices when that is the smaller side."""
+    x, y = _centre(x), _centre(y)
+    if x.shape[0] <= x.shape[1] + y.shape[1]:
+        kx, ky = x @ x.T, y @ y.T
+        num = (kx * ky).sum()
+    else:
+        kx, ky = x.T @ x, y.T @ y
+        num = np.linalg.norm(y.T @ x) ** 2
     den = np.linalg.norm(kx) * np.linalg.norm(ky)
-    return float((kx * ky).sum() / den) if den > 0 else float("nan")
+    return float(num / den) if den > 0 else float("nan")
 
 
 def cka_matrix(blocks: list[np.ndarray]) -> np.ndarray:
+    """Linear CKA between every pair of blocks (NaN where a block has no variance)."""
     grams = []
     for b in blocks:
         c = _centre(b)
         g = c @ c.T
-        grams.append(g / max(np.linalg.norm(g), 1e-300))
+        nrm = np.linalg.norm(g)
+        grams.append(g / nrm if nrm > 0 else None)
     n = len(blocks)
-    m = np.ones((n, n))
+    m = np.full((n, n), np.nan)
     for i in range(n):
-        for j in range(i + 1, n):
-            m[i, j] = m[j, i] = float((grams[i] * grams[j]).sum())
+        for j in range(i, n):
+            if grams[i] is not None and grams[j] is not None:
+                m[i, j] = m[j, i] = float((grams[i] * grams[j]).sum())
     return m
 
 
@@ -100,13 +110,20 @@ def paired_cosine(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def joint_pca(blocks: list[np.ndarray], k: int = 2) -> tuple[np.ndarray, np.ndarray]:
-    """PCA fitted on all blocks stacked: (coordinates (sum n, k), explained variance ratio (k,))."""
-    from sklearn.decomposition import PCA
-
+    """PCA fitted on all blocks stacked: (coordinates (sum n, k), explained variance ratio (k,)). Signs are fixed
+    so that each component's largest-magnitude loading is positive. A layer whose vectors are all identical (e.g.
+    the embedding of a shared last token) has zero coordinates and zero explained variance."""
     x = np.concatenate([np.asarray(b, dtype=np.float64) for b in blocks])
+    x = x - x.mean(0, keepdims=True)
     k = min(k, x.shape[0], x.shape[1])
-    pca = PCA(n_components=k, svd_solver="full")
-    return pca.fit_transform(x), pca.explained_variance_ratio_
+    u, s, vt = np.linalg.svd(x, full_matrices=False)
+    u, s, vt = u[:, :k], s[:k], vt[:k]
+    sign = np.sign(vt[np.arange(k), np.abs(vt).argmax(1)])
+    sign[sign == 0] = 1
+    total = float((x**2).sum())
+    if total <= 1e-12 * max(1.0, x.shape[0]):
+        return np.zeros((x.shape[0], k)), np.zeros(k)
+    return u * (s * sign), s**2 / total
 
 
 def pc1_correlations(blocks: list[np.ndarray], coords: np.ndarray | None = None) -> np.ndarray:
@@ -116,12 +133,22 @@ def pc1_correlations(blocks: list[np.ndarray], coords: np.ndarray | None = None)
         coords, _ = joint_pca(blocks, 1)
     n = blocks[0].shape[0]
     pc1 = coords[:, 0].reshape(len(blocks), n)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.corrcoef(pc1)
+    pc1 = pc1 - pc1.mean(1, keepdims=True)
+    sd = np.linalg.norm(pc1, axis=1)
+    ok = sd > 1e-12 * max(1.0, float(sd.max()))
+    out = np.full((len(blocks), len(blocks)), np.nan)
+    z = pc1[ok] / sd[ok, None]
+    out[np.ix_(ok, ok)] = np.clip(z @ z.T, -1, 1)
+    return out
 
 
 def layer_metrics(blocks: list[np.ndarray], ref: int) -> dict[str, np.ndarray]:
     """All metrics of one layer: blocks[i] = (n_items, d) vectors of language i, rows parallel."""
+    with threadpool_limits(1):  # tiny matrices: BLAS threads only spin (10-50x slower on a busy CPU)
+        return _layer_metrics(blocks, ref)
+
+
+def _layer_metrics(blocks: list[np.ndarray], ref: int) -> dict[str, np.ndarray]:
     coords, var = joint_pca(blocks, 2)
     allx = np.concatenate(blocks).astype(np.float64)
     mu = allx.mean(0)
@@ -211,17 +238,20 @@ def _plot_layers(path: Path, res: dict, langs: list[str], ref: str, title: str) 
         for n in names:
             a = res[n][metric]
             mats[n] = (a[:, :, ri] if a.ndim == 3 else a).T  # (n_lang, L+1)
+        finite = [float(np.nanmin(m)) for m in mats.values() if np.isfinite(m).any()]
+        # correlations on [-1, 1], CKA on [0, 1]; cosines (raw ones sit near 1) on [their minimum, 1]
+        lo = {"pc1corr": -1.0, "cka": 0.0}.get(metric, min(finite + [1.0]) - 1e-3)
+        diffs = {c: mats[c.split(" − ")[0]] - mats[names[0]] for c in cols[len(names):]}
+        v = max([1e-6] + [float(np.nanmax(np.abs(d))) for d in diffs.values() if np.isfinite(d).any()])
         for j, c in enumerate(cols):
             ax = axes[i, j]
             if j < len(names):
-                m = mats[c]
-                lo = -1 if metric == "pc1corr" else min(0.0, float(np.nanmin(m)))
-                im = ax.imshow(m, aspect="auto", cmap="RdBu_r" if metric == "pc1corr" else "viridis", vmin=lo, vmax=1, interpolation="nearest")
+                im = ax.imshow(mats[c], aspect="auto", cmap="RdBu_r" if metric == "pc1corr" else "viridis", vmin=lo, vmax=1,
+                               interpolation="nearest")
             else:
-                m = mats[names[j - len(names) + 1]] - mats[names[0]]
-                v = max(float(np.nanmax(np.abs(m))), 1e-6)
-                im = ax.imshow(m, aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
-            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
+                im = ax.imshow(diffs[c], aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
+            if j in (len(names) - 1, len(cols) - 1):  # one colour bar per scale
+                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
             ax.set_yticks(range(len(langs)), langs, fontsize=6)
             ax.tick_params(labelsize=6)
             if i == 0:
@@ -250,7 +280,8 @@ def _plot_pairs(path: Path, res: dict, langs: list[str], layers: list[int], titl
             if k <= 8:
                 for a in range(k):
                     for b in range(k):
-                        ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=5, color="w" if abs(m[a, b]) > 0.6 else "k")
+                        dark = abs(m[a, b]) > 0.6 if metric == "pc1corr" else m[a, b] < 0.5  # RdBu is dark at |r| -> 1, viridis at 0
+                        ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=5, color="w" if dark else "k")
             ax.set_xticks(range(k), langs, fontsize=5, rotation=90)
             ax.set_yticks(range(k), langs, fontsize=5)
             ax.set_title(f"{n}: {'PC1 corr.' if metric == 'pc1corr' else 'CKA'}, layer {layer}", fontsize=6)
@@ -312,6 +343,14 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
     specs = load_specs(cfg.prompts)
     source = cfg.source()
     groups, skipped = plan_groups(cfg, specs, source)
+    for t in cfg.tasks:  # configuration errors before the (slow) model loading
+        for v in cfg.variants:
+            langs = [lang for (tt, vv, lang) in groups if tt == t and vv == v]
+            if langs and cfg.reference not in langs:
+                raise QtalignError(f"geometry {t}/{v}: reference language '{cfg.reference}' is not among the analysed languages "
+                                   f"{langs} (add it to --langs or choose --reference)")
+            if langs and len(langs) < 2:
+                raise QtalignError(f"geometry {t}/{v}: needs at least two languages with data, got {langs}")
     models = models or load_models(cfg)
     names = list(models)
     rng, excl = parse_range(cfg.items), set(cfg.exclude_items)
@@ -323,11 +362,6 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
             langs = [lang for (tt, vv, lang) in groups if tt == t and vv == v]
             if not langs:
                 continue
-            if cfg.reference not in langs:
-                raise QtalignError(f"geometry {t}/{v}: reference language '{cfg.reference}' is not among the analysed languages {langs} "
-                                   "(add it to --langs or choose --reference)")
-            if len(langs) < 2:
-                raise QtalignError(f"geometry {t}/{v}: needs at least two languages with data, got {langs}")
             per_lang = {lang: {it.index: it for it in load_items(task, lang, source, rng, exclude=excl)} for lang in langs}
             common = sorted(set.intersection(*(set(d) for d in per_lang.values())))
             if cfg.limit:

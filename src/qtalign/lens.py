@@ -198,9 +198,10 @@ def lens_stats(parts, h: torch.Tensor, sets: list[dict[str, list[int]]], chunk_r
     idx = {m: [torch.tensor(s[m], dtype=torch.long, device=h.device) for s in sets] for m in METRICS if m != "entropy"}
     for start in range(0, B * n_layers, chunk_rows):
         rows = slice(start, min(start + chunk_rows, B * n_layers))
-        logp = torch.log_softmax(parts.lens(flat[rows]), dim=-1)  # float32 (r, V)
-        p = logp.exp()
-        ent = -(p * logp).nan_to_num().sum(-1) / math.log(2)
+        z = parts.lens(flat[rows])  # float32 logits (r, V)
+        lse = torch.logsumexp(z, dim=-1, keepdim=True)
+        p = (z - lse).exp_()
+        ent = (lse[:, 0] - (p * z).sum(-1)) / math.log(2)  # H = log Z - E_p[z], in bits
         for k, r in enumerate(range(rows.start, rows.stop)):
             b, layer = divmod(r, n_layers)
             out["entropy"][b, layer] = float(ent[k])
@@ -286,7 +287,7 @@ def _plot_group(path: Path, results: dict[str, GroupResult], lang: str, vocab: i
     L1 = next(iter(results.values())).arrays["entropy"].shape[1]
     x = np.arange(L1)
     fig = plt.figure(figsize=(6.5, 4.2 + 0.3 * len(names)))
-    gs = fig.add_gridspec(len(names) + 1, 2, height_ratios=[0.25] * len(names) + [3], width_ratios=[40, 1], hspace=0.08, wspace=0.03)
+    gs = fig.add_gridspec(len(names) + 1, 2, height_ratios=[0.25] * len(names) + [3], width_ratios=[40, 1], hspace=0.08, wspace=0.03, top=0.93)
     ax = fig.add_subplot(gs[-1, 0])
     vmax = math.log2(vocab)
     im = None
@@ -320,7 +321,7 @@ def _plot_group(path: Path, results: dict[str, GroupResult], lang: str, vocab: i
     n = r0.arrays["latent"].shape[0]
     drop = sum(r0.dropped.values())
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    fig.suptitle(f"logit lens: {r0.task} ({r0.variant} prompts), {lang}: n = {n}" + (f" ({drop} dropped)" if drop else ""), fontsize=9, y=0.995)
+    fig.suptitle(f"logit lens: {r0.task} ({r0.variant} prompts), {lang}: n = {n}" + (f" ({drop} dropped)" if drop else ""), fontsize=9, y=0.98)
     ax.legend(fontsize=6, ncol=2, loc="upper left")
     fig.savefig(path, dpi=130, bbox_inches="tight")
     plt.close(fig)
@@ -355,6 +356,7 @@ def _plot_overview(path: Path, by_lang: dict[str, dict[str, GroupResult]], title
     axes.flat[0].legend(fontsize=5, loc="upper left")
     fig.suptitle(title, fontsize=9)
     fig.supxlabel("layer", fontsize=8)
+    fig.tight_layout()
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
@@ -404,13 +406,19 @@ def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel
         vocab[name] = scorer.engine.parts.head.weight.shape[0]
         t1 = time.time()
         for t, v, lang in groups:
-            r = lens_group(lm, specs.task(t), lang, v, items[(t, lang)], cfg.batch_size, cfg.keep_overlap, scorer)
+            try:
+                r = lens_group(lm, specs.task(t), lang, v, items[(t, lang)], cfg.batch_size, cfg.keep_overlap, scorer)
+            except QtalignError as e:  # e.g. label words no first token can tell apart: skipped, as in evaluation
+                skipped.append({"task": t, "variant": v, "lang": lang, "model": name, "reason": str(e)})
+                bar.update(1)
+                continue
             results[(t, v, lang)][name] = r
             n_items += len(r.index)
             np.savez_compressed(_arr_path(out, name, t, v, lang), index=r.index, gold=r.gold, **r.arrays)
             bar.update(1)
         timing[name] = round(time.time() - t1, 2)
     bar.close()
+    results = {g: by for g, by in results.items() if len(by) == len(models)}
 
     # tables, csv, figures
     rows = []

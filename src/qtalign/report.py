@@ -289,7 +289,7 @@ def _stage_summary(doc: _Doc, folder: Path, name: str, skip_figures: set[str] = 
         else:
             doc.md(f"_missing figure `{p.name}`_")
     nums = flatten(s.get("numbers", {}))
-    if nums:
+    if nums and not s.get("tables"):  # the stage's tables already show its numbers
         doc.md(md_table(["number", "value"], [[k, v] for k, v in nums[:60]], "ll"))
     return True
 
@@ -318,11 +318,21 @@ def _by_task(rows: list[LangRow]) -> dict[tuple[str, str], list[LangRow]]:
     return out
 
 
+def non_default(cfg: dict) -> dict:
+    """The experiment config without the values that equal the defaults (falls back to all of it)."""
+    try:
+        from .experiment import ExperimentConfig
+
+        return ExperimentConfig.model_validate(cfg).model_dump(mode="json", exclude_defaults=True)
+    except Exception:  # noqa: BLE001 - a config from another version: show it whole
+        return cfg
+
+
 def build_report(run_dir: str | Path) -> tuple[_Doc, dict]:
     run_dir = Path(run_dir)
     exp = read_json(run_dir / "experiment.json") or {}
     cfg = exp.get("config", {})
-    title = (cfg.get("report") or {}).get("title") or f"qtalign experiment: {run_dir.name}"
+    title = (cfg.get("report") or {}).get("title") or f"qtalign experiment: {cfg.get('name') or run_dir.name}"
     doc = _Doc(run_dir)
     facts: dict = {"sections": []}
     rows, base_res, tuned_res = _eval_rows(run_dir, exp)
@@ -330,6 +340,11 @@ def build_report(run_dir: str | Path) -> tuple[_Doc, dict]:
     has_tuned = tuned_res is not None
 
     doc.h(1, title)
+    if (cfg.get("report") or {}).get("notes"):
+        doc.md(cfg["report"]["notes"])
+    if exp.get("stale_stages"):
+        doc.md(f"**Warning:** the outputs of {', '.join(exp['stale_stages'])} in this run dir were not produced with the "
+               "configuration below (they were not rerun after it changed); rerun them for a consistent report.")
     intro = [f"Run dir `{run_dir}`."]
     if exp.get("seen_langs"):
         intro.append(f"Languages seen in question-translation training: {', '.join(exp['seen_langs'])} (marked * below).")
@@ -352,7 +367,9 @@ def build_report(run_dir: str | Path) -> tuple[_Doc, dict]:
     # -- configuration
     doc.h(2, "Configuration")
     facts["sections"].append("Configuration")
-    doc.md("```yaml\n" + (yaml.safe_dump(cfg, sort_keys=False, allow_unicode=True) if cfg else "# experiment.json not found\n") + "```")
+    doc.md("```yaml\n" + (yaml.safe_dump(non_default(cfg), sort_keys=False, allow_unicode=True, default_flow_style=None) if cfg else "# experiment.json not found\n") + "```")
+    doc.md("Settings that differ from the defaults; the full resolved config is `config.yaml` in the run dir "
+           "(`qtalign run <run dir>/config.yaml` repeats the experiment).")
 
     # -- overlap
     doc.h(2, "Train/eval overlap check")
@@ -467,7 +484,9 @@ def build_report(run_dir: str | Path) -> tuple[_Doc, dict]:
     if stats is None:
         doc.md("_Stage `data` has not run in this run dir._")
     else:
-        doc.md(md_table(["statistic", "value"], [[k, v] for k, v in flatten(stats)[:60]], "ll"))
+        keys = ("rows", "rows_per_source", "index_min", "index_max", "duplicates_removed", "excluded", "out_of_range",
+                "dataset_name", "warnings")
+        doc.md(md_table(["statistic", "value"], [[k, v] for k, v in flatten({k: stats.get(k) for k in keys if k in stats})], "ll"))
         if (run_dir / "data" / "summary.json").exists():
             _stage_summary(doc, run_dir / "data", "data")
 
@@ -484,7 +503,9 @@ def build_report(run_dir: str | Path) -> tuple[_Doc, dict]:
     trows = []
     for st in STAGE_ORDER:
         sj = read_json(run_dir / st / "stage.json")
-        if sj:
+        if sj and st == "report":
+            trows.append([st, "this report", "–", sj.get("fingerprint", "")[:12], "–"])
+        elif sj:
             trows.append([st, sj.get("status", "?"), f"{sj['timing_s']:.1f}" if sj.get("timing_s") is not None else "–",
                           sj.get("fingerprint", "")[:12], "yes" if sj.get("skipped_last_run") else "no"])
     if trows:

@@ -47,6 +47,11 @@ from .errors import QtalignError, data_error
 from .models import DTYPES, ModelConfig, load_model
 
 
+# TrainConfig fields that do not change the result (how the work is split up, what is kept and logged)
+NOT_FINGERPRINTED = frozenset({"per_device_batch_size", "eval_batch_size", "save_total_limit", "logging_steps",
+                               "loss_chunk_tokens", "length_balanced_batches", "gradient_checkpointing"})
+
+
 class TrainConfig(BaseModel):
     """LoRA tuning settings (round-trips to YAML/JSON). Defaults follow the paper (LLaMA-Factory SFT)."""
 
@@ -77,7 +82,9 @@ class TrainConfig(BaseModel):
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     optim: str = Field("adamw_torch", description="transformers optimizer name")
     logging_steps: int = Field(1, ge=1, description="log the training loss every N steps")
-    loss_chunk_tokens: int = Field(32, ge=1, description="response positions projected to logits at once in the fused loss")
+    length_balanced_batches: bool = Field(True, description="split each optimizer step's rows into micro-batches of "
+                                          "similar length (transformers batch_rebalance): less padding, same rows per step")
+    loss_chunk_tokens: int = Field(128, ge=1, description="response positions projected to logits at once in the fused loss")
     seed: int = Field(0, description="seeds the LoRA init, the split, the data order and dropout")
 
     @field_validator("target_modules", "data", mode="before")
@@ -88,8 +95,7 @@ class TrainConfig(BaseModel):
     def fingerprint(self, data_files: list[str]) -> str:
         """Identifies a run: settings that change the result and the content of the data files (not the
         micro-batch or the eval batch, which do not)."""
-        d = self.model_dump(exclude={"data", "per_device_batch_size", "eval_batch_size", "save_total_limit", "logging_steps",
-                                     "loss_chunk_tokens"})
+        d = self.model_dump(exclude={"data", *NOT_FINGERPRINTED})
         d["data_sha256"] = [_file_sha(p) for p in data_files]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -208,17 +214,20 @@ class _FusedResponseCE(torch.autograd.Function):
         grad = torch.empty_like(h) if need else None
         for s in range(0, h.shape[0], chunk):
             hc, tc = h[s : s + chunk], targets[s : s + chunk]
-            z = torch.nn.functional.linear(hc.to(weight.dtype), weight, bias).float()
+            rows = torch.arange(hc.shape[0], device=h.device)
+            z = torch.nn.functional.linear(hc.to(weight.dtype), weight, bias)  # logits in the weight dtype, like the model
             t = None
             if softcap:
-                t = torch.tanh(z / softcap)
+                t = torch.tanh(z.float() / softcap)
                 z = t * softcap
-            lse = torch.logsumexp(z, dim=-1)
-            rows = torch.arange(hc.shape[0], device=h.device)
-            total += (lse - z[rows, tc]).sum()
+            # one fused fp32 softmax pass; logsumexp = z_max - log p_max (p_max >= 1/vocab: no underflow)
+            zmax, imax = z.max(dim=-1)
+            zt = z[rows, tc].float()
+            p = torch.softmax(z, dim=-1, dtype=torch.float32)
+            del z  # at most two [chunk, vocab] buffers alive at once
+            total += (zmax.float() - torch.log(p[rows, imax]) - zt).sum()
             if need:
-                p = torch.exp(z.sub_(lse.unsqueeze(-1)))  # softmax, in place
-                p[rows, tc] -= 1.0
+                p[rows, tc] -= 1.0  # d loss / d z = softmax - onehot
                 if t is not None:
                     p.mul_(1.0 - t * t)
                 grad[s : s + chunk] = (p.to(weight.dtype) @ weight).to(h.dtype)
@@ -231,7 +240,7 @@ class _FusedResponseCE(torch.autograd.Function):
         return (grad * g.to(grad.dtype) if grad is not None else None), None, None, None, None, None
 
 
-def response_loss_sum(parts, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 32, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def response_loss_sum(parts, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 128, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """(summed fp32 cross-entropy, number of target tokens) over the positions whose next-token label is not
     -100. ``hidden``: (B, T, d) final-normed hidden states; ``parts``: :class:`engine.ModelParts`."""
     h = hidden[:, :-1]
@@ -265,7 +274,7 @@ class ResponseLoss:
         return getattr(self, k)
 
 
-def install_response_loss(model, chunk: int = 32):
+def install_response_loss(model, chunk: int = 128):
     """Let ``model(..., qt_response_loss=True)`` return a :class:`ResponseLoss` computed from the decoder body and
     the response positions only (any other call is the model's own forward). Installed on the base CausalLM, so
     it works through peft and DDP wrappers. Returns a function that removes it."""
@@ -315,6 +324,12 @@ def _trainer_classes():
             self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch over the accumulation
             self.val_rows = val_rows or []
             self.eval_bs = eval_batch_size
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if hasattr(sampler, "seed"):  # BatchRebalanceSampler: the run's seed, not its fixed default
+                sampler.seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+            return sampler
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             out = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], labels=inputs["labels"],
@@ -503,13 +518,14 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
         load_best_model_at_end=has_val,
         metric_for_best_model="eval_loss" if has_val else None,
         greater_is_better=False if has_val else None,
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         seed=cfg.seed,
         bf16=False,  # the weights already are in the requested dtype; no autocast
         fp16=False,
         use_cpu=device == "cpu",
         remove_unused_columns=False,
+        train_sampling_strategy="batch_rebalance" if cfg.length_balanced_batches else "random",
         include_num_input_tokens_seen="non_padding",
         ddp_find_unused_parameters=False,
         dataloader_num_workers=0,
@@ -518,13 +534,14 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
     )
 
 
-def train(cfg: TrainConfig, data_path=None, out_dir: str | Path = "train_out", loaded=None, *, callbacks=None,
+def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | Path, loaded=None, *, callbacks=None,
           overwrite: bool = False) -> dict:
     """Tune a LoRA adapter; resumes from ``out_dir/checkpoints`` when present; returns the stage summary.
-    ``data_path``: a file or a list of files (default ``cfg.data``); ``loaded``: a :class:`models.LoadedModel`
+    ``data_path``: a file or a list of files (None: ``cfg.data``); ``loaded``: a :class:`models.LoadedModel`
     to train instead of loading ``cfg.model`` (its weights are left unchanged: the adapter is removed after)."""
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import set_seed
+    from transformers.trainer_callback import ProgressCallback
     from transformers.trainer_utils import get_last_checkpoint
 
     t_start = time.time()
@@ -535,6 +552,7 @@ def train(cfg: TrainConfig, data_path=None, out_dir: str | Path = "train_out", l
     for f in files:
         if not Path(f).exists():
             raise QtalignError(f"{f}: data file not found")
+    pairs = load_pairs(files, cfg.rows_per_file)  # data errors before anything is written or loaded
     cfg = cfg.model_copy(update={"data": files})
     fp = cfg.fingerprint(files)
     rank, world = _world()
@@ -562,7 +580,6 @@ def train(cfg: TrainConfig, data_path=None, out_dir: str | Path = "train_out", l
         raise QtalignError("train: the base model already carries an unmerged adapter; set merge_adapter or drop adapter")
     device = str(next(model.parameters()).device.type)
 
-    pairs = load_pairs(files, cfg.rows_per_file)
     rows, skipped = [], 0
     for p in pairs:
         ex = encode_example(tok, p["prompt"], p["response"], cfg.cutoff_len)
@@ -582,40 +599,39 @@ def train(cfg: TrainConfig, data_path=None, out_dir: str | Path = "train_out", l
     remove = install_response_loss(model, cfg.loss_chunk_tokens)
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
-    try:
-        peft_model = get_peft_model(model, lora)
-    except ValueError as e:
-        remove()
-        raise QtalignError(f"train: cannot apply LoRA to {type(model).__name__}: {str(e).splitlines()[0]}") from None
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    peft_model = None
     log_path = out / "trainer_log.jsonl"
-    trainer = ResponseTrainer(
-        model=peft_model,
-        args=args,
-        data_collator=Collator(pad),
-        train_dataset=_ListDataset(train_rows),
-        eval_dataset=_ListDataset(val_rows) if val_rows else None,
-        callbacks=[LogCallback(log_path), *(callbacks or [])],
-        val_rows=val_rows,
-        eval_batch_size=cfg.eval_batch_size,
-    )
-    from transformers.trainer_callback import ProgressCallback
-
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(Bar())
-    ckpt = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
-    resumed_from = None
-    if ckpt:
-        resumed_from = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
-        if main:
-            _truncate_log(log_path, resumed_from)
     try:
+        try:
+            peft_model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise QtalignError(f"train: cannot apply LoRA to {type(model).__name__}: {str(e).splitlines()[0]}") from None
+        pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        trainer = ResponseTrainer(
+            model=peft_model,
+            args=args,
+            data_collator=Collator(pad),
+            train_dataset=_ListDataset(train_rows),
+            eval_dataset=_ListDataset(val_rows) if val_rows else None,
+            callbacks=[LogCallback(log_path), *(callbacks or [])],
+            val_rows=val_rows,
+            eval_batch_size=cfg.eval_batch_size,
+        )
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(Bar())
+        trainer.accelerator.wait_for_everyone()  # an --overwrite by the main process is done
+        ckpt = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
+        resumed_from = None
+        if ckpt:
+            resumed_from = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
+            if main:
+                _truncate_log(log_path, resumed_from)
         result = trainer.train(resume_from_checkpoint=ckpt)
         state = trainer.state
         trainer.save_model(str(out / "adapter"))  # writes on the main process only
         trainer.accelerator.wait_for_everyone()
     finally:
-        if loaded is not None:  # give the caller its model back unchanged
+        if loaded is not None and peft_model is not None:  # give the caller its model back unchanged
             peft_model.unload()
         remove()
 
@@ -660,7 +676,8 @@ def _table(numbers: dict) -> str:
     lines = ["| quantity | value |", "|---|---|"]
     for k, v in numbers.items():
         if v is not None:
-            lines.append(f"| {k.replace('_', ' ')} | {v:.4f} |" if isinstance(v, float) else f"| {k.replace('_', ' ')} | {v} |")
+            v = (f"{v:.1f}" if abs(v) >= 100 else f"{v:.4f}") if isinstance(v, float) else v
+            lines.append(f"| {k.replace('_', ' ')} | {v} |")
     return "\n".join(lines)
 
 

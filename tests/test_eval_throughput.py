@@ -1,0 +1,115 @@
+"""benchmarks/eval_throughput.py: the official method and the lm-eval task agree with our scorer (tiny fp32 models),
+evaluate.build_requests builds exactly the evaluated prompts, and the benchmark runs end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import random
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_model
+
+from qtalign.data import DataSource, Item, load_items
+from qtalign.evaluate import build_requests, item_key, scored_words
+from qtalign.scoring import Scorer
+from qtalign.specs import load_specs
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("eval_throughput", ROOT / "benchmarks" / "eval_throughput.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("eval_throughput", mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+B = _bench()
+HAS_LM_EVAL = importlib.util.find_spec("lm_eval") is not None
+needs_lm_eval = pytest.mark.skipif(not HAS_LM_EVAL, reason='lm-evaluation-harness not installed (pip install "lm_eval>=0.4.8")')
+
+
+@pytest.fixture(scope="module")
+def specs():
+    return load_specs()
+
+
+def _groups(specs, langs=("en", "de"), n=5):
+    return B.load_groups(specs, DataSource.demo(), ["emotion"], list(langs), "enout", n)
+
+
+def test_build_requests_are_the_evaluated_prompts(specs):
+    task = specs.task("emotion")
+    items = load_items(task, "de", DataSource.demo())[:3]
+    for method in ("first-token", "faithful", "sequence"):
+        reqs = build_requests(task, "de", "enout", items, method)
+        assert [r.key for r in reqs] == [item_key("emotion", "enout", "de", it.index) for it in items]
+        assert [r.prefix + r.question for r in reqs] == [task.prompt("de", "enout", it.fields) for it in items]
+        assert all(r.words == task.label_words("de", "enout") and r.forced == "" for r in reqs)
+        assert len({r.group for r in reqs}) == 1
+    # the Thai two-step is a faithful-only special case: forced prefix + remainders
+    th = [Item(0, "th", {f: "x" for f in task.item_fields}, 0)]
+    forced, words = scored_words(task, "th", "native", "faithful")
+    assert forced and all(w and not w.startswith(forced) for w in words)
+    r = build_requests(task, "th", "native", th, "faithful")[0]
+    assert (r.forced, r.words) == (forced, words)
+    r = build_requests(task, "th", "native", th, "first-token")[0]
+    assert r.forced == "" and r.words == task.label_words("th", "native")
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_official_method_agrees_with_faithful(request, specs, arch):
+    tok = request.getfixturevalue(B_TOK[arch])
+    model = tiny_model(arch, tok)
+    groups = _groups(specs)
+    scorer = Scorer(model, tok, "faithful", batch_size=3)
+    n = 0
+    for g in groups:
+        reqs = build_requests(g.task, g.lang, g.variant, g.items, "faithful")
+        official = B.official_predict(model, tok, reqs, random.Random(0))
+        ours = B.ours_predict(scorer, build_requests(g.task, g.lang, g.variant, g.items, "faithful"))
+        assert official == ours
+        n += len(official)
+    assert n == 10
+    assert len(set(official.values())) >= 1
+
+
+B_TOK = {"llama": "spm_tokenizer", "qwen2": "bpe_tokenizer"}
+
+
+@needs_lm_eval
+def test_lm_eval_loglikelihoods_equal_sequence_scores(specs, spm_tokenizer, tmp_path):
+    tok = spm_tokenizer
+    model = tiny_model("llama", tok)
+    g = _groups(specs, ("en",), 6)[0]
+    lm = B.make_lm_eval(model, tok, batch_size=4)
+    theirs = B.lm_eval_scores(lm, B.lm_eval_task(g, tmp_path))
+    ours = {s.key: s.raw for s in Scorer(model, tok, "sequence", batch_size=4).score(
+        build_requests(g.task, g.lang, g.variant, g.items, "sequence"))}
+    assert set(theirs) == set(ours) and len(ours) == 6
+    for k in ours:
+        assert theirs[k] == pytest.approx(ours[k], abs=2e-4), k
+
+
+def test_run_benchmark_end_to_end(specs, spm_tokenizer):
+    model = tiny_model("llama", spm_tokenizer)
+    groups = _groups(specs, ("en", "de"), 4)
+    cols = B.COLUMNS if HAS_LM_EVAL else [c for c in B.COLUMNS if c != "lm-eval"]
+    logs = []
+    res = B.run_benchmark(model, spm_tokenizer, groups, batch_size=3, n_official=2, n_lm_eval=3, columns=cols, log=logs.append)
+    assert res["items"] == {c: {"official": 4, "lm-eval": 6}.get(c, 8) for c in cols}
+    assert all(r > 0 for r in res["items_per_s"].values())
+    assert res["agreement"]["faithful vs official"] == {"agree": 4, "n": 4, "rate": 1.0}
+    if HAS_LM_EVAL:
+        assert res["agreement"]["sequence vs lm-eval"]["rate"] == 1.0 and res["agreement"]["sequence vs lm-eval"]["n"] == 6
+        assert "first-token/lm-eval" in res["ratios"]
+    assert len(logs) == len(groups) * len(cols)
+    table = B.format_table(res)
+    assert "| official |" in table and "faithful vs official" in table
+
+
+def test_cli_error_is_one_line(capsys):
+    assert B.main(["--tasks", "no-such-task", "--skip-lm-eval", "--data-dir", str(DataSource.demo().data_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "no-such-task" in err and "\n" not in err

@@ -1,0 +1,325 @@
+"""`qtalign run` (qtalign.experiment): config validation and round trips, bundled configs, overrides and extends,
+train/eval overlap detection, and a whole run on a tiny random Llama with the demo data: stage skipping,
+re-running what a change invalidates, resuming an interrupted stage, --stages subsets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import OFFICIAL, needs_shared
+from qtalign.cli import main
+from qtalign.errors import QtalignError
+from qtalign.experiment import (
+    Experiment,
+    ExperimentConfig,
+    apply_overrides,
+    check_overlap,
+    dump_config,
+    list_configs,
+    load_experiment,
+)
+
+
+def tiny_dict(model_dir, out) -> dict:
+    return {
+        "name": "tiny",
+        "out": str(out),
+        "seed": 0,
+        "model": {"name": str(model_dir), "dtype": "fp32", "device": "cpu"},
+        "data": {"task": "emotion", "data_files": "demo", "sources": ["zh", "de"], "target": "en", "items": "60:120", "rows_per_lang": 6},
+        "train": {"max_steps": 2, "batch_size": 4, "per_device_batch_size": 4, "learning_rate": 5e-3, "val_size": 0,
+                  "cutoff_len": 128},
+        "eval": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh", "sw"], "items": "0:6", "batch_size": 4},
+        "lens": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh"], "limit": 3},
+        "geometry": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh", "de"], "limit": 4, "pools": ["last"]},
+    }
+
+
+def write_cfg(tmp_path: Path, d: dict, name: str = "exp.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump(d, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return p
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# config validation
+
+
+def test_bundled_configs_validate_and_round_trip():
+    names = list_configs()
+    assert "demo" in names and "paper/zhde_en" in names and "studies/emotion_zhde_en_gemma" in names
+    for n in names:
+        cfg = load_experiment([n], extra={"data_dir": "/data/official"})
+        again = ExperimentConfig.model_validate(yaml.safe_load(dump_config(cfg)))
+        assert again == cfg, n
+        assert ExperimentConfig.model_validate_json(cfg.model_dump_json()) == cfg
+        assert "{data_dir}" not in dump_config(cfg)
+
+
+def test_default_config_is_the_demo(tmp_path):
+    cfg = load_experiment(None)
+    assert cfg.name == "demo" and cfg.model.name == "gemma-3-270m"
+    assert cfg.stages == ["data", "train", "eval", "lens", "geometry", "report"]
+    assert cfg.data.data_files == "demo" and cfg.eval.data_files == "demo"
+
+
+def test_paper_configs_settings():
+    cfg = load_experiment(["paper/zhde_en"], extra={"data_dir": "/d/official"})
+    assert cfg.data.question_files == ["/d/official/snli/snli_zh10k_train_question.json", "/d/official/snli/snli_de10k_train_question.json"]
+    assert cfg.prompts == ["/d/official/../paper_prompts.json"]
+    assert cfg.eval.variants == ["enout", "native", "irrelevant"] and cfg.eval.tasks == ["emotion", "snli", "paws"]
+    assert cfg.train.learning_rate == 5e-5 and cfg.train.epochs == 3
+    # a model fragment merged after the experiment
+    cfg2 = load_experiment(["paper/zhde_en", "paper/model/mistral-7b"], extra={"data_dir": "/d"})
+    assert cfg2.model.name == "mistralai/Mistral-7B-v0.1" and cfg2.data.question_files == [
+        "/d/snli/snli_zh10k_train_question.json", "/d/snli/snli_de10k_train_question.json"]
+    assert load_experiment(["paper/en2zh"], extra={"data_dir": "/d"}).data.target == "zh"
+
+
+@pytest.mark.parametrize("override, key", [
+    ("train.epoch=1", "train.epoch"),            # unknown key in a section
+    ("bogus=1", "bogus"),                        # unknown top-level key
+    ("train.lora_r=0", "train.lora_r"),          # bad value
+    ("eval.method=argmax", "eval.method"),       # not a choice
+    ("stages=data,tune", "stages"),              # unknown stage
+    ("eval.model.name=x", "eval.model"),         # the model is set once, at the top level
+    ("train.data=x.jsonl", "train.data"),        # the experiment trains on its own data stage
+])
+def test_validation_errors_name_file_and_key(tmp_path, override, key):
+    p = write_cfg(tmp_path, tiny_dict("m", tmp_path / "run"))
+    with pytest.raises(QtalignError) as e:
+        load_experiment([str(p)], [override])
+    msg = str(e.value)
+    assert str(p) in msg and f"'{key}" in msg and "\n" not in msg
+
+
+def test_unknown_key_in_file_and_missing_data_dir(tmp_path):
+    d = tiny_dict("m", tmp_path / "run")
+    d["eval"]["langz"] = ["en"]
+    with pytest.raises(QtalignError, match=r"exp.yaml.*'eval.langz': unknown key"):
+        load_experiment([str(write_cfg(tmp_path, d))])
+    with pytest.raises(QtalignError, match="data_dir"):
+        load_experiment(["paper/zhde_en"])  # uses {data_dir}, none given
+    with pytest.raises(QtalignError, match="no such config"):
+        load_experiment(["no/such/config"])
+    with pytest.raises(QtalignError, match="needs stage 'data'"):
+        load_experiment([str(write_cfg(tmp_path, tiny_dict("m", tmp_path)))], ["stages=train,eval"])
+
+
+def test_overrides_and_extends(tmp_path):
+    d = apply_overrides({"train": {"epochs": 3}}, ["train.epochs=1", "eval.langs=en,zh", "eval.limit=5", "report.title=a b"])
+    assert d == {"train": {"epochs": 1}, "eval": {"langs": "en,zh", "limit": 5}, "report": {"title": "a b"}}
+    with pytest.raises(QtalignError, match="not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+    parent = write_cfg(tmp_path, tiny_dict("m", tmp_path / "run"), "parent.yaml")
+    child = write_cfg(tmp_path, {"extends": parent.name, "name": "child", "eval": {"langs": ["en"]}}, "child.yaml")
+    cfg = load_experiment([str(child)], ["eval.limit=2"])
+    assert cfg.name == "child" and cfg.eval.langs == ["en"] and cfg.eval.limit == 2
+    assert cfg.eval.items == "0:6" and cfg.data.sources == ["zh", "de"]  # inherited, merged key by key
+    loop = write_cfg(tmp_path, {"extends": "loop.yaml"}, "loop.yaml")
+    with pytest.raises(QtalignError, match="circular"):
+        load_experiment([str(loop)])
+
+
+def test_stage_configs_get_top_level_fields(tmp_path):
+    cfg = ExperimentConfig.model_validate({**tiny_dict("m", tmp_path), "seed": 7, "data_dir": "/dd", "prompts": ["p.json"]})
+    e = Experiment(cfg)
+    ec = e.stage_config("eval", model=e.model_cfg("tuned").model_dump())
+    assert ec.seed == 7 and ec.model.adapter == str(tmp_path / "train" / "adapter") and ec.prompts == ["p.json"]
+    assert ec.data_dir == "/dd" and e.stage_config("data").seed == 7 and e.stage_config("train").model.name == "m"
+    assert e.stage_config("eval").model.adapter is None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# overlap
+
+
+def test_overlap_detected_before_anything_runs(tmp_path):
+    d = tiny_dict("not-a-model", tmp_path / "run")
+    d["eval"]["items"] = "50:70"  # training items are 60..119
+    cfg = ExperimentConfig.model_validate(d)
+    with pytest.raises(QtalignError, match=r"train/eval overlap: task 'emotion': \d+ evaluation items"):
+        Experiment(cfg).run()
+    assert not (tmp_path / "run").exists()  # nothing was written, the model never loaded
+    # exclusions resolve it; the record names the files and ranges
+    d["eval"]["exclude_items"] = list(range(60, 70))
+    e = Experiment(ExperimentConfig.model_validate(d))
+    ov = check_overlap(e.stage_config("data"), e.stage_config("eval"))
+    row = ov["tasks"][0]
+    assert ov["overlap"] is False and row["n_shared"] == 0 and row["n_eval"] == 10 and "same item files" in row["note"]
+    assert ov["seen_langs"] == ["en", "zh", "de"]
+    # another task's evaluation items are a different data set
+    d2 = tiny_dict("m", tmp_path)
+    d2["data"] = {"task": "snli", "sources": ["de"], "data_files": str(tmp_path / "{task}_{lang}.jsonl")}
+    for lang in ("de", "en"):
+        (tmp_path / f"snli_{lang}.jsonl").write_text(
+            "".join(json.dumps({"premise": f"p{i} {lang}", "hypothesis": f"h{i}"}) + "\n" for i in range(10)), encoding="utf-8")
+    e2 = Experiment(ExperimentConfig.model_validate(d2))
+    ov2 = check_overlap(e2.stage_config("data"), e2.stage_config("eval"))
+    assert ov2["tasks"][0]["n_shared"] == 0 and "different data set" in ov2["tasks"][0]["note"]
+
+
+@needs_shared
+def test_overlap_official_question_files_recorded():
+    cfg = load_experiment(["studies/snli_zhde_en_gemma"], ["data.rows_per_lang=5", "eval.tasks=snli", "eval.langs=en,de"],
+                          extra={"data_dir": str(OFFICIAL)})
+    e = Experiment(cfg)
+    ov = check_overlap(e.stage_config("data"), e.stage_config("eval"))
+    assert ov["n_train_rows"] == 10 and ov["seen_langs"] == ["en", "zh", "de"]
+    assert "question files" in ov["tasks"][0]["note"] and ov["tasks"][0]["n_eval"] == 30
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# a whole run on a tiny model
+
+
+def _stage(run: Path, folder: str) -> dict:
+    return json.loads((run / folder / "stage.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tiny_llama_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("exp") / "run"
+    cfg = ExperimentConfig.model_validate(tiny_dict(tiny_llama_dir, out))
+    outcome = Experiment(cfg, log=lambda s: None).run()
+    return cfg, out, outcome
+
+
+def test_run_writes_every_stage(tiny_run):
+    cfg, out, outcome = tiny_run
+    assert outcome == {k: "ran" for k in ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")}
+    for f in ("config.yaml", "experiment.json", "data/train.jsonl", "train/adapter/adapter_config.json", "eval/base/results.json",
+              "eval/tuned/predictions.jsonl", "lens/summary.json", "geometry/summary.json", "report.md", "report.html"):
+        assert (out / f).exists(), f
+    assert ExperimentConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text())) == cfg
+    exp = json.loads((out / "experiment.json").read_text())
+    assert exp["overlap"]["overlap"] is False and exp["seen_langs"] == ["en", "zh", "de"]
+    assert exp["environment"]["torch"] and exp["config"]["seed"] == 0
+    tuned = json.loads((out / "eval" / "tuned" / "results.json").read_text())
+    assert tuned["model"]["adapter"] == str(out / "train" / "adapter") and tuned["model"]["merged"] is False
+    assert json.loads((out / "eval" / "base" / "results.json").read_text())["model"]["adapter"] is None
+    assert all(_stage(out, f)["status"] == "done" for f in ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report"))
+    # the tuned model differs from the base model (the adapter is applied)
+    preds = [json.loads(x) for x in (out / "eval" / "base" / "predictions.jsonl").read_text().splitlines()]
+    tpreds = [json.loads(x) for x in (out / "eval" / "tuned" / "predictions.jsonl").read_text().splitlines()]
+    assert len(preds) == len(tpreds) == 18 and [p["scores"] for p in preds] != [p["scores"] for p in tpreds]
+
+
+@pytest.fixture
+def fresh(tiny_run, tmp_path):
+    """A copy of the finished tiny run in a new place (each test starts from the same finished state)."""
+    cfg, out, _ = tiny_run
+    new = tmp_path / "run"
+    shutil.copytree(out, new)
+    return cfg.model_copy(update={"out": str(new)}), new
+
+
+def test_rerun_skips_and_changes_rerun_only_what_they_invalidate(fresh):
+    cfg, out = fresh
+    log: list[str] = []
+    assert set(Experiment(cfg, log=log.append).run().values()) == {"skipped"}
+    assert all("skipped" in line for line in log)
+    # a batch size does not change results: still skipped
+    cfg_bs = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"batch_size": 2})})
+    assert set(Experiment(cfg_bs, log=lambda s: None).run().values()) == {"skipped"}
+    # an evaluation change reruns both evaluations and the report, nothing else
+    cfg2 = cfg.model_copy(update={"eval": cfg.eval.model_copy(update={"items": "0:4"})})
+    outcome = Experiment(cfg2, log=lambda s: None).run()
+    assert outcome == {"data": "skipped", "train": "skipped", "eval/base": "ran", "eval/tuned": "ran", "lens": "skipped",
+                       "geometry": "skipped", "report": "ran"}
+    assert len((out / "eval" / "base" / "predictions.jsonl").read_text().splitlines()) == 12
+    # a training change reruns training and everything that uses the tuned model
+    cfg3 = cfg2.model_copy(update={"train": cfg2.train.model_copy(update={"learning_rate": 1e-3})})
+    outcome = Experiment(cfg3, log=lambda s: None).run()
+    assert outcome == {"data": "skipped", "train": "ran", "eval/base": "skipped", "eval/tuned": "ran", "lens": "ran",
+                       "geometry": "ran", "report": "ran"}
+    # --force reruns a stage that is up to date
+    assert Experiment(cfg3, log=lambda s: None).run(force=["data"])["data"] == "ran"
+
+
+def test_interrupted_stage_resumes(fresh, monkeypatch):
+    cfg, out = fresh  # a moved run dir: nothing reruns (the paths are not part of the fingerprints)
+    assert set(Experiment(cfg, log=lambda s: None).run().values()) == {"skipped"}
+    # simulate a kill in the middle of the tuned evaluation: results missing, predictions cut, status running
+    tdir = out / "eval" / "tuned"
+    (tdir / "results.json").unlink()
+    lines = (tdir / "predictions.jsonl").read_text().splitlines()
+    (tdir / "predictions.jsonl").write_text("\n".join(lines[:6]) + "\n" + lines[6][:20])  # + a line cut mid-write
+    sj = _stage(out, "eval/tuned")
+    (tdir / "stage.json").write_text(json.dumps({**sj, "status": "running"}))
+    outcome = Experiment(cfg, log=lambda s: None).run()
+    assert outcome["eval/tuned"] == "ran" and outcome["eval/base"] == "skipped" and outcome["train"] == "skipped"
+    res = json.loads((tdir / "results.json").read_text())
+    assert res["timing"]["items_scored_this_run"] == 18 - 6  # resumed, not restarted
+    assert len((tdir / "predictions.jsonl").read_text().splitlines()) == 18
+    # a stage that raises is left 'running' and is resumed by the next run
+    import qtalign.lens
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qtalign.lens, "run_lens", boom)
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(cfg, log=lambda s: None).run(force=["lens"])
+    assert _stage(out, "lens")["status"] == "running"
+    monkeypatch.undo()
+    outcome = Experiment(cfg, log=lambda s: None).run()
+    assert outcome["lens"] == "ran" and outcome["geometry"] == "skipped" and _stage(out, "lens")["status"] == "done"
+
+
+def test_stage_subsets(fresh):
+    cfg, out = fresh
+    assert Experiment(cfg, log=lambda s: None).run(["report"]) == {"report": "skipped"}
+    # a subset whose input is out of date is refused, naming what to run
+    cfg2 = cfg.model_copy(update={"train": cfg.train.model_copy(update={"max_steps": 1})})
+    with pytest.raises(QtalignError, match=r"stage 'train' is needed by eval/tuned.*--stages train"):
+        Experiment(cfg2, log=lambda s: None).run(["eval"])
+    with pytest.raises(QtalignError, match="unknown stage"):
+        Experiment(cfg2, log=lambda s: None).run(["tune"])
+    # a report over outputs that this config did not produce says so
+    assert Experiment(cfg2, log=lambda s: None).run(["report"]) == {"report": "ran"}
+    md = (out / "report.md").read_text()
+    assert "**Warning:** the outputs of train, eval/tuned, lens, geometry" in md
+    assert Experiment(cfg, log=lambda s: None).run(["report"]) == {"report": "ran"}
+    assert "Warning" not in (out / "report.md").read_text()
+    # an experiment without training evaluates the base model only
+    cfg3 = cfg.model_copy(update={"stages": ["eval", "report"], "out": str(out.parent / "base_only")})
+    assert Experiment(cfg3, log=lambda s: None).run() == {"eval/base": "ran", "report": "ran"}
+    assert not (out.parent / "base_only" / "eval" / "tuned").exists()
+
+
+def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
+    cfg, out = fresh
+    p = write_cfg(tmp_path, cfg.model_dump(mode="json"))
+    assert main(["run", str(p), "eval.limit=3", "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["eval"]["limit"] == 3 and printed["model"]["name"] == cfg.model.name
+    assert main(["run", str(p), "--stages", "report", "--export", str(tmp_path / "exported")]) == 0
+    exported = tmp_path / "exported"
+    assert (exported / "report.html").exists() and (exported / "eval" / "base" / "results.json").exists()
+    assert not (exported / "train" / "adapter").exists()
+    for link in __import__("re").findall(r"!\[[^\]]*\]\(([^)]+)\)", (exported / "report.md").read_text()):
+        assert (exported / link).exists(), link
+    assert main(["run", str(p), "train.lora_r=0"]) == 2
+    assert "train.lora_r" in capsys.readouterr().err
+    assert main(["run", "--list"]) == 0 and "paper/zhde_en" in capsys.readouterr().out
+
+
+@pytest.mark.gemma
+def test_demo_config_runs_on_gemma(tmp_path):
+    """The bundled demo on the real embedded Gemma 3 270M, shrunk to a few items (the full demo is a long run)."""
+    cfg = load_experiment(None, ["data.rows_per_lang=4", "train.max_steps=1", "train.val_size=0", "eval.items=0:2",
+                                 "eval.langs=en,zh,sw", "lens.limit=2", "lens.langs=en,zh", "geometry.limit=3",
+                                 "geometry.langs=en,zh", f"out={tmp_path / 'demo'}"])
+    assert cfg.model.name == "gemma-3-270m"
+    outcome = Experiment(cfg, log=lambda s: None).run()
+    assert set(outcome.values()) == {"ran"} and len(outcome) == 7
+    md = (tmp_path / "demo" / "report.md").read_text(encoding="utf-8")
+    assert "has not run" not in md and "_No evaluation results" not in md
+    lens = json.loads((tmp_path / "demo" / "lens" / "summary.json").read_text())
+    assert lens["numbers"]["emotion/native/zh/kept"] == 2  # zh labels share no first token with English: kept

@@ -1,0 +1,136 @@
+"""The experiment report (qtalign.report): paired statistics from per-item records, and report.md / report.html
+generated from a whole `qtalign run` on a tiny random Llama (every section; self-contained HTML; rendered by
+headless Chromium when it is installed)."""
+
+from __future__ import annotations
+
+import math
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from qtalign.experiment import Experiment, ExperimentConfig
+from qtalign.report import SECTIONS, compare, group_summary, read_predictions, write_report
+from qtalign.stats import mcnemar, wilson
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+def _rec(lang: str, i: int, correct: bool, cal: bool) -> dict:
+    return {"key": f"emotion/enout/{lang}/{i}", "task": "emotion", "variant": "enout", "lang": lang, "index": i,
+            "correct": correct, "cal_correct": cal}
+
+
+def test_paired_statistics_and_groups():
+    # en: base 6/10, tuned 9/10 (b=0 right only in base, c=3 right only in tuned); sw: base 5/10, tuned 4/10 (b=2, c=1)
+    base_en = [True] * 6 + [False] * 4
+    tuned_en = [True] * 9 + [False]
+    base_sw = [True, True, True, False, False, True, True, False, False, False]
+    tuned_sw = [False, False, True, True, False, True, True, False, False, False]
+    base = {r["key"]: r for r in [_rec("en", i, c, not c) for i, c in enumerate(base_en)] + [_rec("sw", i, c, c) for i, c in enumerate(base_sw)]}
+    tuned = {r["key"]: r for r in [_rec("en", i, c, c) for i, c in enumerate(tuned_en)] + [_rec("sw", i, c, c) for i, c in enumerate(tuned_sw)]}
+    del tuned["emotion/enout/sw/9"]  # an item missing in one run is left out of the pairing
+    rows = {r.lang: r for r in compare(base, tuned, {"en": "high", "sw": "low"}, {"en"})}
+    en, sw = rows["en"], rows["sw"]
+    assert en.raw.n == 10 and en.raw.acc("base") == 0.6 and en.raw.acc("tuned") == 0.9 and abs(en.delta - 0.3) < 1e-12
+    assert en.raw.mcnemar() == (0, 3, mcnemar(0, 3)) and en.raw.ci("tuned") == wilson(9, 10)
+    assert en.cal.acc("base") == 0.4 and en.cal.mcnemar()[:2] == (1, 6)
+    assert sw.raw.n == 9 and sw.raw.mcnemar()[:2] == (2, 1) and sw.seen is False and en.seen is True
+    allg = group_summary(list(rows.values()), "all")
+    assert allg["raw"]["n_items"] == 19 and (allg["raw"]["b"], allg["raw"]["c"]) == (2, 4)
+    assert allg["raw"]["p"] == mcnemar(2, 4)
+    assert abs(allg["raw"]["base"] - (0.6 + 5 / 9) / 2) < 1e-12  # macro average over languages
+    assert group_summary(list(rows.values()), "seen")["langs"] == ["en"]
+    assert group_summary(list(rows.values()), "low")["langs"] == ["sw"]
+    assert group_summary([en], "unseen") is None
+    # base only: no tuned columns, no test
+    only = compare(base, {}, {"en": "high", "sw": "low"}, set())
+    assert all(not r.raw.tuned for r in only) and math.isnan(only[0].raw.mcnemar()[2])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tiny_llama_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("report") / "run"
+    d = {
+        "name": "tiny-report",
+        "out": str(out),
+        "model": {"name": str(tiny_llama_dir), "dtype": "fp32", "device": "cpu"},
+        "data": {"task": "emotion", "data_files": "demo", "sources": ["zh"], "target": "en", "items": "60:120", "rows_per_lang": 4},
+        "train": {"max_steps": 1, "batch_size": 4, "per_device_batch_size": 4, "learning_rate": 1e-2, "val_size": 0, "cutoff_len": 128},
+        "eval": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh", "de", "sw"], "items": "0:8"},
+        "lens": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh"], "limit": 2},
+        "geometry": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh"], "limit": 3, "pools": ["last"]},
+        "report": {"title": "Tiny report", "notes": "A test run."},
+    }
+    Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    return out
+
+
+def _md_images(md: str) -> list[str]:
+    return re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md)
+
+
+def test_report_has_every_section_and_the_right_numbers(run_dir):
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert md.startswith("# Tiny report\n") and "A test run." in md
+    heads = re.findall(r"^## (.+)$", md, flags=re.M)
+    assert heads == list(SECTIONS)
+    for link in _md_images(md):
+        assert (run_dir / link).is_file(), link
+    imgs = _md_images(md)
+    assert "train/loss.png" in imgs and "report/accuracy_emotion_enout.png" in imgs
+    assert any(x.startswith("lens/") for x in imgs) and any(x.startswith("geometry/") for x in imgs)
+    # the per-language rows agree with the evaluation's own per-item records
+    base = read_predictions(run_dir / "eval" / "base" / "predictions.jsonl")
+    tuned = read_predictions(run_dir / "eval" / "tuned" / "predictions.jsonl")
+    for lang in ("en", "zh", "de", "sw"):
+        kb = sum(r["correct"] for r in base.values() if r["lang"] == lang)
+        kt = sum(r["correct"] for r in tuned.values() if r["lang"] == lang)
+        seen = " *" if lang in ("en", "zh") else ""
+        lo, hi = wilson(kb, 8)
+        row = next(line for line in md.splitlines() if line.startswith(f"| {lang}{seen} |"))
+        assert f"| {100 * kb / 8:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] |" in row
+        assert f"| {100 * (kt - kb) / 8:+.1f} |" in row
+    assert "| seen | 2 | 16 |" in md and "| unseen | 2 | 16 |" in md and "| low | 1 | 8 |" in md
+    assert "no overlap" in md and "training items 6" in md  # the overlap check and its ranges
+    assert "| torch |" in md and "| seed | 0 |" in md and "| train | done |" in md  # environment and timings
+    assert "| emotion | enout | zh |" in md  # the label-tokenisation table
+
+
+def test_html_is_self_contained(run_dir):
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    srcs = re.findall(r'<img src="([^"]+)"', html)
+    assert len(srcs) == len(_md_images(md)) > 3
+    assert all(s.startswith("data:image/png;base64,") for s in srcs)
+    assert not re.search(r"<script|<link|https?://|src=\"(?!data:)", html)
+    for name in SECTIONS:
+        assert f"<h2>{name}</h2>" in html
+    assert "<table>" in html and "<pre><code class=\"language-yaml\">" in html
+
+
+def test_report_of_a_base_only_run(run_dir, tmp_path):
+    d = tmp_path / "base_only"
+    shutil.copytree(run_dir, d, ignore=shutil.ignore_patterns("tuned", "lens", "geometry", "train"))
+    md_path, html_path = write_report(d)
+    md = md_path.read_text(encoding="utf-8")
+    assert "tuned % [95 % CI]" not in md and "has not run" in md and html_path.exists()
+    assert re.findall(r"^## (.+)$", md, flags=re.M) == list(SECTIONS)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install chromium); the HTML is checked statically above")
+def test_html_renders_in_headless_chromium(run_dir, tmp_path):
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+           "--disable-sync", "--no-first-run", "--disable-dev-shm-usage", f"--user-data-dir={tmp_path / 'profile'}", "--dump-dom",
+           (run_dir / "report.html").resolve().as_uri()]
+    dom = subprocess.run(cmd, capture_output=True, text=True, timeout=120).stdout
+    assert "<h1>Tiny report</h1>" in dom
+    for name in SECTIONS:
+        assert f"<h2>{name}</h2>" in dom, name
+    assert dom.count("<img") == len(_md_images((run_dir / "report.md").read_text(encoding="utf-8")))
+    shot = tmp_path / "shot.png"
+    subprocess.run([*cmd[:-2], f"--screenshot={shot}", "--window-size=1200,2400", cmd[-1]], capture_output=True, timeout=120)
+    assert shot.exists() and shot.stat().st_size > 10_000  # rendered something (not a blank page)
