@@ -60,27 +60,42 @@ class Group:
 @dataclass
 class Timing:
     items: int = 0
+    tokens: int = 0  # prompt tokens of the scored items (a length-independent measure of the work)
     seconds: float = 0.0  # wall clock
     cpu_seconds: float = 0.0  # this process's CPU time (less sensitive to other load on a shared machine)
     preds: dict = field(default_factory=dict)  # request key -> predicted class index
+    raw: dict = field(default_factory=dict)  # request key -> per-class numbers (mass or log-likelihood)
 
-    def add(self, n: int, s: float, cpu: float, preds: dict) -> None:
+    def add(self, n: int, tokens: int, s: float, cpu: float, scored: dict) -> None:
         self.items += n
+        self.tokens += tokens
         self.seconds += s
         self.cpu_seconds += cpu
-        self.preds.update(preds)
+        self.preds.update({k: v[0] for k, v in scored.items()})
+        self.raw.update({k: v[1] for k, v in scored.items()})
 
     @property
     def rate(self) -> float:
         return self.items / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def token_rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def spaced(items: list, n: int | None) -> list:
+    """n items spread evenly over the list (the slow baselines see the same length mix as the full set)."""
+    if n is None or n >= len(items):
+        return list(items)
+    return [items[(i * len(items)) // n] for i in range(n)]
+
 
 # -- (a) the official method ---------------------------------------------------------------------------------
-def official_predict(model, tokenizer, reqs: list[ScoreRequest], rng: random.Random | None = None) -> dict:
+def official_scores(model, tokenizer, reqs: list[ScoreRequest], rng: random.Random | None = None) -> dict:
     """The official eval loop, re-implemented: one item at a time, full logits at every position, softmax over
     the full vocabulary, summed candidate-token probability at the last position, no ``torch.no_grad``.
     ``reqs`` are faithful-method requests (``forced`` = the Thai two-step's prefix, appended as
-    ``tokenizer(prefix)`` with its default special tokens, as the script does)."""
+    ``tokenizer(prefix)`` with its default special tokens, as the script does). Returns key -> (pred, masses)."""
     rng = rng or random.Random(0)
     sets: dict[str, list[int]] = {}
     for r in reqs:  # the scripts build the candidate sets once, before the loop
@@ -88,7 +103,7 @@ def official_predict(model, tokenizer, reqs: list[ScoreRequest], rng: random.Ran
             if w not in sets:
                 sets[w] = official_candidates(tokenizer, w)
     device = next(model.parameters()).device
-    preds = {}
+    out = {}
     for r in reqs:
         input_ids = tokenizer(r.prefix + r.question, return_tensors="pt")["input_ids"].to(device)
         if r.forced:
@@ -96,13 +111,22 @@ def official_predict(model, tokenizer, reqs: list[ScoreRequest], rng: random.Ran
         logits = model.forward(input_ids).logits.float()  # transformers 4.38 Mistral/Qwen2 return fp32 logits
         probs = torch.nn.functional.softmax(logits, dim=-1)
         mass = [sum(probs[0][-1][i].item() for i in sets[w]) for w in r.words]
-        preds[r.key] = official_decision(mass, rng)
-    return preds
+        out[r.key] = (official_decision(mass, rng), mass)
+    return out
+
+
+def official_predict(model, tokenizer, reqs: list[ScoreRequest], rng: random.Random | None = None) -> dict:
+    return {k: v[0] for k, v in official_scores(model, tokenizer, reqs, rng).items()}
 
 
 # -- ours ------------------------------------------------------------------------------------------------------
+def ours_scores(scorer: Scorer, reqs: list[ScoreRequest]) -> dict:
+    """key -> (pred, raw per-class numbers)."""
+    return {s.key: (s.pred, s.raw) for s in scorer.score(reqs)}
+
+
 def ours_predict(scorer: Scorer, reqs: list[ScoreRequest]) -> dict:
-    return {s.key: s.pred for s in scorer.score(reqs)}
+    return {k: v[0] for k, v in ours_scores(scorer, reqs).items()}
 
 
 # -- (b) lm-evaluation-harness -----------------------------------------------------------------------------------
@@ -160,7 +184,11 @@ def lm_eval_scores(le: LmEval, task) -> dict:
 
 def lm_eval_predict(le: LmEval, task) -> dict:
     """lm-eval's prediction (argmax log-likelihood, first class on ties, as its `acc`)."""
-    return {k: max(range(len(ll)), key=lambda i: (ll[i], -i)) for k, ll in lm_eval_scores(le, task).items()}
+    return {k: v[0] for k, v in lm_eval_scored(le, task).items()}
+
+
+def lm_eval_scored(le: LmEval, task) -> dict:
+    return {k: (max(range(len(ll)), key=lambda i: (ll[i], -i)), ll) for k, ll in lm_eval_scores(le, task).items()}
 
 
 # -- the benchmark ---------------------------------------------------------------------------------------------
@@ -173,8 +201,12 @@ def agreement(a: dict, b: dict) -> tuple[int, int]:
 def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_official: int | None = 6,
                   n_lm_eval: int | None = None, columns=COLUMNS, warmup: int = 2, log=print) -> dict:
     """Score every group with every method in ``columns`` (interleaved by group) and time it.
-    ``n_official`` / ``n_lm_eval`` limit those methods to each group's first N items (None: all)."""
+    ``n_official`` / ``n_lm_eval`` limit those methods to N items per group, evenly spaced (None: all)."""
     columns = [c for c in COLUMNS if c in columns]
+    n_tokens = {}  # (group, item index) -> prompt tokens
+    for g in groups:
+        for r, it in zip(build_requests(g.task, g.lang, g.variant, g.items, "first-token"), g.items):
+            n_tokens[g.name, it.index] = len(tokenizer(r.prefix + r.question)["input_ids"])
     scorers = {m: Scorer(model, tokenizer, m, batch_size=batch_size, prefix_cache=True) for m in OURS if m in columns}
     for g in groups:  # candidate sets are built once per label-word set (cached by the scorer), outside the timing
         if "first-token" in scorers:
@@ -186,18 +218,17 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
     if "lm-eval" in columns:
         lm = make_lm_eval(model, tokenizer, batch_size)
         for g in groups:  # dataset building (datasets' json loader) is set-up, not evaluation
-            lm_tasks[g.name] = lm_eval_task(g, folder, g.items[:n_lm_eval])
+            lm_tasks[g.name] = lm_eval_task(g, folder, spaced(g.items, n_lm_eval))
 
     def call(col: str, g: Group, items: list, lm_task=None) -> dict:
         if col in scorers:
-            return ours_predict(scorers[col], build_requests(g.task, g.lang, g.variant, items, col))
+            return ours_scores(scorers[col], build_requests(g.task, g.lang, g.variant, items, col))
         if col == "official":
-            return official_predict(model, tokenizer, build_requests(g.task, g.lang, g.variant, items, "faithful"))
-        return lm_eval_predict(lm, lm_task or lm_eval_task(g, folder, items))
+            return official_scores(model, tokenizer, build_requests(g.task, g.lang, g.variant, items, "faithful"))
+        return lm_eval_scored(lm, lm_task or lm_eval_task(g, folder, items))
 
     def subset(col: str, g: Group) -> list:
-        n = {"official": n_official, "lm-eval": n_lm_eval}.get(col)
-        return g.items if n is None else g.items[:n]
+        return spaced(g.items, {"official": n_official, "lm-eval": n_lm_eval}.get(col))
 
     # warm-up: every method once on a couple of items (first-call costs: kernels, tables, lm-eval imports)
     g0 = groups[0]
@@ -211,10 +242,11 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
         for col in order:
             items = subset(col, g)
             t0, c0 = time.perf_counter(), time.process_time()
-            preds = call(col, g, items, lm_tasks.get(g.name) if col == "lm-eval" else None)
+            scored = call(col, g, items, lm_tasks.get(g.name) if col == "lm-eval" else None)
             dt, dc = time.perf_counter() - t0, time.process_time() - c0
-            timings[col].add(len(items), dt, dc, preds)
-            per_task.setdefault(g.task.name, {}).setdefault(col, Timing()).add(len(items), dt, dc, {})
+            ntok = sum(n_tokens[g.name, it.index] for it in items)
+            timings[col].add(len(items), ntok, dt, dc, scored)
+            per_task.setdefault(g.task.name, {}).setdefault(col, Timing()).add(len(items), ntok, dt, dc, {})
             log(f"  {g.name:<22} {col:<12} {len(items):>4} items {dt:8.2f} s  {len(items) / dt:7.2f} items/s")
         load.append(os.getloadavg()[0])
     tmp.cleanup()
@@ -225,6 +257,7 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
         return {f"{m}/{base}": r[m] / r[base] for base in ("official", "lm-eval") if base in r for m in OURS if m in r}
 
     ratios = ratio_table(rates)
+    token_rates = {c: timings[c].token_rate for c in columns}
     task_rates = {t: {c: tm.rate for c, tm in d.items()} for t, d in per_task.items()}
     pairs = [("faithful", "official"), ("first-token", "official"), ("sequence", "lm-eval"), ("first-token", "lm-eval"),
              ("first-token", "faithful"), ("first-token", "sequence")]
@@ -233,12 +266,19 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
         if a in timings and b in timings:
             k, n = agreement(timings[a].preds, timings[b].preds)
             agree[f"{a} vs {b}"] = {"agree": k, "n": n, "rate": k / n if n else float("nan")}
+            if (a, b) in (("faithful", "official"), ("sequence", "lm-eval")):  # same quantity on both sides
+                ra, rb = timings[a].raw, timings[b].raw
+                diffs = [abs(x - y) for key in ra if key in rb for x, y in zip(ra[key], rb[key])]
+                agree[f"{a} vs {b}"]["max_abs_diff"] = max(diffs, default=float("nan"))
     return {
         "items": {c: timings[c].items for c in columns},
         "seconds": {c: round(timings[c].seconds, 3) for c in columns},
         "cpu_seconds": {c: round(timings[c].cpu_seconds, 3) for c in columns},
         "items_per_s": rates,
         "ratios": ratios,
+        "prompt_tokens": {c: timings[c].tokens for c in columns},
+        "prompt_tokens_per_s": token_rates,
+        "token_ratios": ratio_table(token_rates),
         "items_per_cpu_s": cpu_rates,
         "cpu_ratios": ratio_table(cpu_rates),
         "per_task": {t: {"items_per_s": task_rates[t], "ratios": ratio_table(task_rates[t]),
@@ -254,13 +294,13 @@ def _x(v) -> str:
 
 
 def format_table(res: dict) -> str:
-    lines = ["| method | items | wall s | items/s | ÷ official | ÷ lm-eval | CPU s | items/CPU-s | ÷ official (CPU) | ÷ lm-eval (CPU) |",
+    lines = ["| method | items | wall s | CPU s | items/s | ÷ official | ÷ lm-eval | prompt tokens/s | ÷ official | ÷ lm-eval |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for c, r in res["items_per_s"].items():
-        ra, rc = res["ratios"], res["cpu_ratios"]
-        lines.append(f"| {c} | {res['items'][c]} | {res['seconds'][c]:.1f} | {r:.3g} | {_x(ra.get(f'{c}/official'))} | "
-                     f"{_x(ra.get(f'{c}/lm-eval'))} | {res['cpu_seconds'][c]:.1f} | {res['items_per_cpu_s'][c]:.3g} | "
-                     f"{_x(rc.get(f'{c}/official'))} | {_x(rc.get(f'{c}/lm-eval'))} |")
+        ra, rt = res["ratios"], res["token_ratios"]
+        lines.append(f"| {c} | {res['items'][c]} | {res['seconds'][c]:.1f} | {res['cpu_seconds'][c]:.1f} | {r:.3g} | "
+                     f"{_x(ra.get(f'{c}/official'))} | {_x(ra.get(f'{c}/lm-eval'))} | {res['prompt_tokens_per_s'][c]:.0f} | "
+                     f"{_x(rt.get(f'{c}/official'))} | {_x(rt.get(f'{c}/lm-eval'))} |")
     if len(res["per_task"]) > 1:
         cols = list(res["items_per_s"])
         lines += ["", "| task | " + " | ".join(f"{c} items/s" for c in cols) + " | ours ÷ official | ours ÷ lm-eval |",
@@ -269,9 +309,10 @@ def format_table(res: dict) -> str:
             ro = " / ".join(f"{m} {_x(d['ratios'].get(f'{m}/official'))}" for m in OURS if f"{m}/official" in d["ratios"])
             rl = " / ".join(f"{m} {_x(d['ratios'].get(f'{m}/lm-eval'))}" for m in OURS if f"{m}/lm-eval" in d["ratios"])
             lines.append(f"| {t} | " + " | ".join(f"{d['items_per_s'].get(c, float('nan')):.3g}" for c in cols) + f" | {ro} | {rl} |")
-    lines += ["", "| predictions | agree | n | rate |", "|---|---:|---:|---:|"]
+    lines += ["", "| predictions | agree | n | rate | max abs diff of the scores |", "|---|---:|---:|---:|---:|"]
     for name, a in res["agreement"].items():
-        lines.append(f"| {name} | {a['agree']} | {a['n']} | {100 * a['rate']:.1f} % |")
+        d = a.get("max_abs_diff")
+        lines.append(f"| {name} | {a['agree']} | {a['n']} | {100 * a['rate']:.1f} % | {'' if d is None else f'{d:.2g}'} |")
     return "\n".join(lines)
 
 
@@ -302,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--variant", default="enout", help="label variant (default enout, the paper's main setting)")
     g.add_argument("--n", type=int, default=24, help="items per task x language for our methods (default 24)")
     g.add_argument("--n-official", type=int, default=6, help="items per group for the (slow) official method (default 6)")
-    g.add_argument("--n-lm-eval", type=int, default=12, help="items per group for lm-eval (default 12; 0 = --n)")
+    g.add_argument("--n-lm-eval", type=int, default=8, help="items per group for lm-eval (default 8; 0 = --n)")
     g.add_argument("--items", help="item range START:END before --n (default: from the first item)")
     g.add_argument("--batch-size", type=int, default=8, help="batch size for ours and lm-eval (default 8)")
     g.add_argument("--data-dir", default=str(default_data) if default_data.exists() else None,
@@ -312,7 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--skip-lm-eval", action="store_true", help="do not run lm-evaluation-harness")
     g.add_argument("--skip-official", action="store_true", help="do not run the official method")
     g.add_argument("--methods", default=",".join(OURS), help="our scoring methods to time (default all three)")
-    g.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's)")
+    g.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads, the same for every method (default 1: on a shared, loaded 2-core machine "
+                        "2 threads ran 5-25x slower and erratically; 0 = torch's default)")
     g.add_argument("--json", help="write the full results (with per-item predictions) here")
     return p
 
@@ -327,8 +370,6 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     random.seed(0)
     torch.manual_seed(0)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
         prompts = args.prompts or ([str(SHARED / "paper_prompts.json")] if (SHARED / "paper_prompts.json").exists() else [])
         specs = load_specs(prompts)
@@ -351,6 +392,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise QtalignError('lm-evaluation-harness is not installed: pip install "lm_eval>=0.4.8" (or --skip-lm-eval)') from None
             columns.append("lm-eval")
         cfg = ModelConfig(**model_overrides(args))
+        if args.threads:
+            torch.set_num_threads(args.threads)
         t0 = time.time()
         loaded = load_model(cfg)
     except QtalignError as e:

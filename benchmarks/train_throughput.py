@@ -129,6 +129,9 @@ def child_trl(args, work: Path) -> dict:
         weight_decay=0.0, max_grad_norm=1.0, optim="adamw_torch", dataloader_num_workers=0,
     )
     trainer = SFTTrainer(model=model, args=targs, train_dataset=ds, processing_class=lm.tokenizer)
+    import torch
+
+    torch.set_flush_denormal(True)  # as qtalign's train() does: a fair baseline, not one slowed by denormal floats
     res = trainer.train()
     rss = _peak_rss_mb()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]

@@ -108,7 +108,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     if not argv and "run" in COMMANDS:
         argv = ["run"]  # `qtalign` alone runs the demo experiment
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    # positionals may follow options (`qtalign run CONFIG --data-dir D key=value`): give them to the command
+    if rest and isinstance(getattr(args, "args", None), list) and not any(r.startswith("-") for r in rest):
+        args.args += rest
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if not args.command:
         parser.print_help()
         return 2

@@ -31,6 +31,11 @@ class Item:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def comma_list(v):
+    """'a,b' -> ['a', 'b'] (lists pass through): the CLI/YAML form of list options in every config."""
+    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
 def demo_data_dir() -> Path:
     """The project's own small demo data (emotion reviews in a few languages)."""
     return Path(str(files("qtalign").joinpath("demo_data")))
@@ -54,6 +59,13 @@ class DataSource:
     @classmethod
     def demo(cls) -> "DataSource":
         return cls(data_dir=str(demo_data_dir()), files=DEMO_DATA_TEMPLATE)
+
+    @classmethod
+    def from_options(cls, data_dir: str | None, data_files: str | None, split: str = "test") -> "DataSource":
+        """The source the config options name: 'demo' (or nothing at all) is the project's demo data."""
+        if data_files == "demo" or (not data_files and not data_dir):
+            return cls.demo()
+        return cls(data_dir=data_dir, files=data_files, split=split)
 
     def describe(self) -> str:
         if self.files and self.data_dir and not self.files.startswith("hf:"):

@@ -36,7 +36,8 @@ class Encoded:
     prefix_len: int = 0  # tokens shared with the group's cached prefix
 
 
-def _lcp(a: list[int], b: list[int]) -> int:
+def lcp(a: list[int], b: list[int]) -> int:
+    """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))
     i = 0
     while i < n and a[i] == b[i]:
@@ -66,7 +67,7 @@ def encode_prompts(tokenizer, prompts: Iterable[Prompt], max_length: int | None 
         for i in idx:
             if prompts[i].prefix != prefix:
                 raise ValueError(f"group {g} has prompts with different prefixes")
-            n = min(n, _lcp(pids, out[i].ids), len(out[i].ids) - 1)
+            n = min(n, lcp(pids, out[i].ids), len(out[i].ids) - 1)
         for i in idx:
             out[i].prefix_len = n
     return out

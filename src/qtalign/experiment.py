@@ -34,12 +34,14 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
+from .data import comma_list
 from .errors import QtalignError
 from .evaluate import EvalConfig
 from .geometry import GeometryConfig
 from .lens import LensConfig
 from .models import LoadedModel, ModelConfig
 from .qtdata import QTDataConfig
+from . import train as train_mod
 from .train import TrainConfig
 
 STAGES = ("data", "train", "eval", "lens", "geometry", "report")
@@ -53,7 +55,7 @@ MANAGED = {
 }
 NOT_FINGERPRINTED = {"batch_size"}  # evaluation-type stages: results do not depend on it
 # training: what train.TrainConfig.fingerprint leaves out (does not change the result)
-TRAIN_NOT_FINGERPRINTED = {"per_device_batch_size", "eval_batch_size", "save_total_limit", "logging_steps", "loss_chunk_tokens"}
+TRAIN_NOT_FINGERPRINTED = set(train_mod.NOT_FINGERPRINTED)  # one list, owned by the training stage
 
 
 def _managed(cls, v, info):
@@ -105,8 +107,7 @@ def substitute_data_dir(d: dict) -> dict:
     return sub(d, "")
 
 
-def _split(v):
-    return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+_split = comma_list
 
 
 class ExperimentConfig(BaseModel):

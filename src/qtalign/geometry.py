@@ -34,8 +34,8 @@ import torch
 from threadpoolctl import threadpool_limits
 from pydantic import Field, field_validator
 
-from .data import load_items, parse_range
-from .engine import Engine, Prompt, _lcp, encode_prompts
+from .data import load_items, parse_range, comma_list
+from .engine import Engine, Prompt, lcp, encode_prompts
 from .errors import QtalignError
 from .lens import AnalysisConfig, load_models, seed_everything, write_summary
 from .models import LoadedModel
@@ -58,7 +58,7 @@ class GeometryConfig(AnalysisConfig):
     @field_validator("pools", mode="before")
     @classmethod
     def _split_pools(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
     for p, e in zip(prompts, enc):
         if p.group not in pids:
             pids[p.group] = tok(p.prefix, add_special_tokens=True)["input_ids"] if p.prefix else []
-        qstart[e.key] = min(_lcp(pids[p.group], e.ids), len(e.ids) - 1)
+        qstart[e.key] = min(lcp(pids[p.group], e.ids), len(e.ids) - 1)
     out: dict[str, dict] = {p: {} for p in pools}
 
     def norm(h):

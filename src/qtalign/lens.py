@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .data import DataSource, load_items, parse_range
+from .data import DataSource, load_items, parse_range, comma_list
 from .errors import QtalignError
 from .models import LoadedModel, ModelConfig, load_model
 from .scoring import ScoreRequest, Scorer
@@ -81,7 +81,7 @@ class AnalysisConfig(BaseModel):
     @field_validator("tasks", "langs", "variants", "prompts", mode="before")
     @classmethod
     def _split(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
     @field_validator("compare")
     @classmethod
@@ -91,9 +91,7 @@ class AnalysisConfig(BaseModel):
         return v
 
     def source(self) -> DataSource:
-        if self.data_files == "demo" or (not self.data_files and not self.data_dir):
-            return DataSource.demo()
-        return DataSource(data_dir=self.data_dir, files=self.data_files, split=self.split)
+        return DataSource.from_options(self.data_dir, self.data_files, self.split)
 
     def fingerprint(self) -> str:
         d = self.model_dump(exclude={"batch_size"})

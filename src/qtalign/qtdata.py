@@ -35,7 +35,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .data import DataSource, Item, load_items, parse_range, read_records
+from .data import DataSource, Item, load_items, parse_range, read_records, comma_list
 from .errors import QtalignError, data_error
 from .specs import SpecSet, TaskSpec, load_specs
 
@@ -76,12 +76,10 @@ class QTDataConfig(BaseModel):
     @field_validator("sources", "prompts", "question_files", mode="before")
     @classmethod
     def _split(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
     def source(self) -> DataSource:
-        if self.data_files == "demo" or (not self.data_files and not self.data_dir):
-            return DataSource.demo()
-        return DataSource(data_dir=self.data_dir, files=self.data_files, split=self.split)
+        return DataSource.from_options(self.data_dir, self.data_files, self.split)
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]

@@ -221,7 +221,7 @@ def bar_chart(rows: list[LangRow], title: str, path: Path) -> Path:
             cells = [getattr(r, kind) for r in rows]
             acc = np.array([c.acc(which) for c in cells])
             ci = np.array([c.ci(which) for c in cells])
-            err = np.vstack([acc - ci[:, 0], ci[:, 1] - acc]) * 100
+            err = np.clip(np.vstack([acc - ci[:, 0], ci[:, 1] - acc]) * 100, 0, None)
             off = (j - (len(series) - 1) / 2) * w
             ax.bar(x + off, acc * 100, w, yerr=err, color=colour, label=which, capsize=2, error_kw={"elinewidth": 0.8})
         ax.set_xticks(x, labels)

@@ -43,6 +43,8 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from .data import comma_list
+from .engine import lcp
 from .errors import QtalignError, data_error
 from .models import DTYPES, ModelConfig, load_model
 
@@ -90,7 +92,7 @@ class TrainConfig(BaseModel):
     @field_validator("target_modules", "data", mode="before")
     @classmethod
     def _split(cls, v):
-        return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+        return comma_list(v)
 
     def fingerprint(self, data_files: list[str]) -> str:
         """Identifies a run: settings that change the result and the content of the data files (not the
@@ -132,13 +134,6 @@ def load_pairs(paths: list[str | Path], rows_per_file: int | None = None) -> lis
     return out
 
 
-def _lcp(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
-
 
 def encode_example(tokenizer, prompt: str, response: str, cutoff_len: int = 2048) -> dict | None:
     """{'input_ids', 'labels'} for one pair (see the module docstring for the rule); None when truncation leaves
@@ -150,7 +145,7 @@ def encode_example(tokenizer, prompt: str, response: str, cutoff_len: int = 2048
     ids = list(tokenizer(prompt + response, add_special_tokens=True)["input_ids"])
     if not ids or ids[-1] != eos:
         ids.append(eos)
-    n_prompt = max(_lcp(p_ids, ids), 1)  # position 0 has no previous token: never a target
+    n_prompt = max(lcp(p_ids, ids), 1)  # position 0 has no previous token: never a target
     ids = ids[:cutoff_len]
     labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
     if all(x == -100 for x in labels):
@@ -626,7 +621,13 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
             resumed_from = json.loads((Path(ckpt) / "trainer_state.json").read_text())["global_step"]
             if main:
                 _truncate_log(log_path, resumed_from)
-        result = trainer.train(resume_from_checkpoint=ckpt)
+        # On CPU, tiny LoRA gradients and Adam moments become denormal floats, whose arithmetic is many times slower
+        # on x86: flush them to zero (the step rate otherwise falls several-fold after a few dozen steps).
+        torch.set_flush_denormal(True)
+        try:
+            result = trainer.train(resume_from_checkpoint=ckpt)
+        finally:
+            torch.set_flush_denormal(False)
         state = trainer.state
         trainer.save_model(str(out / "adapter"))  # writes on the main process only
         trainer.accelerator.wait_for_everyone()
