@@ -131,7 +131,6 @@ def test_ranges_and_exclusions_keep_items_disjoint(tmp_path):
     write_jsonl(tmp_path / "eval" / "predictions.jsonl", preds)
     assert read_exclusions(tmp_path / "ex.txt") == {61, 63, *range(70, 80)}
     assert read_exclusions(tmp_path / "eval" / "predictions.jsonl", "emotion") == {90, 91}
-    excl = {61, 63, *range(70, 80), 90, 91, 100, 119}
     for f in ("ex.txt", "eval/predictions.jsonl"):
         cfg = QTDataConfig(task="emotion", sources=["zh", "de"], items="60:120", exclude_items=[100, 119],
                            exclude_file=str(tmp_path / f))

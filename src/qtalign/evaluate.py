@@ -28,13 +28,13 @@ from .data import DataSource, load_items, parse_range, comma_list
 from .errors import QtalignError
 from .faithful import official_correct, special_case
 from .models import LoadedModel, ModelConfig, load_model
-from .scoring import METHODS, ScoreRequest, Scorer, calibrate, content_free_requests, mean_probs
+from .scoring import ScoreRequest, Scorer, calibrate, content_free_requests, mean_probs
 from .specs import SpecSet, canonical_variant, load_specs
 from .stats import mean, wilson
 
 
-class EvalConfig(BaseModel):
-    """Evaluation settings (round-trips to YAML/JSON)."""
+class TaskSelection(BaseModel):
+    """Model, tasks, languages, label variants and data: what evaluation and the analyses (lens, geometry) share."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -42,19 +42,15 @@ class EvalConfig(BaseModel):
     tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], description="task names")
     langs: list[str] = Field(default_factory=lambda: ["all"], description="language codes, 'all', 'high' or 'low'")
     variants: list[str] = Field(default_factory=lambda: ["enout"], description="label variants: enout, native, irrelevant")
-    method: Literal["first-token", "faithful", "sequence"] = Field("first-token", description="scoring rule")
-    length_norm: bool = Field(False, description="sequence method: mean instead of summed token log-prob")
     limit: int | None = Field(None, ge=1, description="first N items per language (after `items`)")
     items: str | None = Field(None, description="item range START:END (e.g. 0:250)")
-    exclude_items: list[int] = Field(default_factory=list, description="item indices never evaluated (e.g. training items)")
+    exclude_items: list[int] = Field(default_factory=list, description="item indices never used (e.g. training items)")
     data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
     data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or hf:<dataset>")
     split: str = Field("test", description="split for hf: datasets")
     prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
-    batch_size: int = Field(8, ge=1)
-    prefix_cache: bool = Field(True, description="compute each language's demo block once and reuse its KV cache")
-    calibrate: bool = Field(True, description="also report contextual calibration (content-free queries)")
-    seed: int = 0
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
+    seed: int = Field(0, description="seed for torch/numpy")
 
     @field_validator("variants")
     @classmethod
@@ -72,6 +68,15 @@ class EvalConfig(BaseModel):
     def fingerprint(self) -> str:
         d = self.model_dump(exclude={"batch_size"})  # results do not depend on the batch size
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class EvalConfig(TaskSelection):
+    """Evaluation settings (round-trips to YAML/JSON)."""
+
+    method: Literal["first-token", "faithful", "sequence"] = Field("first-token", description="scoring rule")
+    length_norm: bool = Field(False, description="sequence method: mean instead of summed token log-prob")
+    prefix_cache: bool = Field(True, description="compute each language's demo block once and reuse its KV cache")
+    calibrate: bool = Field(True, description="also report contextual calibration (content-free queries)")
 
 
 def git_hash() -> str | None:

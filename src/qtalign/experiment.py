@@ -452,7 +452,7 @@ class Experiment:
 
     # -- the plan -----------------------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
-        cfg, rd = self.cfg, self.run_dir
+        cfg = self.cfg
         seed_model = {"seed": cfg.seed, "model": cfg.model.model_dump(exclude={"device"})}
         units: list[Unit] = []
         if "data" in cfg.stages:
@@ -699,7 +699,9 @@ def run_cli(args) -> int:
     configs = [args.config] if args.config else []
     overrides = []
     for a in args.args:
-        (overrides if "=" in a and not Path(a).exists() else configs).append(a)
+        key = a.split("=", 1)[0]
+        # key=value (a dotted key never contains a path separator); anything else names a config file
+        (overrides if "=" in a and "/" not in key and not key.endswith((".yaml", ".yml", ".json")) else configs).append(a)
     cfg = load_experiment(configs or None, overrides, _cli_extra(args))
     if args.print_config:
         print(dump_config(cfg), end="")

@@ -28,7 +28,6 @@ Output folder (one per run):
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import os
@@ -38,22 +37,21 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
 
-from .data import DataSource, load_items, parse_range, comma_list
+from .data import load_items, parse_range
 from .errors import QtalignError
+from .evaluate import TaskSelection
 from .models import LoadedModel, ModelConfig, load_model
 from .scoring import ScoreRequest, Scorer
-from .specs import TaskSpec, canonical_variant, load_specs
+from .specs import TaskSpec, load_specs
 
 METRICS = ("latent", "out", "all_latent", "all_out", "overlap", "all_overlap", "entropy")
 BASE = "base"
 
 
-class AnalysisConfig(BaseModel):
+class AnalysisConfig(TaskSelection):
     """What the analysis stages (lens, geometry) share with evaluation: model(s), tasks, languages, data."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model")
     compare: dict[str, str] = Field(
@@ -61,27 +59,7 @@ class AnalysisConfig(BaseModel):
         description="label -> LoRA adapter dir: tuned models loaded on top of the base model and analysed beside it on the same items",
     )
     tasks: list[str] = Field(default_factory=lambda: ["emotion"], description="task names")
-    langs: list[str] = Field(default_factory=lambda: ["all"], description="language codes, 'all', 'high' or 'low'")
     variants: list[str] = Field(default_factory=lambda: ["native"], description="label variants (the paper's analyses use native prompts)")
-    limit: int | None = Field(None, ge=1, description="first N items per language (after `items`)")
-    items: str | None = Field(None, description="item range START:END (e.g. 0:250)")
-    exclude_items: list[int] = Field(default_factory=list, description="item indices never used (e.g. training items)")
-    data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
-    data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or hf:<dataset>")
-    split: str = Field("test", description="split for hf: datasets")
-    prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
-    batch_size: int = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
-    seed: int = Field(0, description="seed for torch/numpy")
-
-    @field_validator("variants")
-    @classmethod
-    def _variants(cls, v):
-        return [canonical_variant(x) for x in v]
-
-    @field_validator("tasks", "langs", "variants", "prompts", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
     @field_validator("compare")
     @classmethod
@@ -89,13 +67,6 @@ class AnalysisConfig(BaseModel):
         if BASE in v:
             raise ValueError(f"'{BASE}' names the base model; choose another label")
         return v
-
-    def source(self) -> DataSource:
-        return DataSource.from_options(self.data_dir, self.data_files, self.split)
-
-    def fingerprint(self) -> str:
-        d = self.model_dump(exclude={"batch_size"})
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class LensConfig(AnalysisConfig):
