@@ -37,9 +37,8 @@ from pydantic import Field, field_validator
 from .data import load_items, parse_range, comma_list
 from .engine import Engine, Prompt, lcp, encode_prompts
 from .errors import QtalignError
-from .lens import AnalysisConfig, load_models, seed_everything, write_summary
+from .lens import BASE, AnalysisConfig, load_models, prepare_analysis, write_summary
 from .models import LoadedModel
-from .specs import load_specs
 
 POOLS = ("prompt", "query", "last")
 
@@ -333,16 +332,8 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
     loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
     from tqdm.auto import tqdm
 
-    from .evaluate import plan_groups
-    from .lens import BASE
-
     t0 = time.time()
-    seed_everything(cfg.seed)
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    specs = load_specs(cfg.prompts)
-    source = cfg.source()
-    groups, skipped = plan_groups(cfg, specs, source)
+    out, specs, source, groups, skipped = prepare_analysis(cfg, out_dir)
     for t in cfg.tasks:  # configuration errors before the (slow) model loading
         for v in cfg.variants:
             langs = [lang for (tt, vv, lang) in groups if tt == t and vv == v]

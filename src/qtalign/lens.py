@@ -344,20 +344,27 @@ def _fmt(x: float) -> str:
     return "" if x is None or x != x else f"{x:.3f}"
 
 
-def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True) -> dict:
-    """Run the lens for every task x variant x language of ``cfg`` and every model (``{'base': ..., 'tuned': ...}``;
-    loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
-    from tqdm.auto import tqdm
-
+def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path):
+    """What every analysis run starts with: seeds, the output dir, the specs, the data source and the task x variant x
+    language groups that have data -> (out, specs, source, groups, skipped)."""
     from .evaluate import plan_groups
 
-    t0 = time.time()
     seed_everything(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = load_specs(cfg.prompts)
     source = cfg.source()
     groups, skipped = plan_groups(cfg, specs, source)
+    return out, specs, source, groups, skipped
+
+
+def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True) -> dict:
+    """Run the lens for every task x variant x language of ``cfg`` and every model (``{'base': ..., 'tuned': ...}``;
+    loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
+    from tqdm.auto import tqdm
+
+    t0 = time.time()
+    out, specs, source, groups, skipped = prepare_analysis(cfg, out_dir)
     models = models or load_models(cfg)
     rng, excl = parse_range(cfg.items), set(cfg.exclude_items)
     items = {}
