@@ -50,6 +50,12 @@ def model_overrides(args) -> dict:
     return d
 
 
+def with_model_overrides(d: dict, args) -> dict:
+    """The config dict `d` with the command line's model options folded into its `model` section."""
+    d["model"] = {**d.get("model", {}), **model_overrides(args)}
+    return d
+
+
 def add_task_args(p: argparse.ArgumentParser, variants: bool = True) -> None:
     g = p.add_argument_group("tasks and data")
     g.add_argument("--config", help="YAML/JSON config file; command-line options override it")

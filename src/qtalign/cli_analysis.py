@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import add_model_args, add_task_args, load_config_file, model_overrides, task_overrides
+from .cli import add_model_args, add_task_args, load_config_file, task_overrides, with_model_overrides
 from .errors import QtalignError
 
 
@@ -54,9 +54,7 @@ def analysis_config(args, cls, extra_keys: tuple[str, ...] = ()):
             d[k] = getattr(args, k)
     if getattr(args, "compare_adapter", None):
         d["compare"] = parse_compare(args.compare_adapter)
-    m = dict(d.get("model", {}))
-    m.update(model_overrides(args))
-    d["model"] = m
+    with_model_overrides(d, args)
     return cls(**d)
 
 

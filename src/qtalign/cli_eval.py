@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import add_model_args, add_task_args, load_config_file, model_overrides, task_overrides
+from .cli import add_model_args, add_task_args, load_config_file, task_overrides, with_model_overrides
 
 
 def configure_parser(p, name: str) -> None:
@@ -33,9 +33,7 @@ def eval_config(args):
     for k in ("method", "length_norm", "prefix_cache", "calibrate"):
         if getattr(args, k, None) is not None:
             d[k] = getattr(args, k)
-    m = dict(d.get("model", {}))
-    m.update(model_overrides(args))
-    d["model"] = m
+    with_model_overrides(d, args)
     return EvalConfig(**d)
 
 

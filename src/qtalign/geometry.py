@@ -37,7 +37,7 @@ from pydantic import Field, field_validator
 from .data import load_items, parse_range, comma_list
 from .engine import Engine, Prompt, lcp, encode_prompts
 from .errors import QtalignError
-from .lens import BASE, AnalysisConfig, load_models, prepare_analysis, write_summary
+from .lens import BASE, AnalysisConfig, analysis_summary, load_models, prepare_analysis, write_summary
 from .models import LoadedModel
 
 POOLS = ("prompt", "query", "last")
@@ -424,18 +424,9 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                     md.append(f"| {lang} | {' | '.join(cells)} |")
                 tables.append({"title": f"Geometry vs {cfg.reference}: {t} ({v} prompts), {pool} pooling", "markdown": "\n".join(md)})
             numbers[f"{t}/{v}/items"] = len(common)
-    summary = {
-        "stage": "geometry",
-        "fingerprint": cfg.fingerprint(),
-        "config": cfg.model_dump(),
-        "models": {n: lm.info for n, lm in models.items()},
-        "figures": figures,
-        "tables": tables,
-        "numbers": numbers,
-        "skipped": skipped,
-        "timing_s": round(time.time() - t0, 2),
-        "timing_per_model_s": {n: round(x, 2) for n, x in timing.items()},
-        "base": BASE,
-    }
+    summary = analysis_summary(
+        "geometry", cfg, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
+        timing_per_model_s={n: round(x, 2) for n, x in timing.items()}, base=BASE,
+    )
     write_summary(out, summary)
     return summary

@@ -334,6 +334,12 @@ def _plot_overview(path: Path, by_lang: dict[str, dict[str, GroupResult]], title
 # stage
 
 
+def analysis_summary(stage: str, cfg: AnalysisConfig, models: dict, t0: float, **fields) -> dict:
+    """The summary.json record every analysis stage writes (docs/architecture.md), with stage-specific `fields`."""
+    return {"stage": stage, "fingerprint": cfg.fingerprint(), "config": cfg.model_dump(),
+            "models": {n: lm.info for n, lm in models.items()}, **fields, "timing_s": round(time.time() - t0, 2)}
+
+
 def write_summary(out: Path, summary: dict) -> None:
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
@@ -456,20 +462,11 @@ def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel
             _plot_overview(out / ov, dict(list(sel.items())[: cfg.max_plot_langs]), f"logit lens: {t} ({v} prompts); orange = English gold label, blue = output-language gold label")
             figures.insert(0, {"path": ov, "caption": f"Logit lens overview, {t} ({v} prompts): English (orange) vs output-language (blue) gold-label probability per layer, every language."})
             tables.append({"title": f"Logit lens: {t} ({v} prompts)", "markdown": "\n".join(md)})
-    summary = {
-        "stage": "lens",
-        "fingerprint": cfg.fingerprint(),
-        "config": cfg.model_dump(),
-        "models": {n: lm.info for n, lm in models.items()},
-        "figures": figures,
-        "tables": tables,
-        "numbers": numbers,
-        "dropped": {f"{t}/{v}/{lang}": by[names[0]].dropped for (t, v, lang), by in results.items()},
-        "skipped": skipped,
-        "timing_s": round(time.time() - t0, 2),
-        "timing_per_model_s": timing,
-        "items_per_s": round(n_items / max(sum(timing.values()), 1e-9), 3),
-    }
+    summary = analysis_summary(
+        "lens", cfg, models, t0, figures=figures, tables=tables, numbers=numbers,
+        dropped={f"{t}/{v}/{lang}": by[names[0]].dropped for (t, v, lang), by in results.items()},
+        skipped=skipped, timing_per_model_s=timing, items_per_s=round(n_items / max(sum(timing.values()), 1e-9), 3),
+    )
     write_summary(out, summary)
     return summary
 

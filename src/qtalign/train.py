@@ -753,7 +753,7 @@ def configure_parser(p, name: str) -> None:
 
 
 def train_config(args) -> TrainConfig:
-    from .cli import load_config_file, model_overrides
+    from .cli import load_config_file, with_model_overrides
 
     d = load_config_file(getattr(args, "config", None))
     d = dict(d.get("train", d))
@@ -765,9 +765,7 @@ def train_config(args) -> TrainConfig:
         d["gradient_checkpointing"] = True
     if args.data:
         d["data"] = args.data
-    m = dict(d.get("model", {}))
-    m.update(model_overrides(args))
-    d["model"] = m
+    with_model_overrides(d, args)
     return TrainConfig(**d)
 
 
