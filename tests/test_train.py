@@ -373,3 +373,75 @@ def test_gemma_response_loss_and_one_training_step(tmp_path):
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").exists()
     after = lm16.model.state_dict()
     assert type(lm16.model).__name__.endswith("ForCausalLM") and all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# -- the chat template (the paper's LLaMA-Factory practice) and held-out validation files -----------------------
+
+CHATML = ("{% for m in messages %}{% if loop.first and m['role'] != 'system' %}<|im_start|>system\nYou are a test model."
+          "<|im_end|>\n{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+@pytest.fixture(scope="module")
+def chat_dir(tmp_path_factory, bpe_tokenizer):
+    """A tiny Qwen2 whose tokenizer carries a ChatML template with a default system line (as Qwen2.5's)."""
+    import copy
+
+    tok = copy.deepcopy(bpe_tokenizer)
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    tok.chat_template = CHATML
+    from conftest import tiny_model
+
+    d = tmp_path_factory.mktemp("tiny_qwen_chat")
+    tiny_model("qwen2", tok).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_chat_template_trains_only_the_assistant_turn(chat_dir):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    rec = _toy_records(2)[1]
+    ex = encode_example(tok, rec["input"], rec["output"], template="chat")
+    text = tok.decode(ex["input_ids"])
+    assert text == (f"<|im_start|>system\nYou are a test model.<|im_end|>\n<|im_start|>user\n{rec['input']}<|im_end|>\n"
+                    f"<|im_start|>assistant\n{rec['output']}<|im_end|>\n")
+    targets = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert [lab for lab in ex["labels"] if lab != -100] == targets
+    assert tok.decode(targets) == rec["output"] + "<|im_end|>\n"  # the response and the end of its turn, nothing else
+    n_masked = ex["labels"].index(targets[0])
+    assert tok.decode(ex["input_ids"][:n_masked]).endswith("<|im_start|>assistant\n")
+    # raw stays as it was: no template tokens
+    assert "<|im_start|>" not in tok.decode(encode_example(tok, rec["input"], rec["output"])["input_ids"])
+
+
+def test_chat_template_response_only_loss_equals_full_loss(chat_dir):
+    model = load_model(ModelConfig(name=str(chat_dir), dtype="fp32", device="cpu")).model
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(chat_dir)
+    batch = Collator(tok.pad_token_id)([encode_example(tok, r["input"], r["output"], template="chat") for r in _toy_records(3)])
+    with torch.no_grad():
+        ref = model(**batch).loss
+        remove = install_response_loss(model, chunk=5)
+        out = model(**batch, qt_response_loss=True)
+        remove()
+    torch.testing.assert_close(out.loss_sum / out.n_tokens, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_chat_training_run_records_template_and_uses_val_files(chat_dir, toy_file, tmp_path):
+    val = tmp_path / "val.jsonl"
+    val.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in _toy_records(48)[40:]), encoding="utf-8")
+    cfg = _cfg(chat_dir, template="chat", val_data=[str(val)], max_steps=2, eval_steps=2)
+    s = train(cfg, toy_file, tmp_path / "run")
+    assert s["numbers"]["template"] == "chat" and s["numbers"]["val_rows"] == 8 and s["numbers"]["train_rows"] == 48
+    assert json.loads((tmp_path / "run" / "train_config.json").read_text())["config"]["template"] == "chat"
+    assert s["fingerprint"] != _cfg(chat_dir, template="raw", val_data=[str(val)], max_steps=2).fingerprint([str(toy_file)])
+    log = read_log(tmp_path / "run" / "trainer_log.jsonl")
+    assert any("eval_loss" in r for r in log)
+
+
+def test_chat_template_without_one_is_one_clear_error(tiny_llama_dir, toy_file, tmp_path):
+    with pytest.raises(QtalignError, match=r"template 'chat'.*has no chat template"):
+        train(_cfg(tiny_llama_dir, template="chat", max_steps=1, val_size=0), toy_file, tmp_path / "run")

@@ -63,6 +63,13 @@ class TrainConfig(BaseModel):
     data: list[str] = Field(default_factory=list, description="question-translation files (.json array or .jsonl; "
                             "'input' + 'output' or 'answer' per record); the data argument of train() overrides")
     rows_per_file: int | None = Field(None, ge=1, description="use only the first N rows of each data file")
+    template: Literal["raw", "chat"] = Field("raw", description="how a record becomes a training sequence: raw = prompt + "
+                                           "response + EOS; chat = one user turn (the prompt) and one assistant turn (the "
+                                           "response) rendered with the tokenizer's own chat template and its defaults "
+                                           "(Qwen2.5's adds its default system line), as LLaMA-Factory trains the paper's models")
+    val_data: list[str] = Field(default_factory=list, description="held-out validation files (same formats as data); when "
+                                "given, no rows are split off the training data (val_size is ignored)")
+    val_rows_per_file: int | None = Field(None, ge=1, description="use only the first N rows of each val_data file")
     lora_r: int = Field(8, ge=1, description="LoRA rank")
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
@@ -89,7 +96,7 @@ class TrainConfig(BaseModel):
     loss_chunk_tokens: int = Field(128, ge=1, description="response positions projected to logits at once in the fused loss")
     seed: int = Field(0, description="seeds the LoRA init, the split, the data order and dropout")
 
-    @field_validator("target_modules", "data", mode="before")
+    @field_validator("target_modules", "data", "val_data", mode="before")
     @classmethod
     def _split(cls, v):
         return comma_list(v)
@@ -97,8 +104,9 @@ class TrainConfig(BaseModel):
     def fingerprint(self, data_files: list[str]) -> str:
         """Identifies a run: settings that change the result and the content of the data files (not the
         micro-batch or the eval batch, which do not)."""
-        d = self.model_dump(exclude={"data", *NOT_FINGERPRINTED})
+        d = self.model_dump(exclude={"data", "val_data", *NOT_FINGERPRINTED})
         d["data_sha256"] = [_file_sha(p) for p in data_files]
+        d["val_data_sha256"] = [_file_sha(p) for p in self.val_data]
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -135,22 +143,47 @@ def load_pairs(paths: list[str | Path], rows_per_file: int | None = None) -> lis
 
 
 
-def encode_example(tokenizer, prompt: str, response: str, cutoff_len: int = 2048) -> dict | None:
+def encode_example(tokenizer, prompt: str, response: str, cutoff_len: int = 2048, template: str = "raw") -> dict | None:
     """{'input_ids', 'labels'} for one pair (see the module docstring for the rule); None when truncation leaves
-    no response token."""
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise QtalignError("train: the tokenizer has no EOS token")
-    p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
-    ids = list(tokenizer(prompt + response, add_special_tokens=True)["input_ids"])
-    if not ids or ids[-1] != eos:
-        ids.append(eos)
+    no response token. ``template='chat'`` renders the pair as a user and an assistant turn with the tokenizer's chat
+    template (the text is tokenized without adding special tokens again: the template writes them)."""
+    if template == "chat":
+        p_text, full_text = chat_texts(tokenizer, prompt, response)
+        p_ids = tokenizer(p_text, add_special_tokens=False)["input_ids"]
+        ids = list(tokenizer(full_text, add_special_tokens=False)["input_ids"])  # the template ends the assistant turn
+    else:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise QtalignError("train: the tokenizer has no EOS token")
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = list(tokenizer(prompt + response, add_special_tokens=True)["input_ids"])
+        if not ids or ids[-1] != eos:
+            ids.append(eos)
     n_prompt = max(lcp(p_ids, ids), 1)  # position 0 has no previous token: never a target
     ids = ids[:cutoff_len]
     labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
     if all(x == -100 for x in labels):
         return None
     return {"input_ids": ids, "labels": labels}
+
+
+def chat_texts(tokenizer, prompt: str, response: str) -> tuple[str, str]:
+    """(the user turn with the assistant's generation prompt, the whole conversation) as the tokenizer's chat template
+    writes them, with its defaults (e.g. Qwen2.5's default system line)."""
+    user = [{"role": "user", "content": prompt}]
+    p_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full.startswith(p_text):  # templates that rewrite earlier turns would break the prompt mask
+        raise QtalignError("train: the tokenizer's chat template does not write the user turn as a prefix of the "
+                           "conversation; use template: raw")
+    return p_text, full
+
+
+def check_template(tokenizer, template: str, model_name: str) -> None:
+    """template 'chat' needs a tokenizer with a chat template (one clear error naming the model otherwise)."""
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise QtalignError(f"train: template 'chat': the tokenizer of model '{model_name}' has no chat template "
+                           "(GGUF files without tokenizer.chat_template, base models); use template: raw")
 
 
 class Collator:
@@ -547,7 +580,11 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     for f in files:
         if not Path(f).exists():
             raise QtalignError(f"{f}: data file not found")
+    for f in cfg.val_data:
+        if not Path(f).exists():
+            raise QtalignError(f"{f}: validation data file not found (val_data)")
     pairs = load_pairs(files, cfg.rows_per_file)  # data errors before anything is written or loaded
+    val_pairs = load_pairs(cfg.val_data, cfg.val_rows_per_file) if cfg.val_data else []
     cfg = cfg.model_copy(update={"data": files})
     fp = cfg.fingerprint(files)
     rank, world = _world()
@@ -574,18 +611,20 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     if isinstance(model, PeftModel):
         raise QtalignError("train: the base model already carries an unmerged adapter; set merge_adapter or drop adapter")
     device = str(next(model.parameters()).device.type)
+    check_template(tok, cfg.template, cfg.model.name)
 
-    rows, skipped = [], 0
-    for p in pairs:
-        ex = encode_example(tok, p["prompt"], p["response"], cfg.cutoff_len)
-        if ex is None:
-            skipped += 1
-        else:
-            rows.append(ex)
+    def encode(ps):
+        enc = [encode_example(tok, p["prompt"], p["response"], cfg.cutoff_len, cfg.template) for p in ps]
+        return [e for e in enc if e is not None], sum(e is None for e in enc)
+
+    rows, skipped = encode(pairs)
     if not rows:
         raise QtalignError(f"train: no row keeps a response token within cutoff_len {cfg.cutoff_len}")
-    tr_idx, va_idx = split_rows(len(rows), cfg.val_size, cfg.seed)
-    train_rows, val_rows = [rows[i] for i in tr_idx], [rows[i] for i in va_idx]
+    if cfg.val_data:
+        train_rows, (val_rows, _) = rows, encode(val_pairs)
+    else:
+        tr_idx, va_idx = split_rows(len(rows), cfg.val_size, cfg.seed)
+        train_rows, val_rows = [rows[i] for i in tr_idx], [rows[i] for i in va_idx]
 
     args = training_arguments(cfg, out, len(train_rows), len(val_rows), device)  # also sets up the process group
     ResponseTrainer, LogCallback, Bar = _trainer_classes()
@@ -641,6 +680,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     evals = [r for r in log if "eval_loss" in r]
     best = min(evals, key=lambda r: r["eval_loss"]) if evals else None
     numbers = {
+        "template": cfg.template,
         "train_rows": len(train_rows),
         "val_rows": len(val_rows),
         "skipped_rows": skipped,
@@ -715,6 +755,8 @@ def merge(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, 
 
 _TRAIN_FLAGS = {  # CLI flag -> (TrainConfig field, type, help)
     "--rows-per-file": ("rows_per_file", int, "first N rows of each data file"),
+    "--template": ("template", str, "raw | chat (the tokenizer's chat template: one user + one assistant turn) (raw)"),
+    "--val-rows-per-file": ("val_rows_per_file", int, "first N rows of each --val-data file"),
     "--lora-r": ("lora_r", int, "LoRA rank (8)"),
     "--lora-alpha": ("lora_alpha", float, "LoRA alpha (16)"),
     "--lora-dropout": ("lora_dropout", float, "LoRA dropout (0)"),
@@ -744,6 +786,7 @@ def configure_parser(p, name: str) -> None:
     g = p.add_argument_group("training")
     g.add_argument("--config", help="YAML/JSON config (keys of TrainConfig, optionally under 'train:'); flags override it")
     g.add_argument("--data", nargs="+", help="question-translation files (.json/.jsonl)")
+    g.add_argument("--val-data", nargs="+", help="held-out validation files (no rows are split off --data then)")
     for flag, (_, typ, help_) in _TRAIN_FLAGS.items():
         g.add_argument(flag, type=typ, help=help_)
     g.add_argument("--gradient-checkpointing", action="store_true", default=None, help="recompute activations in backward")
@@ -765,6 +808,8 @@ def train_config(args) -> TrainConfig:
         d["gradient_checkpointing"] = True
     if args.data:
         d["data"] = args.data
+    if args.val_data:
+        d["val_data"] = args.val_data
     with_model_overrides(d, args)
     return TrainConfig(**d)
 
