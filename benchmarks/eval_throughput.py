@@ -40,9 +40,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from qtalign.evaluate import build_requests, group_name  # noqa: E402
-from qtalign.faithful import official_candidates, official_decision  # noqa: E402
-from qtalign.scoring import Scorer, ScoreRequest  # noqa: E402
+from qtalign.eval.run import build_requests, group_name  # noqa: E402
+from qtalign.scoring.faithful import official_candidates, official_decision  # noqa: E402
+from qtalign.scoring.scorer import Scorer, ScoreRequest  # noqa: E402
 
 
 @dataclass
@@ -317,7 +317,7 @@ def format_table(res: dict) -> str:
 
 
 def load_groups(specs, source, tasks: list[str], langs: list[str], variant: str, n: int | None, items: str | None = None) -> list[Group]:
-    from qtalign.data import load_items, parse_range
+    from qtalign.tasks.items import load_items, parse_range
 
     groups = []
     for t in tasks:
@@ -362,10 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from qtalign.cli import model_overrides
-    from qtalign.data import DataSource
+    from qtalign.tasks.items import DataSource
     from qtalign.errors import QtalignError
-    from qtalign.models import ModelConfig, load_model
-    from qtalign.specs import load_specs
+    from qtalign.engine.models import ModelConfig, load_model
+    from qtalign.tasks.specs import load_specs
 
     args = build_parser().parse_args(argv)
     random.seed(0)

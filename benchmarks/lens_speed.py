@@ -1,6 +1,6 @@
 """Logit-lens speed: qtalign's lens vs the official wrapper approach, same model, same items, one run.
 
-qtalign (`qtalign.lens.lens_group`): batched prompts, each language's demo block computed once (prefix KV cache),
+qtalign (`qtalign.analysis.lens.lens_group`): batched prompts, each language's demo block computed once (prefix KV cache),
 forward hooks keep only the last position of every layer's residual stream, and only those L+1 vectors per item
 are unembedded.
 
@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtalign.data import DataSource, load_items
-from qtalign.engine import ModelParts
-from qtalign.lens import METRICS, item_sets, lens_group, lens_sets
-from qtalign.models import LoadedModel, ModelConfig, embedded_model_dir, load_model, load_tokenizer
-from qtalign.scoring import Scorer
-from qtalign.specs import load_specs
+from qtalign.tasks.items import DataSource, load_items
+from qtalign.engine.forward import ModelParts
+from qtalign.analysis.lens import METRICS, item_sets, lens_group, lens_sets
+from qtalign.engine.models import LoadedModel, ModelConfig, embedded_model_dir, load_model, load_tokenizer
+from qtalign.scoring.scorer import Scorer
+from qtalign.tasks.specs import load_specs
 
 
 class OfficialWrapper:
@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     lang0 = langs[0]
     for lang in langs:
         lens_group(lm, task, lang, a.variant, items[lang], a.batch_size, True, sc)
-    from qtalign.engine import encode_prompts
+    from qtalign.engine.forward import encode_prompts
 
     def ids_of(lang, it, forced):
         return encode_prompts(lm.tokenizer, sc._prompts([_req(task, lang, a.variant, it, forced)]))[0].ids
@@ -215,7 +215,7 @@ def main(argv=None) -> int:
 
 
 def _req(task, lang, variant, it, forced):
-    from qtalign.scoring import ScoreRequest
+    from qtalign.scoring.scorer import ScoreRequest
 
     prefix, q = task.prompt_parts(lang, variant, it.fields)
     return ScoreRequest(it.index, f"{task.name}/{variant}/{lang}", prefix, q, [], forced=forced)

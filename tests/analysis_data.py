@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qtalign.data import demo_data_dir
+from qtalign.tasks.items import demo_data_dir
 
 N_ITEMS = 10
 

@@ -20,8 +20,8 @@ needs_shared = pytest.mark.skipif(not PAPER_PROMPTS.exists(), reason=f"shared da
 
 def _corpus() -> list[str]:
     """Text covering every default spec (fields, label words, demos) and the demo data."""
-    from qtalign.data import demo_data_dir
-    from qtalign.specs import load_specs
+    from qtalign.tasks.items import demo_data_dir
+    from qtalign.tasks.specs import load_specs
 
     specs = load_specs()
     lines = []

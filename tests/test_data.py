@@ -3,9 +3,9 @@ import json
 import pytest
 
 from conftest import OFFICIAL, PAPER_PROMPTS, needs_shared
-from qtalign.data import DataSource, load_items, parse_range
+from qtalign.tasks.items import DataSource, load_items, parse_range
 from qtalign.errors import QtalignError
-from qtalign.specs import load_specs
+from qtalign.tasks.specs import load_specs
 
 
 def _write(path, recs, jsonl=False):

@@ -11,10 +11,10 @@ import pytest
 
 from conftest import ROOT, tiny_model
 
-from qtalign.data import DataSource, Item, load_items
-from qtalign.evaluate import build_requests, item_key, scored_words
-from qtalign.scoring import Scorer
-from qtalign.specs import load_specs
+from qtalign.tasks.items import DataSource, Item, load_items
+from qtalign.eval.run import build_requests, item_key, scored_words
+from qtalign.scoring.scorer import Scorer
+from qtalign.tasks.specs import load_specs
 
 
 def _bench():

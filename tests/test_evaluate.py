@@ -5,9 +5,9 @@ import sys
 
 import pytest
 
-from qtalign.evaluate import EvalConfig, evaluate
+from qtalign.eval.run import EvalConfig, evaluate
 from qtalign.errors import QtalignError
-from qtalign.models import ModelConfig, load_model
+from qtalign.engine.models import ModelConfig, load_model
 
 
 def _cfg(model_dir, **kw):
@@ -51,7 +51,7 @@ def test_resume_after_interruption_recomputes_nothing_finished(tmp_path, tiny_ll
     evaluate(_cfg(tiny_llama_dir), ref_out, loaded=tiny_loaded, progress=False)
     ref = _preds(ref_out)
 
-    import qtalign.evaluate as ev
+    import qtalign.eval.run as ev
 
     real_score = ev.Scorer.score
     seen = {"n": 0}

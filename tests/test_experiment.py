@@ -14,7 +14,7 @@ import yaml
 from conftest import OFFICIAL, needs_shared
 from qtalign.cli import main
 from qtalign.errors import QtalignError
-from qtalign.experiment import (
+from qtalign.experiment.runner import (
     Experiment,
     ExperimentConfig,
     apply_overrides,
@@ -258,12 +258,12 @@ def test_interrupted_stage_resumes(fresh, monkeypatch):
     assert res["timing"]["items_scored_this_run"] == 18 - 6  # resumed, not restarted
     assert len((tdir / "predictions.jsonl").read_text().splitlines()) == 18
     # a stage that raises is left 'running' and is resumed by the next run
-    import qtalign.lens
+    import qtalign.analysis.lens
 
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(qtalign.lens, "run_lens", boom)
+    monkeypatch.setattr(qtalign.analysis.lens, "run_lens", boom)
     with pytest.raises(KeyboardInterrupt):
         Experiment(cfg, log=lambda s: None).run(force=["lens"])
     assert _stage(out, "lens")["status"] == "running"

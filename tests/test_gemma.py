@@ -7,11 +7,11 @@ import copy
 
 import pytest
 
-from qtalign.data import DataSource, load_items
-from qtalign.models import ModelConfig, embedded_model_dir, load_model
-from qtalign.scoring import ScoreRequest, Scorer
-from qtalign.specs import load_specs
-from qtalign.tokens import candidate_sets, label_continuation, token_bytes_table
+from qtalign.tasks.items import DataSource, load_items
+from qtalign.engine.models import ModelConfig, embedded_model_dir, load_model
+from qtalign.scoring.scorer import ScoreRequest, Scorer
+from qtalign.tasks.specs import load_specs
+from qtalign.tasks.tokens import candidate_sets, label_continuation, token_bytes_table
 
 pytestmark = pytest.mark.gemma
 

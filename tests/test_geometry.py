@@ -12,14 +12,14 @@ import yaml
 
 from analysis_data import write_data
 from conftest import tiny_model
-from qtalign.data import DataSource, load_items
-from qtalign.engine import Prompt
+from qtalign.tasks.items import DataSource, load_items
+from qtalign.engine.forward import Prompt
 from qtalign.errors import QtalignError
-from qtalign.geometry import (
+from qtalign.analysis.geometry import (
     GeometryConfig, cka_matrix, joint_pca, layer_metrics, linear_cka, paired_cosine, pc1_correlations, pooled_states, run_geometry,
 )
-from qtalign.models import LoadedModel
-from qtalign.specs import load_specs
+from qtalign.engine.models import LoadedModel
+from qtalign.tasks.specs import load_specs
 
 
 def _orth(d, rng):
@@ -201,7 +201,7 @@ def test_cli_geometry(tiny_llama_dir, data, tmp_path):
 
 @pytest.mark.gemma
 def test_gemma_geometry_small(tmp_path):
-    from qtalign.models import load_model
+    from qtalign.engine.models import load_model
 
     lm = load_model()
     task = load_specs().task("emotion")

@@ -11,13 +11,13 @@ import yaml
 
 from analysis_data import write_data
 from conftest import tiny_config, tiny_model
-from qtalign.data import DataSource, load_items
-from qtalign.engine import Engine, ModelParts, Prompt, encode_prompts
+from qtalign.tasks.items import DataSource, load_items
+from qtalign.engine.forward import Engine, ModelParts, Prompt, encode_prompts
 from qtalign.errors import QtalignError
-from qtalign.lens import METRICS, LensConfig, item_sets, lens_group, lens_sets, run_lens
-from qtalign.models import LoadedModel
-from qtalign.scoring import Scorer
-from qtalign.specs import load_specs
+from qtalign.analysis.lens import METRICS, LensConfig, item_sets, lens_group, lens_sets, run_lens
+from qtalign.engine.models import LoadedModel
+from qtalign.scoring.scorer import Scorer
+from qtalign.tasks.specs import load_specs
 
 
 def _mistral(tok):
@@ -264,7 +264,7 @@ def test_cli_with_compare_adapter(tiny_llama_dir, data, tmp_path):
 @pytest.mark.gemma
 def test_gemma_lens_final_layer(tmp_path):
     """Real Gemma 3 270M, 2 zh demo items: the final-layer lens equals a plain forward's output distribution."""
-    from qtalign.models import load_model
+    from qtalign.engine.models import load_model
 
     lm = load_model()
     task = load_specs().task("emotion")

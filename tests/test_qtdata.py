@@ -8,9 +8,9 @@ from pydantic import ValidationError
 
 from conftest import OFFICIAL, PAPER_PROMPTS, needs_shared
 from qtalign.cli import main as cli_main
-from qtalign.data import demo_data_dir, read_records
+from qtalign.tasks.items import demo_data_dir, read_records
 from qtalign.errors import QtalignError
-from qtalign.qtdata import (
+from qtalign.qtdata.build import (
     QTDataConfig,
     build_question_data,
     build_records,
@@ -19,7 +19,7 @@ from qtalign.qtdata import (
     roundtrip_official,
     template_regex,
 )
-from qtalign.specs import load_specs
+from qtalign.tasks.specs import load_specs
 
 DEMO = demo_data_dir() / "emotion"
 
@@ -193,7 +193,7 @@ def test_no_label_leaks(tmp_path, monkeypatch):
     files = snli_files(tmp_path, ["de", "en"], n=2, patch={("de", 0): {"premise": "a", "hypothesis": "b", "answer": 12345}})
     assert len(build_records(QTDataConfig(task="snli", sources=["de"], data_files=files))[0]) == 2
     # a rendering that leaked the answer is refused
-    from qtalign.specs import LangSpec
+    from qtalign.tasks.specs import LangSpec
 
     orig = LangSpec.question
     monkeypatch.setattr(LangSpec, "question", lambda self, f: orig(self, f) + self.label_words["positive"] + '"')

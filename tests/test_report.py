@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from qtalign.experiment import Experiment, ExperimentConfig
-from qtalign.report import SECTIONS, compare, group_summary, read_predictions, write_report
+from qtalign.experiment.runner import Experiment, ExperimentConfig
+from qtalign.report.build import SECTIONS, compare, group_summary, read_predictions, write_report
 from qtalign.stats import mcnemar, wilson
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")

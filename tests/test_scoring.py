@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import tiny_model
-from qtalign.engine import ModelParts
+from qtalign.engine.forward import ModelParts
 from qtalign.errors import QtalignError
-from qtalign.scoring import ScoreRequest, Scorer
-from qtalign.specs import load_specs
+from qtalign.scoring.scorer import ScoreRequest, Scorer
+from qtalign.tasks.specs import load_specs
 
 
 def _requests(task_name="snli", lang="de", variant="native", n=24):

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import PAPER_PROMPTS, needs_shared
 from qtalign.errors import QtalignError
-from qtalign.specs import VARIANTS, derive_question_template, load_specs
+from qtalign.tasks.specs import VARIANTS, derive_question_template, load_specs
 
 LANGS20 = "en zh de fr es it nl ja ru sv sl pl bg no ms is hi th sw bn".split()
 

@@ -1,7 +1,7 @@
 import pytest
 
-from qtalign.specs import load_specs
-from qtalign.tokens import candidate_sets, label_continuation, prefix_tokens, token_bytes_table
+from qtalign.tasks.specs import load_specs
+from qtalign.tasks.tokens import candidate_sets, label_continuation, prefix_tokens, token_bytes_table
 
 FAMILIES = ["spm_tokenizer", "bpe_tokenizer"]
 
@@ -59,7 +59,7 @@ def test_labels_with_a_common_prefix_are_planned_as_two_steps(family, request):
     scoring appends the common prefix to the prompt and scores the remainders (the paper's Thai two-step)."""
     from conftest import tiny_model
     from qtalign.errors import QtalignError
-    from qtalign.scoring import Scorer
+    from qtalign.scoring.scorer import Scorer
 
     tok = request.getfixturevalue(family)
     words = ["qqzxa", "qqzyb"]  # no vocabulary entry covers more than the shared 'qqz'

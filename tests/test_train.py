@@ -14,11 +14,11 @@ import torch
 import yaml
 
 from conftest import ROOT
-from qtalign.data import demo_data_dir
-from qtalign.engine import ModelParts
+from qtalign.tasks.items import demo_data_dir
+from qtalign.engine.forward import ModelParts
 from qtalign.errors import QtalignError
-from qtalign.models import ModelConfig, load_model
-from qtalign.train import (
+from qtalign.engine.models import ModelConfig, load_model
+from qtalign.train.recipe import (
     Collator,
     TrainConfig,
     encode_example,
@@ -31,8 +31,8 @@ from qtalign.train import (
 
 def _toy_records(n: int = 48) -> list[dict]:
     """de/zh -> en question-translation pairs rendered from the demo emotion items (the specs' formats)."""
-    from qtalign.qtdata import render_pair
-    from qtalign.specs import load_specs
+    from qtalign.qtdata.build import render_pair
+    from qtalign.tasks.specs import load_specs
 
     specs = load_specs()
     task = specs.task("emotion")
@@ -248,8 +248,8 @@ def test_seed_decides_the_adapter_and_micro_batch_and_checkpointing_do_not(base_
 def test_merged_and_unmerged_adapter_predict_the_same(tiny_llama_dir, toy_file, tmp_path):
     """Train with a large lr so that the adapter matters, then score with the adapter unmerged and merged."""
     from qtalign.cli import main
-    from qtalign.scoring import ScoreRequest, Scorer
-    from qtalign.specs import load_specs
+    from qtalign.scoring.scorer import ScoreRequest, Scorer
+    from qtalign.tasks.specs import load_specs
 
     out = tmp_path / "run"
     train(_cfg(tiny_llama_dir, learning_rate=3e-2, max_steps=6, val_size=0), toy_file, out)

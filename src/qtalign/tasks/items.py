@@ -14,8 +14,8 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from .errors import QtalignError, data_error
-from .specs import TaskSpec
+from qtalign.errors import QtalignError, data_error
+from qtalign.tasks.specs import TaskSpec
 
 DEMO_DATA_TEMPLATE = "{task}/{lang}.jsonl"
 
@@ -38,7 +38,7 @@ def comma_list(v):
 
 def demo_data_dir() -> Path:
     """The project's own small demo data (emotion reviews in a few languages)."""
-    return Path(str(files("qtalign").joinpath("demo_data")))
+    return Path(str(files("qtalign.tasks").joinpath("demo_data")))
 
 
 @dataclass

@@ -35,9 +35,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .data import DataSource, Item, load_items, parse_range, read_records, comma_list
-from .errors import QtalignError, data_error
-from .specs import SpecSet, TaskSpec, load_specs
+from qtalign.tasks.items import DataSource, Item, load_items, parse_range, read_records, comma_list
+from qtalign.errors import QtalignError, data_error
+from qtalign.tasks.specs import SpecSet, TaskSpec, load_specs
 
 INSTRUCTION_TEMPLATE = "\nTranslate the input from {src} to {tgt}:\n"
 _INSTRUCTION_RE = re.compile(r"\nTranslate the input from (.+?) to (.+?):\n\Z")
@@ -549,7 +549,7 @@ def _parse_indices(text: str) -> list[int]:
 
 
 def qtdata_config(args) -> QTDataConfig:
-    from .cli import load_config_file, task_overrides
+    from qtalign.cli import load_config_file, task_overrides
 
     d = load_config_file(getattr(args, "config", None))
     d = dict(d.get("build_data", d))

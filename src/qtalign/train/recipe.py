@@ -43,10 +43,10 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .data import comma_list
-from .engine import lcp
-from .errors import QtalignError, data_error
-from .models import DTYPES, ModelConfig, load_model
+from qtalign.tasks.items import comma_list
+from qtalign.engine.forward import lcp
+from qtalign.errors import QtalignError, data_error
+from qtalign.engine.models import DTYPES, ModelConfig, load_model
 
 
 # TrainConfig fields that do not change the result (how the work is split up, what is kept and logged)
@@ -125,7 +125,7 @@ def _file_sha(path: str) -> str:
 def load_pairs(paths: list[str | Path], rows_per_file: int | None = None) -> list[dict]:
     """Question-translation records (read by :func:`qtdata.load_question_records`: our JSONL with input/output,
     the official *_question.json files with input/answer, alpaca JSON) -> [{'id', 'prompt', 'response'}]."""
-    from .qtdata import load_question_records
+    from qtalign.qtdata.build import load_question_records
 
     out = []
     for p in paths:
@@ -306,7 +306,7 @@ def install_response_loss(model, chunk: int = 128):
     """Let ``model(..., qt_response_loss=True)`` return a :class:`ResponseLoss` computed from the decoder body and
     the response positions only (any other call is the model's own forward). Installed on the base CausalLM, so
     it works through peft and DDP wrappers. Returns a function that removes it."""
-    from .engine import ModelParts
+    from qtalign.engine.forward import ModelParts
 
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     original = base.forward
@@ -729,7 +729,7 @@ def _table(numbers: dict) -> str:
 def merge(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, dtype: Literal["bf16", "fp32", "fp16"] = "bf16") -> Path:
     """Merge a LoRA adapter into its base model in fp32 and save the result (and the tokenizer) as a HF folder
     in `dtype`. Returns the output dir."""
-    from .models import apply_adapter
+    from qtalign.engine.models import apply_adapter
 
     out = Path(out_dir)
     if dtype not in DTYPES:
@@ -777,7 +777,7 @@ _TRAIN_FLAGS = {  # CLI flag -> (TrainConfig field, type, help)
 
 
 def configure_parser(p, name: str) -> None:
-    from .cli import add_model_args
+    from qtalign.cli import add_model_args
 
     add_model_args(p)
     if name == "merge":
@@ -796,7 +796,7 @@ def configure_parser(p, name: str) -> None:
 
 
 def train_config(args) -> TrainConfig:
-    from .cli import load_config_file, with_model_overrides
+    from qtalign.cli import load_config_file, with_model_overrides
 
     d = load_config_file(getattr(args, "config", None))
     d = dict(d.get("train", d))
@@ -816,7 +816,7 @@ def train_config(args) -> TrainConfig:
 
 def run_cli(args) -> int:
     if args.command == "merge":
-        from .cli import model_overrides
+        from qtalign.cli import model_overrides
 
         ov = model_overrides(args)
         adapter = ov.pop("adapter", None)

@@ -14,18 +14,18 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from .errors import QtalignError
+from qtalign.errors import QtalignError
 
 # command -> (module, help). Modules import their heavy dependencies lazily.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "eval": ("qtalign.cli_eval", "few-shot evaluation over tasks x languages x label variants"),
-    "labels": ("qtalign.cli_eval", "label-tokenisation report for a model"),
-    "lens": ("qtalign.cli_analysis", "language logit lens: English vs output-language label probability per layer"),
-    "geometry": ("qtalign.cli_analysis", "cross-lingual representation geometry per layer (PCA, PC1 correlation, cosine, CKA)"),
-    "build-data": ("qtalign.qtdata", "question-translation training data (the paper's alignment records)"),
-    "train": ("qtalign.train", "LoRA instruction tuning on question-translation data (resumable; accelerate launch for data parallel)"),
-    "merge": ("qtalign.train", "merge a LoRA adapter into its base model (in fp32) and save it"),
-    "run": ("qtalign.experiment", "one-command experiment: data, tuning, evaluation, analyses and report (default: the demo)"),
+    "eval": ("qtalign.cli.eval", "few-shot evaluation over tasks x languages x label variants"),
+    "labels": ("qtalign.cli.eval", "label-tokenisation report for a model"),
+    "lens": ("qtalign.cli.analysis", "language logit lens: English vs output-language label probability per layer"),
+    "geometry": ("qtalign.cli.analysis", "cross-lingual representation geometry per layer (PCA, PC1 correlation, cosine, CKA)"),
+    "build-data": ("qtalign.qtdata.build", "question-translation training data (the paper's alignment records)"),
+    "train": ("qtalign.train.recipe", "LoRA instruction tuning on question-translation data (resumable; accelerate launch for data parallel)"),
+    "merge": ("qtalign.train.recipe", "merge a LoRA adapter into its base model (in fp32) and save it"),
+    "run": ("qtalign.experiment.runner", "one-command experiment: data, tuning, evaluation, analyses and report (default: the demo)"),
 }
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import add_model_args, add_task_args, load_config_file, task_overrides, with_model_overrides
+from qtalign.cli import add_model_args, add_task_args, load_config_file, task_overrides, with_model_overrides
 
 
 def configure_parser(p, name: str) -> None:
@@ -25,7 +25,7 @@ def configure_parser(p, name: str) -> None:
 
 
 def eval_config(args):
-    from .evaluate import EvalConfig
+    from qtalign.eval.run import EvalConfig
 
     d = load_config_file(getattr(args, "config", None))
     d = d.get("eval", d)
@@ -40,10 +40,10 @@ def eval_config(args):
 def run_cli(args) -> int:
     cfg = eval_config(args)
     if args.command == "labels":
-        from .labels import label_report, write_label_report
-        from .models import load_model
-        from .scoring import Scorer
-        from .specs import load_specs
+        from qtalign.eval.labels import label_report, write_label_report
+        from qtalign.engine.models import load_model
+        from qtalign.scoring.scorer import Scorer
+        from qtalign.tasks.specs import load_specs
 
         lm = load_model(cfg.model)
         specs = load_specs(cfg.prompts)
@@ -67,7 +67,7 @@ def run_cli(args) -> int:
         Path(args.save_config).write_text(yaml.safe_dump({"eval": cfg.model_dump()}, sort_keys=False, allow_unicode=True))
         print(f"wrote {args.save_config}")
         return 0
-    from .evaluate import evaluate
+    from qtalign.eval.run import evaluate
 
     res = evaluate(cfg, args.out, overwrite=args.overwrite)
     if res:

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .cli import add_model_args, add_task_args, load_config_file, task_overrides, with_model_overrides
-from .errors import QtalignError
+from qtalign.cli import add_model_args, add_task_args, load_config_file, task_overrides, with_model_overrides
+from qtalign.errors import QtalignError
 
 
 def configure_parser(p, name: str) -> None:
@@ -62,12 +62,12 @@ def run_cli(args) -> int:
     import yaml
 
     if args.command == "lens":
-        from .lens import LensConfig, run_lens
+        from qtalign.analysis.lens import LensConfig, run_lens
 
         cfg = analysis_config(args, LensConfig, ("keep_overlap",))
         run = run_lens
     else:
-        from .geometry import GeometryConfig, run_geometry
+        from qtalign.analysis.geometry import GeometryConfig, run_geometry
 
         if args.pools:
             args.pools = [s.strip() for s in args.pools.split(",") if s.strip()]

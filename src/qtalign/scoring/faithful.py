@@ -19,8 +19,8 @@ from typing import Iterator
 
 import torch
 
-from .engine import Prompt, encode_prompts
-from .tokens import _is_byte_level
+from qtalign.engine.forward import Prompt, encode_prompts
+from qtalign.tasks.tokens import _is_byte_level
 
 
 _VOCABS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -64,7 +64,7 @@ def official_decision(mass: list[float], rng: random.Random) -> int:
 
 
 def faithful_scores(scorer, reqs, progress=None) -> Iterator:
-    from .scoring import ItemScore, normalise
+    from qtalign.scoring.scorer import ItemScore, normalise
 
     tok = scorer.tokenizer
     sets_cache: dict[str, list[int]] = {}

@@ -1,7 +1,7 @@
 """Tasks, languages, prompts and label words as data.
 
 A spec file is a JSON document in the schema of the paper's ``paper_prompts.json`` plus a few extensions
-(see ``docs/spec_format.md``). The project ships its own defaults in ``qtalign/specs/*.json``; user files are
+(see ``docs/spec_format.md``). The project ships its own defaults in ``qtalign/tasks/data/*.json``; user files are
 merged on top of them (a language entry of a task is replaced whole, task keys are updated), so a new language
 or task needs a data file and no code.
 """
@@ -16,7 +16,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterable
 
-from .errors import QtalignError, data_error
+from qtalign.errors import QtalignError, data_error
 
 DEFAULT_SPEC_FILES = ("languages.json", "emotion.json", "snli.json", "paws.json")
 VARIANTS = ("enout", "native", "irrelevant")
@@ -317,10 +317,10 @@ def build_specset(merged: dict, origin: dict[str, str], sources: list[str]) -> S
 def _load_cached(paths: tuple[str, ...], include_defaults: bool) -> SpecSet:
     docs = []
     if include_defaults:
-        base = files("qtalign").joinpath("specs")
+        base = files("qtalign.tasks").joinpath("data")
         for name in DEFAULT_SPEC_FILES:
             p = Path(str(base.joinpath(name)))
-            docs.append((f"qtalign/specs/{name}", _read_json(p)))
+            docs.append((f"qtalign/tasks/data/{name}", _read_json(p)))
     for p in paths:
         docs.append((p, _read_json(Path(p))))
     merged, origin = merge_spec_docs(docs)

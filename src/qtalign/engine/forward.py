@@ -16,7 +16,7 @@ from typing import Any, Iterable, Iterator
 import torch
 from transformers import DynamicCache
 
-from .errors import QtalignError
+from qtalign.errors import QtalignError
 
 
 @dataclass

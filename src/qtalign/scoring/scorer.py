@@ -15,9 +15,9 @@ from typing import Any, Iterable, Iterator
 import torch
 from transformers import DynamicCache
 
-from .engine import Engine, Prompt, encode_prompts
-from .errors import QtalignError
-from .tokens import CandidateSets, candidate_sets, common_prefix, label_continuation
+from qtalign.engine.forward import Engine, Prompt, encode_prompts
+from qtalign.errors import QtalignError
+from qtalign.tasks.tokens import CandidateSets, candidate_sets, common_prefix, label_continuation
 
 METHODS = ("first-token", "faithful", "sequence")
 CONTENT_FREE = ("N/A", "", "[MASK]")
@@ -124,7 +124,7 @@ class Scorer:
         elif self.method == "sequence":
             yield from self._sequence(reqs, progress)
         else:
-            from .faithful import faithful_scores
+            from qtalign.scoring.faithful import faithful_scores
 
             yield from faithful_scores(self, reqs, progress)
 

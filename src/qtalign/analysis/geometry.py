@@ -34,11 +34,11 @@ import torch
 from threadpoolctl import threadpool_limits
 from pydantic import Field, field_validator
 
-from .data import load_items, parse_range, comma_list
-from .engine import Engine, Prompt, lcp, encode_prompts
-from .errors import QtalignError
-from .lens import BASE, AnalysisConfig, analysis_summary, load_models, prepare_analysis, write_summary
-from .models import LoadedModel
+from qtalign.tasks.items import load_items, parse_range, comma_list
+from qtalign.engine.forward import Engine, Prompt, lcp, encode_prompts
+from qtalign.errors import QtalignError
+from qtalign.analysis.lens import BASE, AnalysisConfig, analysis_summary, load_models, prepare_analysis, write_summary
+from qtalign.engine.models import LoadedModel
 
 POOLS = ("prompt", "query", "last")
 

@@ -39,12 +39,12 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from .data import load_items, parse_range
-from .errors import QtalignError
-from .evaluate import TaskSelection
-from .models import LoadedModel, ModelConfig, load_model
-from .scoring import ScoreRequest, Scorer
-from .specs import TaskSpec, load_specs
+from qtalign.tasks.items import load_items, parse_range
+from qtalign.errors import QtalignError
+from qtalign.eval.run import TaskSelection
+from qtalign.engine.models import LoadedModel, ModelConfig, load_model
+from qtalign.scoring.scorer import ScoreRequest, Scorer
+from qtalign.tasks.specs import TaskSpec, load_specs
 
 METRICS = ("latent", "out", "all_latent", "all_out", "overlap", "all_overlap", "entropy")
 BASE = "base"
@@ -212,7 +212,7 @@ def lens_group(lm: LoadedModel, task: TaskSpec, lang: str, variant: str, items: 
         prefix, q = task.prompt_parts(lang, variant, it.fields)
         reqs.append(ScoreRequest(it.index, gname, prefix, q, list(sets.words_out), forced=sets.forced))
         per_item[it.index] = (it.gold, item_sets(sets, it.gold))
-    from .engine import encode_prompts
+    from qtalign.engine.forward import encode_prompts
 
     L1 = scorer.engine.parts.num_layers + 1
     res = {m: {} for m in METRICS}
@@ -353,7 +353,7 @@ def _fmt(x: float) -> str:
 def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path):
     """What every analysis run starts with: seeds, the output dir, the specs, the data source and the task x variant x
     language groups that have data -> (out, specs, source, groups, skipped)."""
-    from .evaluate import plan_groups
+    from qtalign.eval.run import plan_groups
 
     seed_everything(cfg.seed)
     out = Path(out_dir)

@@ -23,14 +23,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from . import __version__
-from .data import DataSource, load_items, parse_range, comma_list
-from .errors import QtalignError
-from .faithful import official_correct, special_case
-from .models import LoadedModel, ModelConfig, load_model
-from .scoring import ScoreRequest, Scorer, calibrate, content_free_requests, mean_probs
-from .specs import SpecSet, canonical_variant, load_specs
-from .stats import mean, wilson
+from qtalign import __version__
+from qtalign.tasks.items import DataSource, load_items, parse_range, comma_list
+from qtalign.errors import QtalignError
+from qtalign.scoring.faithful import official_correct, special_case
+from qtalign.engine.models import LoadedModel, ModelConfig, load_model
+from qtalign.scoring.scorer import ScoreRequest, Scorer, calibrate, content_free_requests, mean_probs
+from qtalign.tasks.specs import SpecSet, canonical_variant, load_specs
+from qtalign.stats import mean, wilson
 
 
 class TaskSelection(BaseModel):
@@ -173,7 +173,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | None = None
              progress: bool = True) -> dict:
     from tqdm.auto import tqdm
 
-    from .parallel import distributed_state
+    from qtalign.engine.parallel import distributed_state
 
     state = distributed_state()
     out = Path(out)
@@ -272,7 +272,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | None = None
     for p in out.glob("predictions.rank*.jsonl"):
         p.unlink()
     metrics = compute_metrics(recs, specs)
-    from .labels import label_report, write_label_report
+    from qtalign.eval.labels import label_report, write_label_report
 
     write_label_report(label_report(scorer, specs, cfg.tasks, sorted({g[2] for g in groups}, key=specs.order.index), cfg.variants), out)
     results = {

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import yaml
 
-from .stats import mcnemar, paired_counts, wilson
+from qtalign.stats import mcnemar, paired_counts, wilson
 
 STAGE_ORDER = ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")
 SECTIONS = ("Configuration", "Train/eval overlap check", "Accuracy: base vs tuned", "Summaries", "Per-language accuracy",
@@ -299,7 +299,7 @@ def _eval_rows(run_dir: Path, exp: dict) -> tuple[list[LangRow], dict | None, di
     tuned_res = read_json(run_dir / "eval" / "tuned" / "results.json")
     if base_res is None:
         return [], None, tuned_res
-    from .specs import load_specs
+    from qtalign.tasks.specs import load_specs
 
     specs = load_specs(base_res.get("config", {}).get("prompts") or None)
     groups = {c: specs.languages[c].resource_group for c in specs.languages}
@@ -321,7 +321,7 @@ def _by_task(rows: list[LangRow]) -> dict[tuple[str, str], list[LangRow]]:
 def non_default(cfg: dict) -> dict:
     """The experiment config without the values that equal the defaults (falls back to all of it)."""
     try:
-        from .experiment import ExperimentConfig
+        from qtalign.experiment.runner import ExperimentConfig
 
         return ExperimentConfig.model_validate(cfg).model_dump(mode="json", exclude_defaults=True)
     except Exception:  # noqa: BLE001 - a config from another version: show it whole

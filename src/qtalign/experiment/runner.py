@@ -34,15 +34,15 @@ from typing import Any, Callable, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
-from .data import comma_list
-from .errors import QtalignError
-from .evaluate import EvalConfig
-from .geometry import GeometryConfig
-from .lens import LensConfig
-from .models import LoadedModel, ModelConfig
-from .qtdata import QTDataConfig
-from . import train as train_mod
-from .train import TrainConfig
+from qtalign.tasks.items import comma_list
+from qtalign.errors import QtalignError
+from qtalign.eval.run import EvalConfig
+from qtalign.analysis.geometry import GeometryConfig
+from qtalign.analysis.lens import LensConfig
+from qtalign.engine.models import LoadedModel, ModelConfig
+from qtalign.qtdata.build import QTDataConfig
+import qtalign.train.recipe as train_mod
+from qtalign.train.recipe import TrainConfig
 
 STAGES = ("data", "train", "eval", "lens", "geometry", "report")
 StageName = Literal["data", "train", "eval", "lens", "geometry", "report"]
@@ -193,7 +193,7 @@ def deep_merge(base: dict, over: dict) -> dict:
 def read_config_tree(path: Path, _seen: tuple = ()) -> dict:
     """A config file with its `extends:` chain merged: `extends` names one config or a list (merged left to right);
     the extending file's keys win, mappings merge key by key, lists and scalars are replaced."""
-    from .cli import load_config_file
+    from qtalign.cli import load_config_file
 
     d = load_config_file(str(path))
     parents = d.pop("extends", None)
@@ -257,7 +257,7 @@ def load_experiment(configs: str | list[str] | None = None, overrides: list[str]
     try:
         return ExperimentConfig.model_validate(d)
     except ValidationError as e:
-        from .cli import validation_message
+        from qtalign.cli import validation_message
 
         raise QtalignError(validation_message(e, where)) from None
 
@@ -282,9 +282,9 @@ def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
     Raises QtalignError when any are shared; returns the record of the check (shown in the report) otherwise.
     Rows from ready question files are built from their own files (e.g. the SNLI train set) and are recorded as such.
     """
-    from .data import load_items, parse_range
-    from .qtdata import build_records
-    from .specs import load_specs
+    from qtalign.tasks.items import load_items, parse_range
+    from qtalign.qtdata.build import build_records
+    from qtalign.tasks.specs import load_specs
 
     records, _ = build_records(data_cfg)
     item_keys: set = set()
@@ -440,7 +440,7 @@ class Experiment:
     def model(self, which: str) -> LoadedModel:
         """base = the configured model; tuned = the same + the trained LoRA adapter (unmerged). Loaded once per run."""
         if which not in self._models:
-            from .models import load_model
+            from qtalign.engine.models import load_model
 
             t0 = time.time()
             self._models[which] = load_model(self.model_cfg(which))
@@ -489,17 +489,17 @@ class Experiment:
 
     # -- stage runners ------------------------------------------------------------------------------------------
     def _data(self, dc):
-        from .qtdata import build_question_data
+        from qtalign.qtdata.build import build_question_data
 
         return build_question_data(dc, self.run_dir / "data")
 
     def _train(self, tc):
-        from .train import train
+        from qtalign.train.recipe import train
 
         return train(tc, self.run_dir / "data" / "train.jsonl", self.run_dir / "train")
 
     def _evaluate(self, ec, which: str):
-        from .evaluate import evaluate
+        from qtalign.eval.run import evaluate
 
         out = self.run_dir / "eval" / which
         prev = _read_json(out / "run.json")
@@ -510,17 +510,17 @@ class Experiment:
         return evaluate(ec, out, loaded=self.model(which))
 
     def _lens(self, lc):
-        from .lens import run_lens
+        from qtalign.analysis.lens import run_lens
 
         return run_lens(lc, self.run_dir / "lens", self.models())
 
     def _geometry(self, gc):
-        from .geometry import run_geometry
+        from qtalign.analysis.geometry import run_geometry
 
         return run_geometry(gc, self.run_dir / "geometry", self.models())
 
     def _report(self):
-        from .report import write_report
+        from qtalign.report.build import write_report
 
         return write_report(self.run_dir)
 
@@ -559,13 +559,13 @@ class Experiment:
             self.overlap = check_overlap(self.stage_config("data"), self.stage_config("eval"))  # before anything runs
             seen = self.overlap["seen_langs"]
         elif "data" in cfg.stages:
-            from .qtdata import build_records
+            from qtalign.qtdata.build import build_records
 
             records, _ = build_records(self.stage_config("data"))
             seen = sorted({r[k] for r in records for k in ("src", "tgt") if r[k]})
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        from .evaluate import environment
+        from qtalign.eval.run import environment
 
         env = environment()
         env.update(hardware())
@@ -632,7 +632,7 @@ def run_experiment(cfg: ExperimentConfig, stages: list[str] | None = None, force
 
 
 def configure_parser(p, name: str) -> None:
-    from .cli import add_model_args, add_task_args
+    from qtalign.cli import add_model_args, add_task_args
 
     p.add_argument("args", nargs="*", metavar="CONFIG | key=value",
                    help="config files or bundled names (default: demo; see --list; several are merged left to right, "
@@ -651,7 +651,7 @@ def configure_parser(p, name: str) -> None:
 
 def _cli_extra(args) -> dict:
     """CLI options as dotted config keys: model options → model.*, task options → eval.*, --data-dir/--prompts → top level."""
-    from .cli import model_overrides, task_overrides
+    from qtalign.cli import model_overrides, task_overrides
 
     extra = {f"model.{k}": v for k, v in model_overrides(args).items()}
     t = task_overrides(args)

@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .specs import SpecSet
-from .tokens import candidate_sets, describe_tokens
+from qtalign.tasks.specs import SpecSet
+from qtalign.tasks.tokens import candidate_sets, describe_tokens
 
 
 def label_report(scorer, specs: SpecSet, tasks: list[str], langs: list[str], variants: list[str]) -> list[dict]:
