@@ -10,12 +10,29 @@ from pathlib import Path
 import pytest
 import torch
 
+# the shared result store of the whole test session: a temporary folder, never the user's store
+os.environ["QTALIGN_STORE"] = str(Path(__import__("tempfile").mkdtemp(prefix="qtalign-test-store-")))
+
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("QTALIGN_SHARED_DATA", ROOT.parent / "shared" / "data"))
 OFFICIAL = SHARED / "official"
 PAPER_PROMPTS = SHARED / "paper_prompts.json"
 
 needs_shared = pytest.mark.skipif(not PAPER_PROMPTS.exists(), reason=f"shared data not found at {SHARED} (set QTALIGN_SHARED_DATA)")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Real-model tests are slow: `-m "not slow"` runs the fast suite."""
+    for item in items:
+        if item.get_closest_marker("gemma") or item.get_closest_marker("qwen"):
+            item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def _private_store(tmp_path, monkeypatch):
+    """Each test gets its own empty result store (runs and tests never see each other's stored results)."""
+    monkeypatch.setenv("QTALIGN_STORE", str(tmp_path / "qtalign-store"))
+    monkeypatch.setenv("QTALIGN_PROGRESS", "0")
 
 
 def _corpus() -> list[str]:

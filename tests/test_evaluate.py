@@ -66,14 +66,14 @@ def test_resume_after_interruption_recomputes_nothing_finished(tmp_path, tiny_ll
 
     monkeypatch.setattr(ev.Scorer, "score", dying_score)
     out = tmp_path / "run"
-    with pytest.raises(KeyboardInterrupt):
-        evaluate(_cfg(tiny_llama_dir), out, loaded=tiny_loaded, progress=False)
+    with pytest.raises(KeyboardInterrupt):  # no store: the run dir alone must resume
+        evaluate(_cfg(tiny_llama_dir, store=False), out, loaded=tiny_loaded, progress=False)
     assert not (out / "results.json").exists()  # nothing half-done looks finished
     partial = _preds(out)
     assert 0 < len(partial) < len(ref)
     monkeypatch.setattr(ev.Scorer, "score", real_score)
     # resume with another batch size: allowed, results do not depend on it
-    res = evaluate(_cfg(tiny_llama_dir, batch_size=3), out, loaded=tiny_loaded, progress=False)
+    res = evaluate(_cfg(tiny_llama_dir, batch_size=3, store=False), out, loaded=tiny_loaded, progress=False)
     assert res["timing"]["items_scored_this_run"] == len(ref) - len(partial)
     got = _preds(out)
     assert [r["key"] for r in got] == [r["key"] for r in ref]
@@ -132,3 +132,80 @@ def test_two_processes_give_the_same_results(tmp_path, tiny_llama_dir):
         assert x["pred"] == y["pred"] and max(abs(x["scores"][c] - y["scores"][c]) for c in x["scores"]) < 1e-5
     res = json.loads((tmp_path / "two" / "results.json").read_text())
     assert res["processes"] == 2
+
+
+# -- the shared result store and fingerprints that cover data and model -----------------------------------------
+
+
+def _copy_demo(dst):
+    import shutil
+
+    from qtalign.tasks.items import demo_data_dir
+
+    shutil.copytree(demo_data_dir(), dst)
+    return dst
+
+
+def _no_model():
+    raise AssertionError("every record should have come from the store: the model must not be loaded")
+
+
+def test_store_serves_later_runs_without_loading_the_model(tmp_path, tiny_llama_dir, tiny_loaded):
+    ref = evaluate(_cfg(tiny_llama_dir), tmp_path / "a", loaded=tiny_loaded, progress=False)
+    n = sum(m["n"] for t in ref["metrics"].values() for v in t.values() for m in v["langs"].values())
+    assert ref["timing"]["items_from_store"] == 0 and ref["timing"]["items_scored_this_run"] == n
+    res = evaluate(_cfg(tiny_llama_dir, batch_size=2), tmp_path / "b", loaded=_no_model, progress=False)
+    assert res["timing"]["items_from_store"] == n and res["timing"]["items_scored_this_run"] == 0
+    assert _preds(tmp_path / "b") == _preds(tmp_path / "a")
+    assert json.dumps(res["metrics"]) == json.dumps(ref["metrics"])  # (NaN averages compare as text)
+    assert res["model"]["loaded"] is False and res["model"]["identity"] == ref["model"]["identity"]
+    # a subset of the same items is served from the same store entries
+    sub = evaluate(_cfg(tiny_llama_dir, limit=5, langs=["zh"]), tmp_path / "c", loaded=_no_model, progress=False)
+    assert sub["timing"]["items_from_store"] == 10
+    assert _preds(tmp_path / "c") == [r for r in _preds(tmp_path / "a") if r["lang"] == "zh" and r["index"] < 5]
+
+
+def test_store_is_not_used_when_data_model_or_numerics_change(tmp_path, tiny_llama_dir, tiny_loaded, monkeypatch):
+    data = _copy_demo(tmp_path / "data")
+    cfg = _cfg(tiny_llama_dir, data_files=None, data_dir=str(data / "emotion"), variants=["enout"], langs=["en", "zh"])
+    cfg = cfg.model_copy(update={"data_files": "{lang}.jsonl"})
+    evaluate(cfg, tmp_path / "a", loaded=tiny_loaded, progress=False)
+    # same file names, one zh review changed: zh is recomputed, en still comes from the store
+    p = data / "emotion" / "zh.jsonl"
+    lines = p.read_text(encoding="utf-8").splitlines()
+    rec = json.loads(lines[0])
+    rec["input"] = rec["input"] + "！"
+    p.write_text("\n".join([json.dumps(rec, ensure_ascii=False), *lines[1:]]) + "\n", encoding="utf-8")
+    res = evaluate(cfg, tmp_path / "b", loaded=tiny_loaded, progress=False)
+    assert res["timing"]["items_from_store"] == 12 and res["timing"]["items_scored_this_run"] == 12
+    # another model (an fp32 vs bf16 load is another identity), another engine numerics version: nothing reused
+    res = evaluate(cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bf16"})}), tmp_path / "c",
+                   loaded=None, progress=False)
+    assert res["timing"]["items_from_store"] == 0
+    import qtalign.eval.run as ev
+
+    monkeypatch.setattr(ev, "NUMERICS_VERSION", "test-next")
+    res = evaluate(cfg, tmp_path / "d", loaded=tiny_loaded, progress=False)
+    assert res["timing"]["items_from_store"] == 0 and res["covers"]["numerics"] == "test-next"
+
+
+def test_changed_gold_in_the_same_out_is_refused_then_recomputed(tmp_path, tiny_llama_dir, tiny_loaded):
+    """Before fingerprints covered the data, this rerun exited 0 showing the old gold and predictions."""
+    data = _copy_demo(tmp_path / "data")
+    cfg = _cfg(tiny_llama_dir, data_files=str(data / "{task}" / "{lang}.jsonl"), langs=["en"], variants=["enout"], limit=6)
+    out = tmp_path / "run"
+    evaluate(cfg, out, loaded=tiny_loaded, progress=False)
+    before = _preds(out)
+    p = data / "emotion" / "en.jsonl"
+    recs = [json.loads(x) for x in p.read_text(encoding="utf-8").splitlines()]
+    flip = {"positive": "negative", "negative": "positive"}
+    for r in recs:
+        r["answer"] = flip[r["answer"]]
+    p.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in recs), encoding="utf-8")
+    with pytest.raises(QtalignError, match="different config, data or model"):
+        evaluate(cfg, out, loaded=tiny_loaded, progress=False)
+    assert _preds(out) == before  # refused: nothing touched
+    evaluate(cfg, out, loaded=tiny_loaded, overwrite=True, progress=False)
+    after = _preds(out)
+    assert [a["gold"] for a in after] == [flip[b["gold"]] for b in before]
+    assert [a["pred"] for a in after] == [b["pred"] for b in before]  # the prompts did not change, only the gold

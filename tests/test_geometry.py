@@ -17,6 +17,7 @@ from qtalign.engine.forward import Prompt
 from qtalign.errors import QtalignError
 from qtalign.analysis.geometry import (
     GeometryConfig, cka_matrix, joint_pca, layer_metrics, linear_cka, paired_cosine, pc1_correlations, pooled_states, run_geometry,
+    retrieval_accuracy, retrieval_metrics,
 )
 from qtalign.engine.models import LoadedModel
 from qtalign.tasks.specs import load_specs
@@ -28,6 +29,48 @@ def _orth(d, rng):
 
 
 # -------------------------------------------------------------------------------------------- synthetic metrics
+
+
+def _retrieval_brute_force(q, k, clusters=None):
+    hits = 0
+    for i in range(len(q)):
+        sims = [float(np.dot(q[i], k[j]) / (np.linalg.norm(q[i]) * np.linalg.norm(k[j]))) for j in range(len(k))]
+        j = max(range(len(k)), key=lambda j: (sims[j], -j))
+        hits += (j == i) if clusters is None else (clusters[j] == clusters[i])
+    return hits / len(q)
+
+
+def test_retrieval_accuracy_known_answers_and_brute_force():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 16))
+    assert retrieval_accuracy(x, 5.0 * x + 1e-3 * rng.normal(size=x.shape)) == 1.0  # scale-free: cosine
+    perm = np.roll(np.arange(40), 1)
+    assert retrieval_accuracy(x, x[perm]) == 0.0  # every nearest neighbour is another item
+    half = x.copy()
+    half[20:] = x[perm][20:]  # items 20..39 of the keys belong to other items
+    assert retrieval_accuracy(x, half) == pytest.approx(_retrieval_brute_force(x, half))
+    assert 0.45 <= retrieval_accuracy(x, half) <= 0.55
+    noisy = x + 1.5 * rng.normal(size=x.shape)
+    assert retrieval_accuracy(x, noisy) == pytest.approx(_retrieval_brute_force(x, noisy))
+    # clusters (SNLI triples sharing a premise): the nearest item of the same cluster is a hit
+    clusters = np.repeat(np.arange(10), 4)
+    within = np.array([(i // 4) * 4 + (i + 1) % 4 for i in range(40)])  # a different item of the same cluster
+    assert retrieval_accuracy(x, x[within]) == 0.0 and retrieval_accuracy(x, x[within], clusters) == 1.0
+    assert retrieval_accuracy(x, noisy, clusters) == pytest.approx(_retrieval_brute_force(x, noisy, clusters))
+
+
+def test_retrieval_metrics_both_directions_and_centring():
+    rng = np.random.default_rng(1)
+    en = rng.normal(size=(30, 8))
+    shifted = en * rng.uniform(0.5, 2.0, size=(1, 8)) + 3.0  # the same items, rescaled and shifted per dimension
+    other = rng.normal(size=(30, 8))
+    m = retrieval_metrics([en, shifted, other], ref=0)
+    assert m["retrieval_to"][0] == 1.0 and m["retrieval_from"][0] == 1.0  # the reference against itself
+    assert m["retrieval_to_centred"][1] > m["retrieval_to"][1]  # the language's offset hurt raw cosine
+    assert m["retrieval_to"][1] == pytest.approx(_retrieval_brute_force(en, shifted))
+    assert m["retrieval_to_centred"][1] == pytest.approx(_retrieval_brute_force(en - en.mean(0), shifted - shifted.mean(0)))
+    assert m["retrieval_to"][2] == pytest.approx(_retrieval_brute_force(en, other))
+    assert m["retrieval_from"][2] == pytest.approx(_retrieval_brute_force(other, en))
 
 
 def test_linear_cka_known_values():

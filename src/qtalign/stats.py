@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import math
 
-from scipy.stats import binomtest
-
 
 def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
     """Wilson score interval for a binomial proportion (95 % by default)."""
@@ -21,6 +19,8 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
 
 def mcnemar(b: int, c: int) -> float:
     """Exact (binomial) McNemar p-value from the discordant counts: b = right only in A, c = right only in B."""
+    from scipy.stats import binomtest
+
     if b + c == 0:
         return 1.0
     return float(binomtest(b, b + c, 0.5).pvalue)
@@ -35,3 +35,79 @@ def paired_counts(a: list[bool], b: list[bool]) -> tuple[int, int]:
 def mean(xs) -> float:
     xs = [x for x in xs if x is not None and not (isinstance(x, float) and math.isnan(x))]
     return sum(xs) / len(xs) if xs else float("nan")
+
+
+def auc(scores: list[float], labels: list[bool]) -> float:
+    """Area under the ROC curve of ``scores`` for the positives in ``labels``: the probability that a random
+    positive scores above a random negative, ties counting one half (Mann-Whitney U with average ranks). NaN when a
+    class is absent."""
+    pos = sum(1 for y in labels if y)
+    neg = len(labels) - pos
+    if pos == 0 or neg == 0:
+        return float("nan")
+    order = sorted(range(len(scores)), key=lambda i: scores[i])
+    ranks = [0.0] * len(scores)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
+            j += 1
+        r = (i + j) / 2 + 1  # average rank of a run of ties
+        for k in range(i, j + 1):
+            ranks[order[k]] = r
+        i = j + 1
+    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
+    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+
+
+def class_auc(probs: list[list[float]], gold: list[int], n_classes: int) -> float:
+    """Class-prior-free accuracy of per-class scores: binary AUC of class 0's score for two classes, the macro
+    average of one-vs-rest AUCs for more (classes absent from ``gold`` left out)."""
+    if n_classes == 2:
+        return auc([p[0] for p in probs], [g == 0 for g in gold])
+    per = [auc([p[c] for p in probs], [g == c for g in gold]) for c in range(n_classes)]
+    per = [x for x in per if not math.isnan(x)]
+    return sum(per) / len(per) if per else float("nan")
+
+
+def paired_bootstrap(stat, base: list, tuned: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+                     clusters: list | None = None) -> tuple[float, float, float]:
+    """(observed stat(tuned) - stat(base), lo, hi): a percentile interval of the change, resampling items (or, with
+    ``clusters``, whole clusters of items, e.g. an SNLI premise's triple) with replacement, the same draws for base
+    and tuned (the items are paired)."""
+    import numpy as np
+
+    n = len(base)
+    if n == 0 or len(tuned) != n:
+        return float("nan"), float("nan"), float("nan")
+    obs = stat(tuned) - stat(base)
+    rng = np.random.default_rng(seed)
+    if clusters is None:
+        groups = [[i] for i in range(n)]
+    else:
+        by: dict = {}
+        for i, c in enumerate(clusters):
+            by.setdefault(c, []).append(i)
+        groups = list(by.values())
+    diffs = []
+    for _ in range(n_boot):
+        pick = rng.integers(0, len(groups), len(groups))
+        idx = [i for g in pick for i in groups[g]]
+        d = stat([tuned[i] for i in idx]) - stat([base[i] for i in idx])
+        if not math.isnan(d):
+            diffs.append(d)
+    if not diffs:
+        return obs, float("nan"), float("nan")
+    lo, hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
+    return obs, float(lo), float(hi)
+
+
+def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
+    """(Spearman rank correlation, two-sided p) over the pairs where both are finite; NaN with fewer than 3."""
+    from scipy.stats import spearmanr
+
+    pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
+    if len(pairs) < 3:
+        return float("nan"), float("nan")
+    r = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
+    return float(r.statistic), float(r.pvalue)

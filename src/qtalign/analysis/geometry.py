@@ -34,7 +34,7 @@ import torch
 from threadpoolctl import threadpool_limits
 from pydantic import Field, field_validator
 
-from qtalign.tasks.items import load_items, parse_range, comma_list
+from qtalign.tasks.items import comma_list, load_items
 from qtalign.engine.forward import Engine, Prompt, lcp, encode_prompts
 from qtalign.errors import QtalignError
 from qtalign.analysis.lens import BASE, AnalysisConfig, analysis_summary, load_models, prepare_analysis, write_summary
@@ -141,10 +141,44 @@ def pc1_correlations(blocks: list[np.ndarray], coords: np.ndarray | None = None)
     return out
 
 
-def layer_metrics(blocks: list[np.ndarray], ref: int) -> dict[str, np.ndarray]:
+def retrieval_accuracy(query: np.ndarray, keys: np.ndarray, clusters: np.ndarray | None = None) -> float:
+    """Cross-lingual retrieval over parallel items: the share of rows i of ``query`` whose nearest row of ``keys`` by
+    cosine similarity is item i itself, or (with ``clusters``) any item of i's cluster. Ties go to the lowest index."""
+    q = np.asarray(query, dtype=np.float64)
+    k = np.asarray(keys, dtype=np.float64)
+    q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-300)
+    k = k / np.maximum(np.linalg.norm(k, axis=1, keepdims=True), 1e-300)
+    nearest = (q @ k.T).argmax(1)
+    c = np.arange(len(q)) if clusters is None else np.asarray(clusters)
+    return float(np.mean(c[nearest] == c))
+
+
+def retrieval_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Per language: retrieval accuracy from the reference language into it ('to') and from it into the reference
+    ('from'), on the raw vectors and with each language's mean removed ('_centred')."""
+    out = {}
+    for centred in (False, True):
+        bs = [b - b.mean(0, keepdims=True) for b in blocks] if centred else list(blocks)
+        sfx = "_centred" if centred else ""
+        out[f"retrieval_to{sfx}"] = np.array([retrieval_accuracy(bs[ref], b, clusters) for b in bs])
+        out[f"retrieval_from{sfx}"] = np.array([retrieval_accuracy(b, bs[ref], clusters) for b in bs])
+    return out
+
+
+def item_clusters(task, items: list) -> np.ndarray | None:
+    """Cluster ids of parallel items (from the reference language's items), by the task's ``cluster_field`` (SNLI:
+    the premise a triple shares); None when the task declares none (every item is its own cluster)."""
+    if not task.cluster_field:
+        return None
+    vals = [it.fields.get(task.cluster_field) for it in items]
+    ids = {v: k for k, v in enumerate(dict.fromkeys(vals))}
+    return np.array([ids[v] for v in vals])
+
+
+def layer_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """All metrics of one layer: blocks[i] = (n_items, d) vectors of language i, rows parallel."""
     with threadpool_limits(1):  # tiny matrices: BLAS threads only spin (10-50x slower on a busy CPU)
-        return _layer_metrics(blocks, ref)
+        return {**_layer_metrics(blocks, ref), **retrieval_metrics(blocks, ref, clusters)}
 
 
 def _layer_metrics(blocks: list[np.ndarray], ref: int) -> dict[str, np.ndarray]:
@@ -229,7 +263,8 @@ def _plot_layers(path: Path, res: dict, langs: list[str], ref: str, title: str) 
     ri = langs.index(ref)
     cols = names + [f"{n} − {names[0]}" for n in names[1:]]
     rows = [("cos", f"cosine to {ref}"), ("cos_centred", f"cosine to {ref} (centred)"), ("pc1corr", f"PC1 corr. with {ref}"),
-            ("cka", f"CKA with {ref}")]
+            ("cka", f"CKA with {ref}"), ("retrieval_from", f"retrieval → {ref}"), ("retrieval_to", f"retrieval {ref} →")]
+    rows = [r for r in rows if r[0] in res[names[0]]]
     fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.4 * len(cols) + 0.6, 0.22 * len(langs) * len(rows) + 1.8),
                              squeeze=False, sharex=True, sharey=True)
     for i, (metric, label) in enumerate(rows):
@@ -239,7 +274,7 @@ def _plot_layers(path: Path, res: dict, langs: list[str], ref: str, title: str) 
             mats[n] = (a[:, :, ri] if a.ndim == 3 else a).T  # (n_lang, L+1)
         finite = [float(np.nanmin(m)) for m in mats.values() if np.isfinite(m).any()]
         # correlations on [-1, 1], CKA on [0, 1]; cosines (raw ones sit near 1) on [their minimum, 1]
-        lo = {"pc1corr": -1.0, "cka": 0.0}.get(metric, min(finite + [1.0]) - 1e-3)
+        lo = {"pc1corr": -1.0, "cka": 0.0, "retrieval_from": 0.0, "retrieval_to": 0.0}.get(metric, min(finite + [1.0]) - 1e-3)
         diffs = {c: mats[c.split(" − ")[0]] - mats[names[0]] for c in cols[len(names):]}
         v = max([1e-6] + [float(np.nanmax(np.abs(d))) for d in diffs.values() if np.isfinite(d).any()])
         for j, c in enumerate(cols):
@@ -323,6 +358,19 @@ def _plot_pca(path: Path, res: dict, langs: list[str], n_items: int, layers: lis
 # stage
 
 
+def retrieval_record(res: dict, names: list[str], pools: list[str], langs: list[str], ref: str, n_items: int,
+                     clusters) -> dict:
+    """summary.json's per-layer retrieval accuracies: {"reference", "n_items", "clusters", model: {pool: {metric:
+    {lang: [per layer]}}}} (the report correlates them with accuracy changes)."""
+    out: dict = {"reference": ref, "n_items": n_items, "n_clusters": int(len(set(clusters))) if clusters is not None else n_items}
+    for n in names:
+        for pool in pools:
+            d = res[f"{n}/{pool}"]
+            out.setdefault(n, {})[pool] = {m: {lang: [round(float(x), 4) for x in d[m][:, li]] for li, lang in enumerate(langs)}
+                                           for m in d if m.startswith("retrieval")}
+    return out
+
+
 def default_layers(n_layers: int, k: int = 5) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_layers, k)})
 
@@ -344,8 +392,7 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                 raise QtalignError(f"geometry {t}/{v}: needs at least two languages with data, got {langs}")
     models = models or load_models(cfg)
     names = list(models)
-    rng, excl = parse_range(cfg.items), set(cfg.exclude_items)
-    figures, tables, numbers = [], [], {}
+    figures, tables, numbers, retrieval = [], [], {}, {}
     timing: dict[str, float] = {n: 0.0 for n in names}
     for t in cfg.tasks:
         task = specs.task(t)
@@ -353,7 +400,8 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
             langs = [lang for (tt, vv, lang) in groups if tt == t and vv == v]
             if not langs:
                 continue
-            per_lang = {lang: {it.index: it for it in load_items(task, lang, source, rng, exclude=excl)} for lang in langs}
+            per_lang = {lang: {it.index: it for it in load_items(task, lang, source, cfg.item_range(t), exclude=set(cfg.exclude_items))}
+                        for lang in langs}
             common = sorted(set.intersection(*(set(d) for d in per_lang.values())))
             if cfg.limit:
                 common = common[: cfg.limit]
@@ -364,6 +412,7 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                 for i in common:
                     prefix, q = task.prompt_parts(lang, v, per_lang[lang][i].fields)
                     prompts.append(Prompt((lang, i), f"{t}/{v}/{lang}", prefix, prefix + q))
+            clusters = item_clusters(task, [per_lang[cfg.reference][i] for i in common])
             res: dict[str, dict] = {}
             vectors: dict[str, dict] = {}
             bar = tqdm(total=len(names) * len(cfg.pools), desc=f"geometry {t}/{v}", unit="model×pool", disable=not progress or None)
@@ -373,7 +422,7 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                 for pool in cfg.pools:
                     arr = np.stack([np.stack([states[pool][(lang, i)] for i in common]) for lang in langs])  # (n_lang, n, L+1, d)
                     arr = arr.transpose(2, 0, 1, 3)  # (L+1, n_lang, n, d)
-                    per_layer = [layer_metrics(list(arr[layer]), langs.index(cfg.reference)) for layer in range(arr.shape[0])]
+                    per_layer = [layer_metrics(list(arr[layer]), langs.index(cfg.reference), clusters) for layer in range(arr.shape[0])]
                     res[f"{name}/{pool}"] = {k: np.stack([m[k] for m in per_layer]) for k in per_layer[0]}
                     if cfg.save_vectors:
                         vectors[f"{name}/{pool}/vectors"] = arr.astype(np.float16)
@@ -424,9 +473,10 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                     md.append(f"| {lang} | {' | '.join(cells)} |")
                 tables.append({"title": f"Geometry vs {cfg.reference}: {t} ({v} prompts), {pool} pooling", "markdown": "\n".join(md)})
             numbers[f"{t}/{v}/items"] = len(common)
+            retrieval[f"{t}/{v}"] = retrieval_record(res, names, cfg.pools, langs, cfg.reference, len(common), clusters)
     summary = analysis_summary(
         "geometry", cfg, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
-        timing_per_model_s={n: round(x, 2) for n, x in timing.items()}, base=BASE,
+        timing_per_model_s={n: round(x, 2) for n, x in timing.items()}, base=BASE, retrieval=retrieval,
     )
     write_summary(out, summary)
     return summary

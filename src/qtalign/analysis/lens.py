@@ -39,9 +39,8 @@ import numpy as np
 import torch
 from pydantic import Field, field_validator
 
-from qtalign.tasks.items import load_items, parse_range
 from qtalign.errors import QtalignError
-from qtalign.eval.run import TaskSelection
+from qtalign.eval.config import TaskSelection
 from qtalign.engine.models import LoadedModel, ModelConfig, load_model
 from qtalign.scoring.scorer import ScoreRequest, Scorer
 from qtalign.tasks.specs import TaskSpec, load_specs
@@ -84,14 +83,6 @@ def load_models(cfg: AnalysisConfig) -> dict[str, LoadedModel]:
     for name, adapter in cfg.compare.items():
         models[name] = load_model(cfg.model.model_copy(update={"adapter": adapter}))
     return models
-
-
-def seed_everything(seed: int) -> None:
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -336,7 +327,9 @@ def _plot_overview(path: Path, by_lang: dict[str, dict[str, GroupResult]], title
 
 def analysis_summary(stage: str, cfg: AnalysisConfig, models: dict, t0: float, **fields) -> dict:
     """The summary.json record every analysis stage writes (docs/architecture.md), with stage-specific `fields`."""
-    return {"stage": stage, "fingerprint": cfg.fingerprint(), "config": cfg.model_dump(),
+    from qtalign.io import fingerprint
+
+    return {"stage": stage, "fingerprint": fingerprint(cfg.result_config()), "config": cfg.model_dump(mode="json"),
             "models": {n: lm.info for n, lm in models.items()}, **fields, "timing_s": round(time.time() - t0, 2)}
 
 
@@ -353,14 +346,14 @@ def _fmt(x: float) -> str:
 def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path):
     """What every analysis run starts with: seeds, the output dir, the specs, the data source and the task x variant x
     language groups that have data -> (out, specs, source, groups, skipped)."""
-    from qtalign.eval.run import plan_groups
+    from qtalign.environment import seed_everything
 
     seed_everything(cfg.seed)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     specs = load_specs(cfg.prompts)
     source = cfg.source()
-    groups, skipped = plan_groups(cfg, specs, source)
+    groups, skipped = cfg.plan(specs)
     return out, specs, source, groups, skipped
 
 
@@ -372,12 +365,10 @@ def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel
     t0 = time.time()
     out, specs, source, groups, skipped = prepare_analysis(cfg, out_dir)
     models = models or load_models(cfg)
-    rng, excl = parse_range(cfg.items), set(cfg.exclude_items)
     items = {}
     for t, _, lang in groups:
         if (t, lang) not in items:
-            its = load_items(specs.task(t), lang, source, rng, exclude=excl)
-            items[(t, lang)] = its[: cfg.limit] if cfg.limit else its
+            items[(t, lang)] = cfg.select(specs.task(t), lang, source)
     results: dict[tuple[str, str, str], dict[str, GroupResult]] = {g: {} for g in groups}
     timing: dict[str, float] = {}
     n_items = 0

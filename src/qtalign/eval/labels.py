@@ -3,15 +3,27 @@ the classes' first-token candidate sets collide, and how much they overlap with 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from qtalign.errors import QtalignError
+
+from qtalign.io import write_json, write_text
+from qtalign.scoring.scorer import plan_words
 from qtalign.tasks.specs import SpecSet
 from qtalign.tasks.tokens import candidate_sets, describe_tokens
 
 
-def label_report(scorer, specs: SpecSet, tasks: list[str], langs: list[str], variants: list[str]) -> list[dict]:
-    tok = scorer.tokenizer
+def label_report(tok, specs: SpecSet, tasks: list[str], langs: list[str], variants: list[str]) -> list[dict]:
+    """One row per task x variant x language: how the tokenizer ``tok`` writes each label word and what evaluation's
+    first-token rule makes of it."""
+    cache: dict = {}
+
+    def cands(words):
+        key = tuple(words)
+        if key not in cache:
+            cache[key] = candidate_sets(tok, list(words))
+        return cache[key]
+
     rows = []
     for t in tasks:
         task = specs.task(t)
@@ -23,9 +35,9 @@ def label_report(scorer, specs: SpecSet, tasks: list[str], langs: list[str], var
                 words = task.label_words(lang, v)
                 cs = candidate_sets(tok, words)
                 try:
-                    forced, scored = scorer.plan(words)
+                    forced, scored = plan_words(cands, words)
                     problem = None
-                except Exception as e:  # noqa: BLE001 - reported, not raised
+                except QtalignError as e:  # reported, not raised
                     forced, scored, problem = "", words, str(e)
                 final = candidate_sets(tok, scored) if forced else cs
                 en_all = set().union(*map(set, en.sets))
@@ -44,7 +56,7 @@ def label_report(scorer, specs: SpecSet, tasks: list[str], langs: list[str], var
 
 
 def write_label_report(rows: list[dict], out: Path) -> None:
-    (out / "labels.json").write_text(json.dumps(rows, ensure_ascii=False, indent=1), encoding="utf-8")
+    write_json(out / "labels.json", rows)
     md = ["| task | variant | lang | labels (tokens) | candidates | collisions | forced prefix | overlap with English sets |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -54,4 +66,4 @@ def write_label_report(rows: list[dict], out: Path) -> None:
         coll = " ".join(repr(x) for x in r["collision_tokens"][:6]) or "–"
         md.append(f"| {r['task']} | {r['variant']} | {r['lang']} | {lab} | {cand} | {coll} | {r['forced_prefix'] or '–'} | {ov}"
                   + (f" ⚠ {r['problem']}" if r["problem"] else "") + " |")
-    (out / "labels.md").write_text("\n".join(md) + "\n", encoding="utf-8")
+    write_text(out / "labels.md", "\n".join(md) + "\n")

@@ -1,152 +1,45 @@
-"""Few-shot evaluation: tasks x languages x label variants, per-item records, resumable, data-parallel.
+"""Few-shot evaluation: tasks x languages x label variants, per-item records, resumable, data-parallel, and reused
+from the shared result store (eval/store.py) when the same model, data, prompts and numerics were scored before.
 
 Output dir layout:
-    run.json            config, fingerprint, versions (written first)
+    .qtalign.json       ownership marker (io.OutputDir): what qtalign wrote here
+    run.json            config, fingerprint and what it covers (written before scoring)
     predictions.jsonl   one record per item (appended as batches finish: an interrupted run resumes from it)
     results.json        metrics, timings, environment (written last: its presence means the run finished)
-    table.md/.csv       per-language accuracy with Wilson CIs, calibrated accuracy, group averages
+    table.md/.csv       per-language accuracy with Wilson CIs, calibrated accuracy, AUC, group averages
     labels.md/.json     label-tokenisation report
+
+Every input (options, data files, model config) is read and checked before a model is loaded or a file is written.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import json
-import os
-import platform
-import subprocess
 import time
-from collections import Counter, defaultdict
 from pathlib import Path
-from typing import Literal
+from typing import Callable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
-
-from qtalign import __version__
-from qtalign.tasks.items import DataSource, load_items, parse_range, comma_list
+from qtalign.engine.forward import NUMERICS_VERSION
+from qtalign.engine.models import LoadedModel, check_model, load_model, load_tokenizer, model_identity, resolve_source
 from qtalign.errors import QtalignError
+from qtalign.eval.config import EvalConfig
+from qtalign.eval.metrics import compute_metrics, write_tables
+from qtalign.eval.store import Store, group_fingerprint
+from qtalign.io import OutputDir, fingerprint, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
 from qtalign.scoring.faithful import official_correct, special_case
-from qtalign.engine.models import LoadedModel, ModelConfig, load_model
-from qtalign.scoring.scorer import ScoreRequest, Scorer, calibrate, content_free_requests, mean_probs
-from qtalign.tasks.specs import SpecSet, canonical_variant, load_specs
-from qtalign.stats import mean, wilson
+from qtalign.scoring.scorer import ScoreRequest, Scorer, argmax, calibrate, content_free_requests, mean_probs
+from qtalign.tasks.groups import Group
+from qtalign.tasks.items import data_hashes
+from qtalign.tasks.specs import SpecSet, load_specs
 
-
-class TaskSelection(BaseModel):
-    """Model, tasks, languages, label variants and data: what evaluation and the analyses (lens, geometry) share."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], description="task names")
-    langs: list[str] = Field(default_factory=lambda: ["all"], description="language codes, 'all', 'high' or 'low'")
-    variants: list[str] = Field(default_factory=lambda: ["enout"], description="label variants: enout, native, irrelevant")
-    limit: int | None = Field(None, ge=1, description="first N items per language (after `items`)")
-    items: str | None = Field(None, description="item range START:END (e.g. 0:250)")
-    exclude_items: list[int] = Field(default_factory=list, description="item indices never used (e.g. training items)")
-    data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
-    data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or hf:<dataset>")
-    split: str = Field("test", description="split for hf: datasets")
-    prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
-    batch_size: int = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
-    seed: int = Field(0, description="seed for torch/numpy")
-
-    @field_validator("variants")
-    @classmethod
-    def _variants(cls, v):
-        return [canonical_variant(x) for x in v]
-
-    @field_validator("tasks", "langs", "variants", "prompts", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
-
-    def source(self) -> DataSource:
-        return DataSource.from_options(self.data_dir, self.data_files, self.split)
-
-    def fingerprint(self) -> str:
-        d = self.model_dump(exclude={"batch_size"})  # results do not depend on the batch size
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
-
-
-class EvalConfig(TaskSelection):
-    """Evaluation settings (round-trips to YAML/JSON)."""
-
-    method: Literal["first-token", "faithful", "sequence"] = Field("first-token", description="scoring rule")
-    length_norm: bool = Field(False, description="sequence method: mean instead of summed token log-prob")
-    prefix_cache: bool = Field(True, description="compute each language's demo block once and reuse its KV cache")
-    calibrate: bool = Field(True, description="also report contextual calibration (content-free queries)")
-
-
-def git_hash() -> str | None:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=Path(__file__).parent).stdout.strip() or None
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def environment() -> dict:
-    import torch
-    import transformers
-
-    import peft
-
-    return {
-        "qtalign": __version__,
-        "git": git_hash(),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "platform": platform.platform(),
-        "processor": platform.processor() or platform.machine(),
-        "cpus": os.cpu_count(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
-
-
-def plan_groups(cfg: EvalConfig, specs: SpecSet, source: DataSource) -> tuple[list[tuple[str, str, str]], list[dict]]:
-    groups, skipped = [], []
-    explicit = cfg.langs not in (["all"], ["high"], ["low"])
-    for t in cfg.tasks:
-        task = specs.task(t)
-        for lang in specs.resolve_langs(cfg.langs, t):
-            if not source.exists(task, lang):
-                if explicit:
-                    raise QtalignError(f"{source.path(task, lang)}: no data for task '{t}' language '{lang}'")
-                skipped.append({"task": t, "lang": lang, "reason": "no data file"})
-                continue
-            for v in cfg.variants:
-                task.label_words(lang, v)  # validates the variant for this task
-                groups.append((t, v, lang))
-    if not groups:
-        raise QtalignError(f"nothing to evaluate: no data found under {source.describe()} for tasks {cfg.tasks}")
-    return groups, skipped
-
-
-def _read_done(paths: list[Path]) -> dict[str, dict]:
-    done = {}
-    for p in paths:
-        if not p.exists():
-            continue
-        with open(p, encoding="utf-8") as f:
-            for line in f:
-                try:
-                    r = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line cut by a kill: recomputed
-                done[r["key"]] = r
-    return done
+OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table.csv", "labels.md", "labels.json")
 
 
 def item_key(task: str, variant: str, lang: str, index: int) -> str:
-    return f"{task}/{variant}/{lang}/{index}"
+    return Group(task, variant, lang).key(index)
 
 
 def group_name(task: str, variant: str, lang: str) -> str:
-    return f"{task}/{variant}/{lang}"
+    return Group(task, variant, lang).name
 
 
 def scored_words(task, lang: str, variant: str, method: str) -> tuple[str, list[str]]:
@@ -161,195 +54,249 @@ def build_requests(task, lang: str, variant: str, items: list, method: str) -> l
     """The score requests of one task x language x variant, one per item, in item order (what `evaluate` scores;
     also used by benchmarks/eval_throughput.py)."""
     forced, scored = scored_words(task, lang, variant, method)
-    gname = group_name(task.name, variant, lang)
+    g = Group(task.name, variant, lang)
     reqs = []
     for it in items:
         prefix, q = task.prompt_parts(lang, variant, it.fields)
-        reqs.append(ScoreRequest(item_key(task.name, variant, lang, it.index), gname, prefix, q, list(scored), forced=forced))
+        reqs.append(ScoreRequest(g.key(it.index), g.name, prefix, q, list(scored), forced=forced))
     return reqs
 
 
-def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | None = None, overwrite: bool = False,
-             progress: bool = True) -> dict:
-    from tqdm.auto import tqdm
+# ------------------------------------------------------------------------------------------------------------------
+# planning: items, fingerprints, what is already done
 
-    from qtalign.engine.parallel import distributed_state
 
-    state = distributed_state()
-    out = Path(out)
-    specs = load_specs(cfg.prompts)
-    source = cfg.source()
-    groups, skipped = plan_groups(cfg, specs, source)
-    fp = cfg.fingerprint()
-    run_json, results_json = out / "run.json", out / "results.json"
-    if state.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if run_json.exists() and not overwrite:
-            prev = json.loads(run_json.read_text())
-            if prev.get("fingerprint") != fp:
-                raise QtalignError(f"{out}: holds a run with a different config (fingerprint {prev.get('fingerprint')} != {fp}); use another --out or --overwrite")
-            if results_json.exists():
-                return json.loads(results_json.read_text())
-        if overwrite:
-            for name in ("predictions.jsonl", "results.json", "table.md", "table.csv"):
-                (out / name).unlink(missing_ok=True)
-            for p in out.glob("predictions.rank*.jsonl"):
-                p.unlink()
-        run_json.write_text(json.dumps({"fingerprint": fp, "config": cfg.model_dump(), "started": time.time()}, indent=1))
-    state.wait_for_everyone()
+class Plan:
+    """Everything an evaluation reads and decides before it loads a model: groups, items, data hashes, the run's
+    fingerprint and the store fingerprint of each group."""
 
-    t_load = time.time()
-    loaded = loaded or load_model(cfg.model)
-    t_load = time.time() - t_load
-    scorer = Scorer(loaded.model, loaded.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm)
-    rank, world = state.process_index, state.num_processes
-    shard = out / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
-    done = _read_done([out / "predictions.jsonl", *out.glob("predictions.rank*.jsonl")])
-    rng_items = parse_range(cfg.items)
-    excl = set(cfg.exclude_items)
+    def __init__(self, cfg: EvalConfig, model_id: dict):
+        self.cfg = cfg
+        self.specs: SpecSet = load_specs(cfg.prompts)
+        source = cfg.source()
+        self.groups, self.skipped = cfg.plan(self.specs)
+        self.items: dict[Group, list] = {}
+        self.data: dict[str, dict] = {}
+        for g in self.groups:
+            task = self.specs.task(g.task)
+            tl = f"{g.task}/{g.lang}"
+            if tl not in self.data:
+                self.data[tl] = data_hashes(task, g.lang, source)
+            self.items[g] = cfg.select(task, g.lang, source)
+        self.model_id = model_id
+        self.fingerprint = fingerprint(cfg.result_config(), data=self.data, model=model_id, numerics=NUMERICS_VERSION)
+        scoring = {"method": cfg.method, "calibrate": cfg.calibrate}
+        if cfg.method == "sequence":
+            scoring["length_norm"] = cfg.length_norm
+        if cfg.method == "faithful":
+            scoring["seed"] = cfg.seed
+        self.group_fp = {g: group_fingerprint(g, self.specs.task(g.task), scoring, self.data[f"{g.task}/{g.lang}"],
+                                              model_id, NUMERICS_VERSION) for g in self.groups}
 
-    todo: list[tuple[tuple[str, str, str], list]] = []
-    for g in groups:
-        task = specs.task(g[0])
-        items = load_items(task, g[2], source, rng_items, exclude=excl)
-        if cfg.limit:
-            items = items[: cfg.limit]
-        mine = [it for k, it in enumerate(items) if k % world == rank]
-        todo.append((g, [it for it in mine if item_key(*g, it.index) not in done]))
-    total = sum(len(x) for _, x in todo)
-    timings: dict[str, float] = {}
-    bar = tqdm(total=total, desc=f"eval[{rank}]" if world > 1 else "eval", unit="item", disable=not progress or None, dynamic_ncols=True)
-    if shard.exists():  # a kill can leave a cut last line: drop it, so that appended records start on a new line
-        tail = shard.read_bytes()
-        if tail and not tail.endswith(b"\n"):
-            shard.write_bytes(tail[: tail.rfind(b"\n") + 1])
+    def keys(self) -> set[str]:
+        return {g.key(it.index) for g, its in self.items.items() for it in its}
+
+    def resource(self) -> dict[str, str]:
+        return {c: lang.resource_group for c, lang in self.specs.languages.items()}
+
+    def covers(self) -> dict:
+        """What the fingerprint covers, as recorded in run.json and results.json."""
+        return {"config": self.cfg.result_config(), "data_sha256": self.data, "model": self.model_id,
+                "numerics": NUMERICS_VERSION}
+
+
+def _claim(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
+    """Own the output dir for this fingerprint (refusing a folder of someone else's files, or another evaluation
+    without --overwrite). Returns the finished results when they are already there."""
+    out.check()
+    prev = read_json(out.path / "run.json")
+    same = prev is not None and prev.get("fingerprint") == plan.fingerprint
+    if prev is not None and not same and not overwrite:
+        raise QtalignError(f"{out.path}: holds an evaluation with a different config, data or model (fingerprint "
+                           f"{prev.get('fingerprint')} != {plan.fingerprint}); use another --out or --overwrite")
+    if same and not overwrite:
+        res = read_json(out.path / "results.json")
+        if res is not None and res.get("fingerprint") == plan.fingerprint:
+            return res
+    out.claim(adopt=OUR_FILES)
+    if overwrite or not same:  # another evaluation's files: only what qtalign wrote is removed
+        out.remove(*[n for n in OUR_FILES if out.is_ours(n)],
+                   *[p.name for p in out.path.glob("predictions.rank*.jsonl") if out.is_ours(p.name)])
+    out.record(*OUR_FILES)
+    write_json(out.path / "run.json", {"fingerprint": plan.fingerprint, "covers": plan.covers(),
+                                       "config": plan.cfg.model_dump(mode="json"), "started": time.time()})
+    return None
+
+
+def _done(out: Path, plan: Plan, store: Store | None) -> tuple[dict[str, dict], int]:
+    """Records already computed for this plan: in the run dir (a resumed run), then in the shared store."""
+    want = plan.keys()
+    done = {r["key"]: r for p in [out / "predictions.jsonl", *sorted(out.glob("predictions.rank*.jsonl"))]
+            for r in read_jsonl(p) if r.get("key") in want}
+    n_store = 0
+    if store is not None:
+        for g, its in plan.items.items():
+            stored = store.records(plan.group_fp[g])
+            for it in its:
+                k = g.key(it.index)
+                if k not in done and it.index in stored and stored[it.index].get("key") == k:
+                    done[k] = stored[it.index]
+                    n_store += 1
+    return done, n_store
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# scoring
+
+
+def _record(task, g: Group, it, s, cf, method: str) -> dict:
+    rec = {
+        "key": g.key(it.index), "task": g.task, "variant": g.variant, "lang": g.lang, "index": it.index, "id": it.id,
+        "gold": task.classes[it.gold], "pred": task.classes[s.pred], "correct": s.pred == it.gold,
+        "scores": dict(zip(task.classes, [round(x, 6) for x in s.probs])),
+        ("logprobs" if method == "sequence" else "mass"): dict(zip(task.classes, [float(f"{x:.6g}") for x in s.raw])),
+    }
+    if cf is not None:
+        cal = calibrate(s.probs, cf)
+        cp = argmax(cal)
+        rec.update(cal_scores=dict(zip(task.classes, [round(x, 6) for x in cal])), cal_pred=task.classes[cp],
+                   cal_correct=cp == it.gold)
+    if method == "faithful":
+        rec["official_correct"] = official_correct(task, g.lang, g.variant, s.pred, it.gold_word)
+    rec.update(s.extra)
+    return rec
+
+
+def _score_groups(scorer: Scorer, plan: Plan, todo: dict[Group, list], shard: Path, progress) -> dict[str, float]:
+    """Score the items still to do, group by group, appending each batch's records to ``shard``."""
+    cfg, timings = plan.cfg, {}
+    repair_jsonl_tail(shard)
+    import json
+
     with open(shard, "a", encoding="utf-8") as f:
-        for (t, v, lang), items in todo:
+        for g, items in todo.items():
             if not items:
                 continue
             t0 = time.time()
-            task = specs.task(t)
-            gname = group_name(t, v, lang)
-            forced, scored = scored_words(task, lang, v, cfg.method)
+            task = plan.specs.task(g.task)
+            forced, scored = scored_words(task, g.lang, g.variant, cfg.method)
             cf = None
             if cfg.calibrate:
-                cf = mean_probs(list(scorer.score(content_free_requests(task, lang, v, gname, scored, forced))))
-            reqs = build_requests(task, lang, v, items, cfg.method)
+                cf = mean_probs(list(scorer.score(content_free_requests(task, g.lang, g.variant, g.name, scored, forced))))
+            reqs = build_requests(task, g.lang, g.variant, items, cfg.method)
             by_key = {r.key: it for r, it in zip(reqs, items)}
-            for s in scorer.score(reqs, progress=None):
-                it = by_key[s.key]
-                rec = {
-                    "key": s.key, "task": t, "variant": v, "lang": lang, "index": it.index, "id": it.id,
-                    "gold": task.classes[it.gold], "pred": task.classes[s.pred], "correct": s.pred == it.gold,
-                    "scores": dict(zip(task.classes, [round(x, 6) for x in s.probs])),
-                    ("logprobs" if cfg.method == "sequence" else "mass"): dict(zip(task.classes, [float(f"{x:.6g}") for x in s.raw])),
-                }
-                if cf is not None:
-                    cal = calibrate(s.probs, cf)
-                    cp = max(range(len(cal)), key=lambda i: (cal[i], -i))
-                    rec.update(cal_scores=dict(zip(task.classes, [round(x, 6) for x in cal])), cal_pred=task.classes[cp], cal_correct=cp == it.gold)
-                if cfg.method == "faithful":
-                    rec["official_correct"] = official_correct(task, lang, v, s.pred, it.gold_word)
-                if s.extra:
-                    rec.update(s.extra)
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                bar.update(1)
+            for s in scorer.score(reqs):
+                f.write(json.dumps(_record(task, g, by_key[s.key], s, cf, cfg.method), ensure_ascii=False) + "\n")
+                progress.advance(1)
             f.flush()
-            timings[gname] = round(time.time() - t0, 3)
-    bar.close()
+            timings[g.name] = round(time.time() - t0, 3)
+    return timings
+
+
+def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[], LoadedModel] | None = None,
+             overwrite: bool = False, progress: bool = True) -> dict:
+    """Evaluate ``cfg`` into ``out``; returns the results dict (also results.json). ``loaded``: a loaded model, or a
+    function returning one (called only when some item is not already in the run dir or the store)."""
+    from qtalign.engine.parallel import distributed_state
+    from qtalign.environment import environment, seed_everything
+    from qtalign.progress import Progress
+
+    if isinstance(loaded, LoadedModel):
+        model_id = loaded.info.get("identity") or model_identity(cfg.model)
+    else:
+        check_model(cfg.model)
+        model_id = model_identity(cfg.model)
+    plan = Plan(cfg, model_id)  # all data read and checked here, before any model or output
+    state = distributed_state()
+    out_dir = OutputDir(out, "eval")
+    if state.is_main_process:
+        finished = _claim(out_dir, plan, overwrite)
+        if finished is not None:
+            return finished
+    state.wait_for_everyone()
+    seed_everything(cfg.seed)
+    store = Store() if cfg.store else None
+    done, n_store = _done(out_dir.path, plan, store)
+    rank, world = state.process_index, state.num_processes
+    todo = {g: [it for k, it in enumerate(its) if k % world == rank and g.key(it.index) not in done]
+            for g, its in plan.items.items()}
+    total = sum(len(x) for x in todo.values())
+
+    t_load = time.time()
+    lm = None
+    if total:
+        lm = loaded if isinstance(loaded, LoadedModel) else (loaded() if callable(loaded) else load_model(cfg.model))
+    t_load = time.time() - t_load
+    shard = out_dir.path / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
+    if world > 1 and state.is_main_process:
+        out_dir.record(*[f"predictions.rank{r}.jsonl" for r in range(world)])
+    timings = {}
+    if lm is not None:
+        scorer = Scorer(lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
+        with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
+            timings = _score_groups(scorer, plan, todo, shard, bar)
     state.wait_for_everyone()
     if not state.is_main_process:
         return {}
-    records = _read_done([out / "predictions.jsonl", *sorted(out.glob("predictions.rank*.jsonl"))])
-    order = {g: i for i, g in enumerate(groups)}
-    recs = sorted((r for r in records.values() if (r["task"], r["variant"], r["lang"]) in order),
-                  key=lambda r: (order[(r["task"], r["variant"], r["lang"])], r["index"]))
-    tmp = out / "predictions.jsonl.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        for r in recs:
-            f.write(json.dumps(r, ensure_ascii=False) + "\n")
-    os.replace(tmp, out / "predictions.jsonl")
-    for p in out.glob("predictions.rank*.jsonl"):
-        p.unlink()
-    metrics = compute_metrics(recs, specs)
-    from qtalign.eval.labels import label_report, write_label_report
+    return _finish(plan, out_dir, store, lm, done, n_store, total, timings, t_load, world, environment())
 
-    write_label_report(label_report(scorer, specs, cfg.tasks, sorted({g[2] for g in groups}, key=specs.order.index), cfg.variants), out)
+
+def _finish(plan: Plan, out_dir: OutputDir, store, lm, done: dict, n_store: int, total: int, timings: dict,
+            t_load: float, world: int, env: dict) -> dict:
+    """Merge the records, write predictions (in group and item order), the label report, the tables, the store's new
+    records and results.json (last)."""
+    out = out_dir.path
+    records, want = dict(done), plan.keys()
+    for p in [out / "predictions.jsonl", *sorted(out.glob("predictions.rank*.jsonl"))]:
+        records.update({r["key"]: r for r in read_jsonl(p) if r.get("key") in want})
+    recs = [records[g.key(it.index)] for g, its in plan.items.items() for it in its if g.key(it.index) in records]
+    missing = len(plan.keys()) - len(recs)
+    if missing:
+        raise QtalignError(f"{out}: {missing} items have no record after scoring (a process failed?); rerun to resume")
+    write_jsonl(out / "predictions.jsonl", recs)
+    out_dir.remove(*[p.name for p in out.glob("predictions.rank*.jsonl") if out_dir.is_ours(p.name)])
+    if store is not None:
+        for g, its in plan.items.items():
+            store.add(plan.group_fp[g], [records[g.key(it.index)] for it in its],
+                      {"group": g.name, "covers": {**plan.covers(), "data_sha256": plan.data[f"{g.task}/{g.lang}"]}})
+    specs = plan.specs
+    classes = {t: specs.task(t).classes for t in plan.cfg.tasks}
+    metrics = compute_metrics(recs, classes, plan.resource(), specs.order)
+    _write_labels(plan, lm, out)
     results = {
-        "config": cfg.model_dump(),
-        "fingerprint": fp,
-        "model": loaded.info,
-        "environment": environment(),
-        "seed": cfg.seed,
+        "config": plan.cfg.model_dump(mode="json"),
+        "fingerprint": plan.fingerprint,
+        "covers": plan.covers(),
+        "model": lm.info if lm is not None else _model_info(plan.cfg.model, plan.model_id),
+        "environment": env,
+        "seed": plan.cfg.seed,
         "processes": world,
-        "skipped": skipped,
+        "skipped": plan.skipped,
+        "languages": {c: {"name": specs.language(c).english_name, "resource_group": specs.language(c).resource_group}
+                      for c in sorted({g.lang for g in plan.groups}, key=specs.order.index)},
         "timing": {"model_load_s": round(t_load, 2), "groups_s": timings, "items_scored_this_run": total,
-                   "eval_s": round(sum(timings.values()), 2)},
+                   "items_from_store": n_store, "eval_s": round(sum(timings.values()), 2)},
         "metrics": metrics,
     }
-    write_tables(metrics, specs, out)
-    tmp = out / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, ensure_ascii=False))
-    os.replace(tmp, results_json)
+    write_tables(metrics, plan.resource(), out)
+    write_json(out / "results.json", results)
     return results
 
 
-def compute_metrics(recs: list[dict], specs: SpecSet) -> dict:
-    """metrics[task][variant] = {'langs': {lang: {...}}, 'avg': {'all','high','low'}}."""
-    by = defaultdict(list)
-    for r in recs:
-        by[(r["task"], r["variant"], r["lang"])].append(r)
-    out: dict = {}
-    for (t, v, lang), rs in by.items():
-        n = len(rs)
-        k = sum(r["correct"] for r in rs)
-        lo, hi = wilson(k, n)
-        preds = Counter(r["pred"] for r in rs)
-        m = {"n": n, "acc": k / n, "ci_low": lo, "ci_high": hi, "majority_pred_share": preds.most_common(1)[0][1] / n,
-             "pred_counts": dict(preds)}
-        if "official_correct" in rs[0]:
-            m["official_acc"] = sum(r["official_correct"] for r in rs) / n
-        if "cal_correct" in rs[0]:
-            kc = sum(r["cal_correct"] for r in rs)
-            m.update(cal_acc=kc / n, cal_ci_low=wilson(kc, n)[0], cal_ci_high=wilson(kc, n)[1])
-        out.setdefault(t, {}).setdefault(v, {"langs": {}})["langs"][lang] = m
-    for t, tv in out.items():
-        for v, d in tv.items():
-            langs = d["langs"]
-            avg = {}
-            for name, sel in (("all", lambda c: True), ("high", lambda c: specs.language(c).resource_group == "high"),
-                              ("low", lambda c: specs.language(c).resource_group == "low")):
-                codes = [c for c in langs if sel(c)]
-                avg[name] = {"n_langs": len(codes), "acc": mean(langs[c]["acc"] for c in codes),
-                             "cal_acc": mean(langs[c].get("cal_acc") for c in codes)}
-            d["avg"] = avg
-            d["langs"] = {c: langs[c] for c in specs.order if c in langs}
-    return out
+def _model_info(mc, identity: dict) -> dict:
+    """results.json's model record when every record came from the run dir or the store (no model was loaded)."""
+    return {"name": mc.name, "identity": identity, "adapter": mc.adapter, "merged": bool(mc.adapter and mc.merge_adapter),
+            "dtype": mc.dtype, "loaded": False}
 
 
-def _pct(x) -> str:
-    return "" if x is None or x != x else f"{100 * x:.1f}"
+def _write_labels(plan: Plan, lm, out: Path) -> None:
+    from qtalign.eval.labels import label_report, write_label_report
+
+    tok = lm.tokenizer if lm is not None else _tokenizer(plan.cfg)
+    langs = sorted({g.lang for g in plan.groups}, key=plan.specs.order.index)
+    write_label_report(label_report(tok, plan.specs, plan.cfg.tasks, langs, plan.cfg.variants), out)
 
 
-def write_tables(metrics: dict, specs: SpecSet, out: Path) -> None:
-    md = []
-    rows = []
-    for t, tv in metrics.items():
-        for v, d in tv.items():
-            md += [f"### {t} ({v})", "", "| lang | n | acc % | 95 % CI | calibrated acc % | majority-pred share % |", "|---|---:|---:|---|---:|---:|"]
-            for lang, m in d["langs"].items():
-                md.append(f"| {lang} | {m['n']} | {_pct(m['acc'])} | {_pct(m['ci_low'])}–{_pct(m['ci_high'])} | "
-                          f"{_pct(m.get('cal_acc'))} | {_pct(m['majority_pred_share'])} |")
-                rows.append({"task": t, "variant": v, "lang": lang, "group": specs.language(lang).resource_group, "n": m["n"],
-                             "acc": m["acc"], "ci_low": m["ci_low"], "ci_high": m["ci_high"], "cal_acc": m.get("cal_acc"),
-                             "majority_pred_share": m["majority_pred_share"]})
-            for name, a in d["avg"].items():
-                md.append(f"| **avg {name}** ({a['n_langs']}) | | **{_pct(a['acc'])}** | | **{_pct(a['cal_acc'])}** | |")
-                rows.append({"task": t, "variant": v, "lang": f"avg_{name}", "group": name, "n": a["n_langs"], "acc": a["acc"],
-                             "ci_low": None, "ci_high": None, "cal_acc": a["cal_acc"], "majority_pred_share": None})
-            md.append("")
-    (out / "table.md").write_text("\n".join(md), encoding="utf-8")
-    with open(out / "table.csv", "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
+def _tokenizer(cfg: EvalConfig):
+    source, gguf = resolve_source(cfg.model)
+    return load_tokenizer(source, gguf, cfg.model.trust_remote_code, cfg.model.revision)

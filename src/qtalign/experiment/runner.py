@@ -32,11 +32,13 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import yaml
+
+from qtalign.io import files_sha256, fingerprint as io_fingerprint
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from qtalign.tasks.items import comma_list
 from qtalign.errors import QtalignError
-from qtalign.eval.run import EvalConfig
+from qtalign.eval.config import EvalConfig
 from qtalign.analysis.geometry import GeometryConfig
 from qtalign.analysis.lens import LensConfig
 from qtalign.engine.models import LoadedModel, ModelConfig
@@ -282,7 +284,6 @@ def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
     Raises QtalignError when any are shared; returns the record of the check (shown in the report) otherwise.
     Rows from ready question files are built from their own files (e.g. the SNLI train set) and are recorded as such.
     """
-    from qtalign.tasks.items import load_items, parse_range
     from qtalign.qtdata.build import build_records
     from qtalign.tasks.specs import load_specs
 
@@ -304,9 +305,7 @@ def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
         if not langs:
             rows.append({**row, "note": "no evaluation data"})
             continue
-        items = load_items(task, langs[0], esrc, parse_range(eval_cfg.items), exclude=set(eval_cfg.exclude_items))
-        if eval_cfg.limit:
-            items = items[: eval_cfg.limit]
+        items = eval_cfg.select(task, langs[0], esrc)
         eval_idx = {it.index for it in items}
         row["n_eval"] = len(eval_idx)
         notes = []
@@ -347,29 +346,8 @@ def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
 # stages
 
 
-def hardware() -> dict:
-    """CPU model, cores, RAM and threads (the environment section of the report)."""
-    import torch
-
-    out: dict = {"torch_threads": torch.get_num_threads()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                out["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    try:
-        import psutil
-
-        out["ram_gb"] = round(psutil.virtual_memory().total / 2**30, 1)
-    except Exception:  # noqa: BLE001
-        pass
-    return out
-
-
 def fingerprint(obj) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return io_fingerprint(obj)
 
 
 def _write_json(path: Path, d: dict) -> None:
@@ -393,11 +371,48 @@ class Unit:
     stage: str
     folder: str  # relative to the run dir
     marker: str  # relative to the run dir: exists once the step has finished
-    config: dict  # what determines the result
+    config: dict  # the settings that determine the result
     inputs: list[str]  # folders of the units it reads
     run: Callable[[], Any]
+    data: dict | None = None  # content hashes of the data it reads
+    model: dict | None = None  # identity of the (base) model
+    numerics: str | None = None  # the engine's numerics version
     fingerprint: str = ""
-    extra: dict = field(default_factory=dict)
+
+    def compute_fingerprint(self, inputs: dict) -> str:
+        return io_fingerprint({"stage": self.stage, "config": self.config, "inputs": inputs}, data=self.data,
+                              model=self.model, numerics=self.numerics)
+
+
+def selection_hashes(cfg) -> dict:
+    """Content hashes of the data an evaluation-type stage reads (every planned task x language)."""
+    from qtalign.tasks.items import data_hashes
+    from qtalign.tasks.specs import load_specs
+
+    specs = load_specs(cfg.prompts)
+    groups, _ = cfg.plan(specs)
+    source = cfg.source()
+    out = {}
+    for g in groups:
+        key = f"{g.task}/{g.lang}"
+        if key not in out:
+            out[key] = data_hashes(specs.task(g.task), g.lang, source)
+    out["prompts"] = files_sha256(cfg.prompts)
+    return out
+
+
+def qtdata_hashes(dc) -> dict:
+    """Content hashes of the files the data stage reads: question files and the task's item files."""
+    from qtalign.tasks.items import data_hashes
+    from qtalign.tasks.specs import load_specs
+
+    out = {"question_files": files_sha256(dc.question_files), "prompts": files_sha256(dc.prompts)}
+    if dc.task and dc.sources:
+        specs = load_specs(dc.prompts)
+        task = specs.task(dc.task)
+        for lang in [*specs.resolve_langs(dc.sources, dc.task), dc.target]:
+            out[f"{dc.task}/{lang}"] = data_hashes(task, lang, dc.source(), english_gold=False)
+    return out
 
 
 class Experiment:
@@ -452,30 +467,37 @@ class Experiment:
 
     # -- the plan -----------------------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
+        """The stage units in order, each fingerprinted with io.fingerprint: its result settings, the content of the
+        data it reads, the base model's identity, the engine's numerics and the fingerprints of its inputs."""
+        from qtalign.engine.forward import NUMERICS_VERSION
+        from qtalign.engine.models import model_identity
+
         cfg = self.cfg
-        seed_model = {"seed": cfg.seed, "model": cfg.model.model_dump(exclude={"device"})}
+        base_id = model_identity(cfg.model)
         units: list[Unit] = []
         if "data" in cfg.stages:
             dc = self.stage_config("data")
-            units.append(Unit("data", "data", "data/summary.json", {"data": dc.model_dump()}, [], lambda: self._data(dc)))
+            units.append(Unit("data", "data", "data/summary.json", dc.model_dump(mode="json"), [], lambda: self._data(dc),
+                              data=qtdata_hashes(dc)))
         if "train" in cfg.stages:
             tc = self.stage_config("train")
-            units.append(Unit("train", "train", "train/summary.json", {"train": tc.model_dump(exclude=TRAIN_NOT_FINGERPRINTED | {"model", "seed", "data"}), **seed_model}, ["data"],
-                              lambda: self._train(tc)))
+            conf = {**tc.model_dump(mode="json", exclude=TRAIN_NOT_FINGERPRINTED | {"model", "data", "val_data"}), "seed": cfg.seed}
+            units.append(Unit("train", "train", "train/summary.json", conf, ["data"], lambda: self._train(tc),
+                              data=files_sha256(tc.val_data), model=base_id))
         if "eval" in cfg.stages:
             for which in (["base", "tuned"] if self.tuned else ["base"]):
                 ec = self.stage_config("eval", model=self.model_cfg(which).model_dump())
-                units.append(Unit("eval", f"eval/{which}", f"eval/{which}/results.json",
-                                  {"eval": ec.model_dump(exclude=NOT_FINGERPRINTED | {"model"}), **seed_model, "which": which},
+                units.append(Unit("eval", f"eval/{which}", f"eval/{which}/results.json", ec.result_config(),
                                   ["train"] if which == "tuned" else [],
-                                  (lambda ec=ec, which=which: self._evaluate(ec, which))))
+                                  (lambda ec=ec, which=which: self._evaluate(ec, which)),
+                                  data=selection_hashes(ec), model=base_id, numerics=NUMERICS_VERSION))
         for name in ("lens", "geometry"):
             if name in cfg.stages:
                 sc = self.stage_config(name)
                 runner = self._lens if name == "lens" else self._geometry
-                units.append(Unit(name, name, f"{name}/summary.json",
-                                  {name: sc.model_dump(exclude=NOT_FINGERPRINTED), **seed_model, "tuned": self.tuned},
-                                  ["train"] if self.tuned else [], (lambda sc=sc, runner=runner: runner(sc))))
+                units.append(Unit(name, name, f"{name}/summary.json", {**sc.result_config(), "tuned": self.tuned},
+                                  ["train"] if self.tuned else [], (lambda sc=sc, runner=runner: runner(sc)),
+                                  data=selection_hashes(sc), model=base_id, numerics=NUMERICS_VERSION))
         if "report" in cfg.stages:
             units.append(Unit("report", "report", "report.md", {"report": cfg.report.model_dump(), "name": cfg.name},
                               [u.folder for u in units], self._report))
@@ -483,7 +505,7 @@ class Experiment:
         for u in units:
             if u.stage == "report":
                 continue  # fingerprinted at run time from what is actually done (see run)
-            u.fingerprint = fingerprint({"config": u.config, "inputs": {i: fps.get(i) for i in u.inputs}})
+            u.fingerprint = u.compute_fingerprint({i: fps.get(i) for i in u.inputs})
             fps[u.folder] = u.fingerprint
         return units
 
@@ -501,13 +523,8 @@ class Experiment:
     def _evaluate(self, ec, which: str):
         from qtalign.eval.run import evaluate
 
-        out = self.run_dir / "eval" / which
-        prev = _read_json(out / "run.json")
-        if prev and prev.get("fingerprint") != ec.fingerprint():
-            # reached only when this stage's own fingerprint matches (else the folder was cleared): the run dir was
-            # moved and the adapter path changed; the predictions are still valid, so resume them
-            _write_json(out / "run.json", {**prev, "fingerprint": ec.fingerprint(), "config": ec.model_dump()})
-        return evaluate(ec, out, loaded=self.model(which))
+        # the model is loaded only when some item is neither in the run dir nor in the shared result store
+        return evaluate(ec, self.run_dir / "eval" / which, loaded=lambda: self.model(which))
 
     def _lens(self, lc):
         from qtalign.analysis.lens import run_lens
@@ -565,7 +582,7 @@ class Experiment:
             seen = sorted({r[k] for r in records for k in ("src", "tgt") if r[k]})
         rd.mkdir(parents=True, exist_ok=True)
         (rd / "config.yaml").write_text(dump_config(cfg), encoding="utf-8")
-        from qtalign.eval.run import environment
+        from qtalign.environment import environment, hardware
 
         env = environment()
         env.update(hardware())

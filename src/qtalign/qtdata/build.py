@@ -82,7 +82,9 @@ class QTDataConfig(BaseModel):
         return DataSource.from_options(self.data_dir, self.data_files, self.split)
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(self.model_dump(), sort_keys=True).encode()).hexdigest()[:16]
+        from qtalign.io import fingerprint
+
+        return fingerprint(self.model_dump(mode="json"))
 
     def name(self) -> str:
         if self.dataset_name:

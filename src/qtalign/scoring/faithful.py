@@ -86,7 +86,7 @@ def faithful_scores(scorer, reqs, progress=None) -> Iterator:
             probs = torch.softmax(scorer.engine.parts.unembed(b.last_hidden), dim=-1)
             for row, key in enumerate(b.keys):
                 r = by_key[key]
-                rng = rngs.setdefault(r.group, random.Random(0))
+                rng = rngs.setdefault(r.group, random.Random(scorer.seed))
                 mass = [float(probs[row, cands(w)].sum()) if cands(w) else 0.0 for w in r.words]
                 yield ItemScore(key, mass, normalise(mass), official_decision(mass, rng), {"forced_prefix": r.forced} if r.forced else {})
 

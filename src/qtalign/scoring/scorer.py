@@ -8,6 +8,7 @@ content-free queries rendered in the same prompt and renormalises.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -66,6 +67,25 @@ def calibrate(probs: list[float], content_free: list[float]) -> list[float]:
     return normalise([p / max(q, 1e-12) for p, q in zip(probs, content_free)])
 
 
+def plan_words(candidates, words: list[str]) -> tuple[str, list[str]]:
+    """(forced prefix, scored words). First-token scoring needs every class to own at least one token. When the label
+    words share a common prefix (both Thai sentiment words start with 'เชิง'), that prefix is appended to the prompt
+    and the remainders are scored: the paper's Thai two-step, derived for any language. ``candidates``: words ->
+    CandidateSets."""
+    cs = candidates(words)
+    if not cs.empty_classes:
+        return "", list(words)
+    cp = common_prefix(words)
+    rest = [w[len(cp) :] for w in words]
+    if cp and all(rest) and not candidates(rest).empty_classes:
+        return cp, rest
+    bad = [words[i] for i in cs.empty_classes]
+    raise QtalignError(
+        f"label words {words}: no token can begin {bad} without also beginning another class's word; "
+        "use --method sequence for these labels"
+    )
+
+
 class Scorer:
     def __init__(
         self,
@@ -75,12 +95,14 @@ class Scorer:
         batch_size: int = 8,
         prefix_cache: bool = True,
         length_norm: bool = False,
+        seed: int = 0,
     ):
         if method not in METHODS:
             raise QtalignError(f"unknown scoring method '{method}' (choose from {', '.join(METHODS)})")
         self.tokenizer = tokenizer
         self.method = method
         self.length_norm = length_norm
+        self.seed = seed  # the faithful rule's random tie-breaking (one generator per group)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
         self.engine = Engine(model, pad_id=pad, batch_size=batch_size, prefix_cache=prefix_cache)
         self._sets: dict[tuple[str, ...], CandidateSets] = {}
@@ -93,21 +115,7 @@ class Scorer:
         return self._sets[key]
 
     def plan(self, words: list[str]) -> tuple[str, list[str]]:
-        """First-token scoring needs every class to own at least one token. When the label words share a
-        common prefix (both Thai sentiment words start with 'เชิง'), that prefix is appended to the prompt
-        and the remainders are scored: the paper's Thai two-step, derived for any language."""
-        cs = self.candidates(words)
-        if not cs.empty_classes:
-            return "", words
-        cp = common_prefix(words)
-        rest = [w[len(cp) :] for w in words]
-        if cp and all(rest) and not self.candidates(rest).empty_classes:
-            return cp, rest
-        bad = [words[i] for i in cs.empty_classes]
-        raise QtalignError(
-            f"label words {words}: no token can begin {bad} without also beginning another class's word; "
-            "use --method sequence for these labels"
-        )
+        return plan_words(self.candidates, words)
 
     # -- scoring -----------------------------------------------------------------------------------------
     def _prompts(self, reqs: list[ScoreRequest]) -> list[Prompt]:
@@ -118,9 +126,11 @@ class Scorer:
         if not reqs:
             return
         if self.method == "first-token":
+            planned = []
             for r in reqs:
-                r.forced, r.words = self.plan(r.words)
-            yield from self._first_token(reqs, progress)
+                forced, words = self.plan(r.words)
+                planned.append(dataclasses.replace(r, forced=r.forced + forced, words=words))
+            yield from self._first_token(planned, progress)
         elif self.method == "sequence":
             yield from self._sequence(reqs, progress)
         else:

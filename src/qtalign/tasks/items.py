@@ -76,7 +76,7 @@ class DataSource:
         if self.files and self.files.startswith("hf:"):
             return None
         if self.files:
-            p = Path(self.files.format(task=task.name, lang=lang))
+            p = Path(fill_template(self.files, task=task.name, lang=lang))
             return p if (p.is_absolute() or not self.data_dir) else Path(self.data_dir) / p
         if not self.data_dir:
             raise QtalignError("no data given: pass --data-dir (official layout) or --data-files (template)")
@@ -89,14 +89,36 @@ class DataSource:
         return p is None or p.exists()
 
 
+def fill_template(template: str, **values: str) -> str:
+    """A path template with {task} / {lang}: one clear error for any other placeholder."""
+    try:
+        return template.format(**values)
+    except (KeyError, IndexError, ValueError) as e:
+        raise QtalignError(f"data_files template {template!r}: bad placeholder ({e}); use {{task}} and {{lang}} "
+                           "(double braces for a literal brace)") from None
+
+
 def read_records(path: Path) -> list[dict]:
     """A JSON array or JSONL file -> list of objects (clear errors for everything else)."""
     if not path.exists():
         raise QtalignError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8-sig")
+    if not path.is_file():
+        raise QtalignError(f"{path}: is a folder, not a data file")
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise data_error(path, f"not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); save it as UTF-8") from None
     if not text.strip():
         raise data_error(path, "file is empty")
-    if path.suffix == ".jsonl" or not text.lstrip().startswith("["):
+    head = text.lstrip()[:1]
+    if head == "{" and path.suffix != ".jsonl":
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError:
+            doc = None
+        if isinstance(doc, dict):
+            raise data_error(path, "expected a JSON array of records (or JSON Lines), got one JSON object")
+    if path.suffix == ".jsonl" or head != "[":
         recs = []
         for n, line in enumerate(text.splitlines()):
             if not line.strip():
@@ -110,6 +132,8 @@ def read_records(path: Path) -> list[dict]:
             recs = json.loads(text)
         except json.JSONDecodeError as e:
             raise data_error(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if not isinstance(recs, list):
+            raise data_error(path, f"expected a JSON array of records, got {type(recs).__name__}")
     if not recs:
         raise data_error(path, "file has no records")
     for n, r in enumerate(recs):
@@ -121,7 +145,7 @@ def read_records(path: Path) -> list[dict]:
 def _read_hf(spec: str, lang: str, split: str) -> list[dict]:
     import datasets  # local import: only this path needs it
 
-    name = spec.removeprefix("hf:").format(lang=lang)
+    name = fill_template(spec.removeprefix("hf:"), lang=lang)
     config = None
     if "@" in name:
         name, config = name.split("@", 1)
@@ -177,6 +201,8 @@ def parse_records(task: TaskSpec, lang: str, recs: list[dict], path: Path, requi
                 raise data_error(path, "missing", record=n, field=f)
             if not isinstance(r[f], str):
                 raise data_error(path, f"expected a string, got {type(r[f]).__name__}", record=n, field=f)
+            if not r[f].strip():
+                raise data_error(path, "empty text (an item needs its text to be scored)", record=n, field=f)
             flds[f] = r[f]
         gold, word = None, r.get(task.gold_field)
         if task.gold_field in r:
@@ -192,7 +218,7 @@ def _load_file(task: TaskSpec, lang: str, source: DataSource, require_gold: bool
     path = source.path(task, lang)
     if path is None:
         recs = _read_hf(source.files, lang, source.split)
-        where = source.files.format(lang=lang)
+        where = fill_template(source.files, lang=lang)
         return parse_records(task, lang, recs, Path(where), require_gold), where
     return parse_records(task, lang, read_records(path), path, require_gold), str(path)
 
@@ -227,19 +253,67 @@ def load_items(
                     field=task.gold_field,
                 )
             it.gold = r.gold
-    if items is not None:
-        out = out[items]
+    out = apply_range(out, items, where)
     if exclude:
         out = [it for it in out if it.index not in exclude]
     return out
 
 
-def parse_range(text: str | None) -> slice | None:
-    """'0:250', '250:', ':100' or None -> slice."""
-    if not text:
+def parse_range(text: str | None, what: str = "item range") -> slice | None:
+    """'0:250', '250:', ':100' or None -> slice. Indices are item positions (never negative, never Python-style
+    from the end); an empty or reversed range and a bare number are errors, not guesses."""
+    if text is None or (isinstance(text, str) and not text.strip()):
         return None
+    text = str(text).strip()
+    a, sep, b = text.partition(":")
     try:
-        a, _, b = text.partition(":")
-        return slice(int(a) if a else None, int(b) if b else None)
+        lo = int(a) if a.strip() else None
+        hi = int(b) if b.strip() else None
     except ValueError:
-        raise QtalignError(f"bad item range {text!r}: use START:END, e.g. 0:250") from None
+        lo = hi = None
+        sep = ""
+    if not sep or (lo is None and hi is None and text != ":"):
+        raise QtalignError(f"bad {what} {text!r}: use START:END (e.g. 0:250), START: or :END")
+    if (lo is not None and lo < 0) or (hi is not None and hi < 0):
+        raise QtalignError(f"bad {what} {text!r}: item indices are non-negative positions in the file (not counted from the end)")
+    if lo is not None and hi is not None and hi <= lo:
+        raise QtalignError(f"bad {what} {text!r}: END must be greater than START")
+    return slice(lo, hi)
+
+
+def apply_range(items: list, rng: slice | None, where: str, what: str = "item range") -> list:
+    """items[rng], with one clear error when the range starts or ends past the end of the file."""
+    if rng is None:
+        return items
+    n = len(items)
+    if (rng.start or 0) >= n or (rng.stop is not None and rng.stop > n):
+        shown = f"{'' if rng.start is None else rng.start}:{'' if rng.stop is None else rng.stop}"
+        raise QtalignError(f"{where}: {what} {shown} is past the end of the file ({n} items: 0:{n})")
+    return items[rng]
+
+
+def select_items(task: TaskSpec, lang: str, source: DataSource, rng: slice | None = None, limit: int | None = None,
+                 exclude: set[int] | None = None) -> list[Item]:
+    """The items one stage uses: the range, then the exclusions, then the first ``limit`` (the one home of this
+    idiom for evaluation, the analyses and the overlap check)."""
+    items = load_items(task, lang, source, rng, exclude=exclude)
+    return items[:limit] if limit else items
+
+
+def data_hashes(task: TaskSpec, lang: str, source: DataSource, english_gold: bool = True) -> dict[str, str]:
+    """Content hashes of what loading a task x language reads: its file and (for the gold) the English file; for
+    hf: datasets, a hash of the records. Part of every result's fingerprint."""
+    from qtalign.io import canonical, file_sha256, text_sha256
+
+    langs = [lang] + (["en"] if english_gold and lang != "en" and source.exists(task, "en") else [])
+    out = {}
+    for code in langs:
+        path = source.path(task, code)
+        if path is None:
+            recs = _read_hf(source.files, code, source.split)
+            out[f"{fill_template(source.files, lang=code)}[{source.split}]"] = text_sha256(canonical(recs))
+        else:
+            if not path.is_file():
+                raise QtalignError(f"{path}: file not found")
+            out[f"{task.name}/{code}"] = file_sha256(path)
+    return out

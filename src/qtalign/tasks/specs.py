@@ -69,6 +69,9 @@ class TaskSpec:
     irrelevant_label_words: dict[str, str] = field(default_factory=dict)
     variants_info: dict[str, Any] = field(default_factory=dict)  # the paper's per-script notes (faithful mode)
     train_file_label_words: dict[str, str] = field(default_factory=dict)
+    # items whose English value of this field is equal form one cluster (SNLI: the premise shared by a triple): a
+    # retrieval hit may be any item of the cluster, and bootstrap intervals resample whole clusters
+    cluster_field: str | None = None
 
     def lang(self, code: str) -> LangSpec:
         try:
@@ -308,6 +311,7 @@ def build_specset(merged: dict, origin: dict[str, str], sources: list[str]) -> S
             irrelevant_label_words=dict(irr),
             variants_info=dict(t.get("variants", {})),
             train_file_label_words={k: v for k, v in (t.get("train_file_label_words") or {}).items() if not k.startswith("_")},
+            cluster_field=t.get("cluster_field"),
         )
     order = [c for c in merged["languages"]["order"]] + [c for c in languages if c not in merged["languages"]["order"]]
     return SpecSet(languages=languages, order=order, tasks=tasks, sources=sources)

@@ -46,7 +46,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from qtalign.tasks.items import comma_list
 from qtalign.engine.forward import lcp
 from qtalign.errors import QtalignError, data_error
-from qtalign.engine.models import DTYPES, ModelConfig, load_model
+from qtalign.engine.models import DTYPE_NAMES, ModelConfig, load_model, torch_dtype
 
 
 # TrainConfig fields that do not change the result (how the work is split up, what is kept and logged)
@@ -102,20 +102,15 @@ class TrainConfig(BaseModel):
         return comma_list(v)
 
     def fingerprint(self, data_files: list[str]) -> str:
-        """Identifies a run: settings that change the result and the content of the data files (not the
-        micro-batch or the eval batch, which do not)."""
-        d = self.model_dump(exclude={"data", "val_data", *NOT_FINGERPRINTED})
-        d["data_sha256"] = [_file_sha(p) for p in data_files]
-        d["val_data_sha256"] = [_file_sha(p) for p in self.val_data]
-        return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+        """Identifies a run (io.fingerprint): settings that change the result, the content of the training and
+        validation files, and the model's identity (not the micro-batch or the eval batch, which do not)."""
+        from qtalign.engine.models import model_identity
+        from qtalign.io import files_sha256, fingerprint
 
-
-def _file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
+        conf = self.model_dump(mode="json", exclude={"data", "val_data", "model", *NOT_FINGERPRINTED})
+        return fingerprint(conf, data={"data": list(files_sha256(data_files).values()),
+                                       "val_data": list(files_sha256(self.val_data).values())},
+                           model=model_identity(self.model))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -732,11 +727,11 @@ def merge(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, 
     from qtalign.engine.models import apply_adapter
 
     out = Path(out_dir)
-    if dtype not in DTYPES:
+    if dtype not in DTYPE_NAMES:
         raise QtalignError(f"merge: unknown dtype '{dtype}' (bf16, fp32, fp16)")
     base_cfg = model_cfg.model_copy(update={"dtype": "fp32", "adapter": None, "merge_adapter": False, "device": "cpu"})
     lm = load_model(base_cfg)
-    merged = apply_adapter(lm.model, str(adapter_dir), merge=True, dtype=DTYPES[dtype])
+    merged = apply_adapter(lm.model, str(adapter_dir), merge=True, dtype=torch_dtype(dtype))
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     merged.save_pretrained(tmp)

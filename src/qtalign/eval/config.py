@@ -1,0 +1,134 @@
+"""Configs of evaluation and of the stages that select items the same way (the analyses): model, tasks,
+languages, label variants, data and item ranges; and the planning of task x variant x language groups."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from qtalign.engine.models import ModelConfig
+from qtalign.errors import QtalignError
+from qtalign.tasks.groups import Group
+from qtalign.tasks.items import DataSource, comma_list, parse_range, select_items
+from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
+
+# fields that do not change a result (how the work is split up): left out of every fingerprint
+NOT_FINGERPRINTED = frozenset({"batch_size", "model", "store", "progress"})
+
+
+def parse_items(v):
+    """`items` as given in YAML or on the command line: None, 'START:END' for every task, a mapping
+    {task: 'START:END'}, or 'emotion=0:250,snli=0:200'."""
+    if v is None or isinstance(v, dict):
+        return v
+    if isinstance(v, str) and "=" in v:
+        out = {}
+        for part in comma_list(v):
+            task, sep, rng = part.partition("=")
+            if not sep or not task.strip():
+                raise ValueError(f"bad per-task item range {part!r}: use TASK=START:END (e.g. emotion=0:250,snli=0:200)")
+            out[task.strip()] = rng.strip()
+        return out
+    return v
+
+
+class TaskSelection(BaseModel):
+    """Model, tasks, languages, label variants and data: what evaluation and the analyses (lens, geometry) share."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], description="task names")
+    langs: list[str] = Field(default_factory=lambda: ["all"], description="language codes, 'all', 'high' or 'low'")
+    variants: list[str] = Field(default_factory=lambda: ["enout"], description="label variants: enout, native, irrelevant")
+    limit: int | None = Field(None, ge=1, description="first N items per language (after `items`)")
+    items: str | dict[str, str] | None = Field(None, description="item range START:END for every task (e.g. 0:250), or one "
+                                               "per task: {emotion: '0:250', snli: '0:200'} (CLI: emotion=0:250,snli=0:200)")
+    exclude_items: list[int] = Field(default_factory=list, description="item indices never used (e.g. training items)")
+    data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
+    data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or hf:<dataset>")
+    split: str = Field("test", description="split for hf: datasets")
+    prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
+    batch_size: int = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
+    seed: int = Field(0, description="seed of Python's, NumPy's and torch's generators (the faithful rule's ties; "
+                      "the analyses' sampling)")
+
+    @field_validator("variants")
+    @classmethod
+    def _variants(cls, v):
+        return [canonical_variant(x) for x in v]
+
+    @field_validator("tasks", "langs", "variants", "prompts", mode="before")
+    @classmethod
+    def _split(cls, v):
+        return comma_list(v)
+
+    @field_validator("items", mode="before")
+    @classmethod
+    def _items(cls, v):
+        v = parse_items(v)
+        for rng in ([v] if isinstance(v, str) else (v or {}).values()):
+            try:
+                parse_range(rng)
+            except QtalignError as e:
+                raise ValueError(str(e)) from None
+        return v
+
+    def source(self) -> DataSource:
+        return DataSource.from_options(self.data_dir, self.data_files, self.split)
+
+    def item_range(self, task: str) -> slice | None:
+        if isinstance(self.items, dict):
+            return parse_range(self.items.get(task))
+        return parse_range(self.items)
+
+    def select(self, task: TaskSpec, lang: str, source: DataSource | None = None) -> list:
+        """The items of one task x language this config uses (range, exclusions, limit)."""
+        return select_items(task, lang, source or self.source(), self.item_range(task.name), self.limit,
+                            set(self.exclude_items))
+
+    def result_config(self) -> dict:
+        """The settings that change results: the config part of the fingerprint."""
+        return self.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED) & set(type(self).model_fields))
+
+    def plan(self, specs: SpecSet) -> tuple[list[Group], list[dict]]:
+        """(groups with data, skipped task x language pairs): an explicit language without data is an error; 'all',
+        'high' and 'low' skip it with a note (the public data has no is/ms test files)."""
+        source = self.source()
+        unknown = [t for t in self.items if t not in self.tasks] if isinstance(self.items, dict) else []
+        if unknown:
+            raise QtalignError(f"items: ranges for tasks that are not evaluated: {', '.join(unknown)} (tasks: {', '.join(self.tasks)})")
+        groups, skipped = [], []
+        explicit = self.langs not in (["all"], ["high"], ["low"])
+        for t in self.tasks:
+            task = specs.task(t)
+            for lang in specs.resolve_langs(self.langs, t):
+                if not source.exists(task, lang):
+                    if explicit:
+                        raise QtalignError(f"{source.path(task, lang)}: no data for task '{t}' language '{lang}'")
+                    skipped.append({"task": t, "lang": lang, "reason": "no data file"})
+                    continue
+                for v in self.variants:
+                    task.label_words(lang, v)  # validates the variant for this task
+                    groups.append(Group(t, v, lang))
+        if not groups:
+            raise QtalignError(f"nothing to evaluate: no data found under {source.describe()} for tasks {self.tasks}")
+        return groups, skipped
+
+
+class EvalConfig(TaskSelection):
+    """Evaluation settings (round-trips to YAML/JSON)."""
+
+    method: Literal["first-token", "faithful", "sequence"] = Field("first-token", description="scoring rule")
+    length_norm: bool = Field(False, description="sequence method: mean instead of summed token log-prob")
+    prefix_cache: bool = Field(True, description="compute each language's demo block once and reuse its KV cache "
+                               "(results do not depend on it)")
+    calibrate: bool = Field(True, description="also report contextual calibration (content-free queries)")
+    store: bool = Field(True, description="reuse per-item results from the shared result store ($QTALIGN_STORE, default "
+                        "$QTALIGN_CACHE/store) when model, data, prompts, method and engine numerics match, and add new ones")
+
+    def result_config(self) -> dict:
+        d = super().result_config()
+        d.pop("prefix_cache", None)  # an implementation choice: cached and uncached results are equal (tested)
+        return d

@@ -1,0 +1,298 @@
+"""What qtalign writes and how it knows what it wrote: atomic writes, JSON and JSONL, content hashes, the one
+fingerprint every stage and store uses, and output directories owned through a marker.
+
+Everything here is plain Python (no torch): the bottom layer of the package.
+
+- **Atomic writes.** A file is written to a temporary name beside it and renamed over the target, so a reader (or a
+  resumed run) sees the old file or the new one, never half of one.
+- **Content hashes.** ``file_sha256`` hashes a file once and remembers the hash by (path, size, mtime) in
+  ``$QTALIGN_CACHE/hashes.json``: a 1 GB model is hashed once, not on every run.
+- **The fingerprint.** ``fingerprint(config, data=, model=, numerics=)`` identifies a result by the settings that
+  change it, the content of the data it read, the identity of the model and the version of the engine's numerics.
+  A stored result is reused only when all four match.
+- **Ownership.** ``OutputDir`` is a folder qtalign writes into. Its marker ``.qtalign.json`` lists what qtalign put
+  there; qtalign deletes or overwrites nothing else (see docs/reliability.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from qtalign.errors import QtalignError
+
+MARKER = ".qtalign.json"
+# files that qtalign wrote before output dirs had a marker: a folder holding one of them is adopted, never refused
+LEGACY_FILES = ("stage.json", "run.json", "experiment.json", "train_config.json", "summary.json", "results.json")
+
+
+def cache_root() -> Path:
+    """qtalign's cache: converted models, content hashes, the shared result store ($QTALIGN_CACHE)."""
+    return Path(os.environ.get("QTALIGN_CACHE", Path.home() / ".cache" / "qtalign"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# atomic writes, JSON, JSONL
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp{os.getpid()}")
+
+
+def write_bytes(path: str | Path, data: bytes) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def write_text(path: str | Path, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any, indent: int | None = 1) -> Path:
+    return write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def write_jsonl(path: str | Path, records: Iterable[dict]) -> Path:
+    return write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+
+
+def read_json(path: str | Path, default: Any = None) -> Any:
+    """The JSON document at ``path``; ``default`` when it is missing or unreadable (a cut write is never final)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (FileNotFoundError, NotADirectoryError, json.JSONDecodeError, UnicodeDecodeError):
+        return default
+
+
+def read_jsonl(path: str | Path) -> Iterator[dict]:
+    """Records of a JSONL file; a line cut by a kill (not valid JSON) is skipped."""
+    p = Path(path)
+    if not p.exists():
+        return
+    with open(p, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                yield json.loads(line)
+            except json.JSONDecodeError:
+                continue
+
+
+def repair_jsonl_tail(path: str | Path) -> None:
+    """Drop a last line cut by a kill, so that appended records start on a line of their own."""
+    p = Path(path)
+    if not p.exists():
+        return
+    data = p.read_bytes()
+    if data and not data.endswith(b"\n"):
+        p.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+@contextlib.contextmanager
+def file_lock(path: str | Path):
+    """An exclusive advisory lock (fcntl) held while the block runs; the lock file is left in place."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# content hashes
+
+
+def _sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _hash_cache_path() -> Path:
+    return cache_root() / "hashes.json"
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 of a file's content, cached by (absolute path, size, mtime): hashed once until the file changes."""
+    p = Path(path).resolve()
+    st = p.stat()
+    key = str(p)
+    stamp = [st.st_size, st.st_mtime_ns]
+    cache = read_json(_hash_cache_path(), {}) or {}
+    hit = cache.get(key)
+    if hit and hit.get("stamp") == stamp:
+        return hit["sha256"]
+    sha = _sha256_of(p)
+    if st.st_size >= 1 << 20:  # small files are hashed faster than the cache is read
+        with contextlib.suppress(OSError), file_lock(cache_root() / ".hashes.lock"):
+            cache = read_json(_hash_cache_path(), {}) or {}
+            cache[key] = {"stamp": stamp, "sha256": sha, "at": round(time.time())}
+            write_json(_hash_cache_path(), cache, indent=None)
+    return sha
+
+
+def files_sha256(paths: Iterable[str | Path]) -> dict[str, str]:
+    """{path: sha256} for files (the data-content part of a fingerprint)."""
+    return {str(p): file_sha256(p) for p in paths}
+
+
+def dir_sha256(path: str | Path, skip: Iterable[str] = (MARKER,)) -> str:
+    """One hash of a folder's files (relative names and contents; hidden files and ``skip`` left out)."""
+    root = Path(path)
+    h = hashlib.sha256()
+    for p in sorted(x for x in root.rglob("*") if x.is_file()):
+        rel = p.relative_to(root).as_posix()
+        if rel in skip or any(part.startswith(".") for part in p.relative_to(root).parts):
+            continue
+        h.update(rel.encode() + b"\0" + file_sha256(p).encode() + b"\n")
+    return h.hexdigest()
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the fingerprint
+
+
+def canonical(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str, separators=(",", ":"))
+
+
+def fingerprint(config: Any, data: Any = None, model: Any = None, numerics: str | None = None) -> str:
+    """The identity of a result: the settings that change it (``config``), the content hashes of the data it read,
+    the model's identity and the engine's numerics version. 16 hex digits."""
+    payload = {"config": config, "data": data, "model": model, "numerics": numerics}
+    return hashlib.sha256(canonical(payload).encode("utf-8")).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# output directories owned through a marker
+
+
+class OutputDir:
+    """A folder qtalign writes into, owned through its marker ``.qtalign.json`` = {"tool", "kind", "entries"}.
+
+    ``entries`` lists the top-level names qtalign created there; only those are ever removed or overwritten. A folder
+    that exists, is not empty and has no marker is refused, unless it holds files qtalign itself wrote before markers
+    existed (``LEGACY_FILES``): such a run dir is adopted, and its existing entries are kept as they are.
+    """
+
+    def __init__(self, path: str | Path, kind: str = "output", option: str = "--out"):
+        self.path = Path(path)
+        self.kind = kind
+        self.option = option
+        self._entries: set[str] | None = None
+
+    # -- claiming -------------------------------------------------------------------------------------------------
+    def check(self) -> "OutputDir":
+        """Refuse (one line, nothing written) a path that qtalign cannot own: a file, an unwritable place, or a
+        folder with other people's files."""
+        p = self.path
+        if p.exists() and not p.is_dir():
+            raise QtalignError(f"{self.option} {p}: is a file, not a folder")
+        anc = p
+        while not anc.exists():
+            anc = anc.parent
+        if not anc.is_dir():
+            raise QtalignError(f"{self.option} {p}: {anc} is a file, not a folder")
+        if not os.access(anc, os.W_OK | os.X_OK):
+            raise QtalignError(f"{self.option} {p}: not writable ({anc})")
+        if p.is_dir() and not self.owned() and any(p.iterdir()):
+            raise QtalignError(f"{self.option} {p}: the folder exists and was not written by qtalign (no {MARKER}); "
+                               "choose another folder: qtalign never deletes or overwrites files it did not write")
+        return self
+
+    def owned(self) -> bool:
+        return (self.path / MARKER).is_file() or any((self.path / n).is_file() for n in LEGACY_FILES)
+
+    def claim(self, adopt: Iterable[str] = ()) -> "OutputDir":
+        """Create the folder (or adopt it) and write its marker. A folder made by qtalign before markers existed is
+        adopted: of its entries, only those named in ``adopt`` (what the caller itself writes) become qtalign's; every
+        other file there stays untouchable."""
+        self.check()
+        self.path.mkdir(parents=True, exist_ok=True)
+        if not (self.path / MARKER).is_file():
+            legacy = any((self.path / n).is_file() for n in LEGACY_FILES)
+            names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
+            self._save(names, adopted=legacy)
+        return self
+
+    # -- entries ------------------------------------------------------------------------------------------------
+    def _load(self) -> dict:
+        return read_json(self.path / MARKER, {}) or {}
+
+    def _save(self, entries: set[str], adopted: bool | None = None) -> None:
+        d = self._load()
+        d.update(tool="qtalign", kind=d.get("kind", self.kind), entries=sorted(entries))
+        if adopted is not None and "adopted" not in d:
+            d["adopted"] = adopted
+        d.setdefault("created", round(time.time()))
+        write_json(self.path / MARKER, d)
+        self._entries = set(entries)
+
+    def entries(self) -> set[str]:
+        if self._entries is None:
+            self._entries = set(self._load().get("entries", []))
+        return set(self._entries)
+
+    def record(self, *names: str) -> None:
+        """Register top-level names as written by qtalign (before writing them)."""
+        new = {n.split("/", 1)[0] for n in names} - self.entries()
+        if new:
+            self._save(self.entries() | new)
+
+    def file(self, name: str) -> Path:
+        """The path of a top-level entry, registered as qtalign's."""
+        self.record(name)
+        return self.path / name
+
+    def is_ours(self, name: str) -> bool:
+        return name.split("/", 1)[0] in self.entries()
+
+    def remove(self, *names: str) -> None:
+        """Remove entries qtalign wrote (missing ones are fine); refuse anything else."""
+        import shutil
+
+        for name in names:
+            top = name.split("/", 1)[0]
+            target = self.path / name
+            if not target.exists() and not target.is_symlink():
+                continue
+            if top not in self.entries():
+                raise QtalignError(f"{target}: not written by qtalign (not listed in {self.path / MARKER}); "
+                                   "refusing to delete it")
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+            if "/" not in name:
+                self._save(self.entries() - {top})
+
+
+def safe_name(label: str, what: str) -> str:
+    """A label used as a file or folder name: one path component, no traversal."""
+    if not label or label in (".", "..") or any(c in label for c in "/\\\0") or label.startswith("."):
+        raise QtalignError(f"{what} {label!r}: must be a plain name (letters, digits, - _), not a path")
+    return label
