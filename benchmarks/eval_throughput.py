@@ -332,7 +332,7 @@ def load_groups(specs, source, tasks: list[str], langs: list[str], variant: str,
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from qtalign.cli import add_model_args
+    from qtalign.cli.options import add_model_options as add_model_args
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_model_args(p)
@@ -361,7 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from qtalign.cli import model_overrides
+    from qtalign.cli.options import model_values as model_overrides
     from qtalign.tasks.items import DataSource
     from qtalign.errors import QtalignError
     from qtalign.engine.models import ModelConfig, load_model

@@ -60,7 +60,7 @@ def held_out_loss(model, tok, rows: list[dict]) -> float:
     """Mean response-token loss with the model's own full-logits forward (independent of both trainers)."""
     import torch
 
-    from qtalign.train.recipe import encode_example
+    from qtalign.train.data import encode_example
 
     tot, n = 0.0, 0
     model.eval()
@@ -80,7 +80,7 @@ def held_out_loss(model, tok, rows: list[dict]) -> float:
 def lora_config(args):
     from peft import LoraConfig
 
-    from qtalign.train.recipe import TrainConfig
+    from qtalign.train.config import TrainConfig
 
     d = TrainConfig()
     return LoraConfig(r=d.lora_r, lora_alpha=d.lora_alpha, lora_dropout=d.lora_dropout, target_modules=list(d.target_modules),
@@ -89,7 +89,9 @@ def lora_config(args):
 
 def child_qtalign(args, work: Path) -> dict:
     from qtalign.engine.models import ModelConfig, apply_adapter, load_model
-    from qtalign.train.recipe import TrainConfig, read_log, train
+    from qtalign.train.config import TrainConfig
+    from qtalign.train.recipe import train
+    from qtalign.train.trainer import read_log
 
     cfg = TrainConfig(model=ModelConfig(name=args.model, dtype=args.dtype, device="cpu"), batch_size=args.batch_size,
                       per_device_batch_size=args.micro_batch_size, max_steps=args.steps, eval_steps=args.steps,
@@ -151,7 +153,8 @@ def main(argv=None) -> int:
         return 0
 
     sys.path.insert(0, str(ROOT / "src"))
-    from qtalign.train.recipe import TrainConfig, load_pairs
+    from qtalign.train.config import TrainConfig
+    from qtalign.train.data import load_pairs
 
     need = args.steps * args.batch_size
     if args.batch_size % args.micro_batch_size:

@@ -14,15 +14,9 @@ import yaml
 from conftest import OFFICIAL, needs_shared
 from qtalign.cli import main
 from qtalign.errors import QtalignError
-from qtalign.experiment.runner import (
-    Experiment,
-    ExperimentConfig,
-    apply_overrides,
-    check_overlap,
-    dump_config,
-    list_configs,
-    load_experiment,
-)
+from qtalign.experiment.config import ExperimentConfig, apply_overrides, dump_config, list_configs, load_experiment
+from qtalign.experiment.overlap import check_overlap
+from qtalign.experiment.runner import Experiment
 
 
 def tiny_dict(model_dir, out) -> dict:

@@ -10,15 +10,10 @@ from conftest import OFFICIAL, PAPER_PROMPTS, needs_shared
 from qtalign.cli import main as cli_main
 from qtalign.tasks.items import demo_data_dir, read_records
 from qtalign.errors import QtalignError
-from qtalign.qtdata.build import (
-    QTDataConfig,
-    build_question_data,
-    build_records,
-    load_question_records,
-    read_exclusions,
-    roundtrip_official,
-    template_regex,
-)
+from qtalign.qtdata.build import build_question_data, build_records
+from qtalign.qtdata.config import QTDataConfig
+from qtalign.qtdata.files import load_question_records, read_exclusions
+from qtalign.qtdata.official import roundtrip_official, template_regex
 from qtalign.tasks.specs import load_specs
 
 DEMO = demo_data_dir() / "emotion"

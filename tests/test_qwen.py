@@ -134,7 +134,7 @@ def test_faithful_rule_equals_the_official_loop_on_real_items(qwen32):
 
 
 def test_chat_template_masks_the_real_qwen_prompt(qwen32):
-    from qtalign.train.recipe import encode_example
+    from qtalign.train.data import encode_example
 
     tok = qwen32.tokenizer
     prompt = 'Prämisse: Ein Hund läuft.\nHypothese: Ein Tier läuft.\nAntwort: "\nTranslate the input from German to English:\n'

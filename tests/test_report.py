@@ -12,8 +12,11 @@ from pathlib import Path
 
 import pytest
 
-from qtalign.experiment.runner import Experiment, ExperimentConfig
-from qtalign.report.build import SECTIONS, compare, group_summary, read_predictions, write_report
+from qtalign.experiment.config import ExperimentConfig
+from qtalign.experiment.runner import Experiment
+from qtalign.report.build import SECTIONS, write_report
+from qtalign.report.paired import compare, group_summary
+from qtalign.report.read import read_predictions
 from qtalign.stats import mcnemar, wilson
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -134,3 +137,59 @@ def test_html_renders_in_headless_chromium(run_dir, tmp_path):
     shot = tmp_path / "shot.png"
     subprocess.run([*cmd[:-2], f"--screenshot={shot}", "--window-size=1200,2400", cmd[-1]], capture_output=True, timeout=120)
     assert shot.exists() and shot.stat().st_size > 10_000  # rendered something (not a blank page)
+
+
+# -- AUC and the paired bootstrap, on synthetic data with known answers -----------------------------------------
+
+
+def _auc_brute(scores, labels):
+    pos = [s for s, y in zip(scores, labels) if y]
+    neg = [s for s, y in zip(scores, labels) if not y]
+    return sum((p > n) + 0.5 * (p == n) for p in pos for n in neg) / (len(pos) * len(neg))
+
+
+def test_auc_known_values_and_brute_force():
+    import random
+
+    from qtalign.stats import auc, class_auc
+
+    assert auc([0.9, 0.8, 0.1, 0.2], [True, True, False, False]) == 1.0
+    assert auc([0.1, 0.2, 0.9, 0.8], [True, True, False, False]) == 0.0
+    assert auc([0.5] * 6, [True, False] * 3) == 0.5  # all ties: chance
+    assert math.isnan(auc([0.1, 0.2], [True, True]))
+    rng = random.Random(0)
+    for _ in range(20):
+        n = rng.randint(5, 40)
+        scores = [round(rng.random(), 1) for _ in range(n)]  # many ties
+        labels = [rng.random() < 0.4 for _ in range(n)]
+        if 0 < sum(labels) < n:
+            assert abs(auc(scores, labels) - _auc_brute(scores, labels)) < 1e-12
+    # a model that always answers one class can still rank the items: AUC sees what accuracy hides
+    probs = [[0.9, 0.1], [0.8, 0.2], [0.7, 0.3], [0.6, 0.4]]  # always predicts class 0
+    assert class_auc(probs, [0, 0, 1, 1], 2) == 1.0
+    # three classes: macro one-vs-rest
+    p3 = [[0.8, 0.1, 0.1], [0.1, 0.8, 0.1], [0.1, 0.1, 0.8], [0.6, 0.3, 0.1]]
+    want = sum(_auc_brute([p[c] for p in p3], [g == c for g in [0, 1, 2, 0]]) for c in range(3)) / 3
+    assert abs(class_auc(p3, [0, 1, 2, 0], 3) - want) < 1e-12
+
+
+def test_paired_bootstrap_interval_covers_a_known_change():
+    import random
+
+    from qtalign.stats import paired_bootstrap
+
+    rng = random.Random(1)
+    base = [rng.random() < 0.5 for _ in range(400)]
+    tuned = [b or rng.random() < 0.3 for b in base]  # about +15 points, never worse on an item
+    mean = lambda xs: sum(xs) / len(xs)  # noqa: E731
+    obs, lo, hi = paired_bootstrap(mean, base, tuned, n_boot=500, seed=0)
+    assert abs(obs - (mean(tuned) - mean(base))) < 1e-12 and 0 < lo < obs < hi
+    same = paired_bootstrap(mean, base, base, n_boot=200)
+    assert same == (0.0, 0.0, 0.0)  # no change on any item: the interval is the point
+    # clusters: resampling whole clusters gives a wider interval when items inside a cluster move together
+    clustered_base = [x for x in base[:100] for _ in range(4)]
+    clustered_tuned = [x for x in tuned[:100] for _ in range(4)]
+    cl = [i // 4 for i in range(400)]
+    _, lo_i, hi_i = paired_bootstrap(mean, clustered_base, clustered_tuned, n_boot=500)
+    _, lo_c, hi_c = paired_bootstrap(mean, clustered_base, clustered_tuned, n_boot=500, clusters=cl)
+    assert (hi_c - lo_c) > 1.5 * (hi_i - lo_i)

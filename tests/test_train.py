@@ -18,15 +18,11 @@ from qtalign.tasks.items import demo_data_dir
 from qtalign.engine.forward import ModelParts
 from qtalign.errors import QtalignError
 from qtalign.engine.models import ModelConfig, load_model
-from qtalign.train.recipe import (
-    Collator,
-    TrainConfig,
-    encode_example,
-    install_response_loss,
-    read_log,
-    response_loss_sum,
-    train,
-)
+from qtalign.train.config import TrainConfig
+from qtalign.train.data import Collator, encode_example
+from qtalign.train.loss import install_response_loss, response_loss_sum
+from qtalign.train.recipe import train
+from qtalign.train.trainer import read_log
 
 
 def _toy_records(n: int = 48) -> list[dict]:

@@ -14,3 +14,14 @@ def data_error(path, message: str, record: int | str | None = None, field: str |
     if field is not None:
         where.append(f"field '{field}'")
     return QtalignError(": ".join(where) + ": " + message)
+
+
+def validation_message(e, where: str = "config") -> str:
+    """A pydantic ValidationError as one line naming where the config came from and the dotted field."""
+    err = e.errors()[0]
+    loc = ".".join(str(x) for x in err["loc"])
+    more = "" if len(e.errors()) == 1 else f" (and {len(e.errors()) - 1} more)"
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, "):]
+    return f"{where}: field '{loc}': {msg}{more}"

@@ -77,11 +77,17 @@ def read_json(path: str | Path, default: Any = None) -> Any:
 
 
 def read_jsonl(path: str | Path) -> Iterator[dict]:
-    """Records of a JSONL file; a line cut by a kill (not valid JSON) is skipped."""
+    """Records of a JSONL file (or of its gzip-compressed copy ``path.gz``, as exports store predictions); a line cut
+    by a kill (not valid JSON) is skipped."""
+    import gzip
+
     p = Path(path)
+    if not p.exists() and Path(str(p) + ".gz").exists():
+        p = Path(str(p) + ".gz")
     if not p.exists():
         return
-    with open(p, encoding="utf-8") as f:
+    opener = gzip.open if p.suffix == ".gz" else open
+    with opener(p, "rt", encoding="utf-8") as f:
         for line in f:
             if not line.strip():
                 continue
@@ -99,6 +105,24 @@ def repair_jsonl_tail(path: str | Path) -> None:
     data = p.read_bytes()
     if data and not data.endswith(b"\n"):
         p.write_bytes(data[: data.rfind(b"\n") + 1])
+
+
+def read_config(path: str | Path) -> dict:
+    """A YAML (or JSON) config file as a mapping: one clear line for a missing file, bad YAML or a non-mapping."""
+    import yaml
+
+    p = Path(path)
+    if not p.is_file():
+        raise QtalignError(f"{p}: config file not found")
+    try:
+        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise QtalignError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except UnicodeDecodeError:
+        raise QtalignError(f"{p}: not UTF-8 text") from None
+    if not isinstance(d, dict):
+        raise QtalignError(f"{p}: a config file must be a mapping")
+    return d
 
 
 @contextlib.contextmanager
@@ -269,7 +293,11 @@ class OutputDir:
         return self.path / name
 
     def is_ours(self, name: str) -> bool:
-        return name.split("/", 1)[0] in self.entries()
+        """Whether a top-level name is one qtalign wrote (entries may be patterns, e.g. 'lens_*.png')."""
+        import fnmatch
+
+        top = name.split("/", 1)[0]
+        return any(top == e or fnmatch.fnmatchcase(top, e) for e in self.entries())
 
     def remove(self, *names: str) -> None:
         """Remove entries qtalign wrote (missing ones are fine); refuse anything else."""
@@ -280,15 +308,13 @@ class OutputDir:
             target = self.path / name
             if not target.exists() and not target.is_symlink():
                 continue
-            if top not in self.entries():
+            if not self.is_ours(top):
                 raise QtalignError(f"{target}: not written by qtalign (not listed in {self.path / MARKER}); "
                                    "refusing to delete it")
             if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             else:
-                target.unlink()
-            if "/" not in name:
-                self._save(self.entries() - {top})
+                target.unlink()  # the name stays in the marker: qtalign writes it here again
 
 
 def safe_name(label: str, what: str) -> str:

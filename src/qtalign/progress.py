@@ -20,11 +20,13 @@ def _fmt_s(s: float) -> str:
     return f"{h}h{m:02d}m" if h else (f"{m}m{sec:02d}s" if m else f"{sec}s")
 
 
-def progress_line(desc: str, done: int, total: int, elapsed: float, unit: str = "items") -> str:
-    rate = done / elapsed if elapsed > 0 else 0.0
+def progress_line(desc: str, done: int, total: int, elapsed: float, unit: str = "items", info: str = "", start: int = 0) -> str:
+    """One progress line; the rate counts only the work done since this display started (``start``)."""
+    rate = (done - start) / elapsed if elapsed > 0 else 0.0
     pct = f" ({100 * done / total:.1f} %)" if total else ""
     eta = _fmt_s((total - done) / rate) if rate > 0 and total else "?"
-    return f"{desc}: {done}/{total} {unit}{pct} | {rate:.3g} {unit}/s | elapsed {_fmt_s(elapsed)} | ETA {eta}"
+    tail = f" | {info}" if info else ""
+    return f"{desc}: {done}/{total} {unit}{pct} | {rate:.3g} {unit}/s | elapsed {_fmt_s(elapsed)} | ETA {eta}{tail}"
 
 
 class Progress:
@@ -38,11 +40,14 @@ class Progress:
         self.interval = float(interval if interval is not None else os.environ.get("QTALIGN_PROGRESS_INTERVAL", 30))
         self.terminal = self.stream.isatty() if terminal is None else terminal
         self.done = 0
+        self.info = ""
+        self._start = 0
         self._bar = self._task = None
         self._t0 = self._last = time.time()
 
     def __enter__(self) -> "Progress":
         self._t0 = self._last = time.time()
+        self._start = self.done  # a resumed run: the rate and ETA count from here
         if self.enabled and self.terminal:
             from rich.console import Console
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn
@@ -52,20 +57,26 @@ class Progress:
                                      TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
                                      console=Console(file=self.stream), transient=False)
             self._bar.start()
-            self._task = self._bar.add_task(self.desc, total=self.total, rate="")
+            self._task = self._bar.add_task(self.desc, total=self.total, completed=self.done, rate="")
         return self
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, info: str | None = None) -> None:
         self.done += n
+        if info is not None:
+            self.info = info
         if not self.enabled:
             return
         now = time.time()
         if self._bar is not None:
             el = now - self._t0
-            self._bar.update(self._task, advance=n, rate=f"{self.done / el:.3g} {self.unit}/s" if el > 0 else "")
+            rate = f"{(self.done - self._start) / el:.3g} {self.unit}/s" if el > 0 else ""
+            self._bar.update(self._task, advance=n, rate=rate + (f"  {self.info}" if self.info else ""))
         elif now - self._last >= self.interval:
             self._last = now
-            print(progress_line(self.desc, self.done, self.total, now - self._t0, self.unit), file=self.stream, flush=True)
+            print(self.line(now), file=self.stream, flush=True)
+
+    def line(self, now: float | None = None) -> str:
+        return progress_line(self.desc, self.done, self.total, (now or time.time()) - self._t0, self.unit, self.info, self._start)
 
     def __exit__(self, *exc) -> None:
         if not self.enabled:
@@ -73,5 +84,4 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
         else:
-            print(progress_line(self.desc, self.done, self.total, time.time() - self._t0, self.unit), file=self.stream,
-                  flush=True)
+            print(self.line(), file=self.stream, flush=True)

@@ -37,27 +37,20 @@ def mean(xs) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def auc(scores: list[float], labels: list[bool]) -> float:
+def auc(scores, labels) -> float:
     """Area under the ROC curve of ``scores`` for the positives in ``labels``: the probability that a random
     positive scores above a random negative, ties counting one half (Mann-Whitney U with average ranks). NaN when a
     class is absent."""
-    pos = sum(1 for y in labels if y)
-    neg = len(labels) - pos
+    import numpy as np
+    from scipy.stats import rankdata
+
+    y = np.asarray(labels, dtype=bool)
+    pos = int(y.sum())
+    neg = len(y) - pos
     if pos == 0 or neg == 0:
         return float("nan")
-    order = sorted(range(len(scores)), key=lambda i: scores[i])
-    ranks = [0.0] * len(scores)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and scores[order[j + 1]] == scores[order[i]]:
-            j += 1
-        r = (i + j) / 2 + 1  # average rank of a run of ties
-        for k in range(i, j + 1):
-            ranks[order[k]] = r
-        i = j + 1
-    rank_sum = sum(r for r, y in zip(ranks, labels) if y)
-    return (rank_sum - pos * (pos + 1) / 2) / (pos * neg)
+    ranks = rankdata(np.asarray(scores, dtype=np.float64))  # average ranks for ties
+    return float((ranks[y].sum() - pos * (pos + 1) / 2) / (pos * neg))
 
 
 def class_auc(probs: list[list[float]], gold: list[int], n_classes: int) -> float:

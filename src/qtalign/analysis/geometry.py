@@ -27,37 +27,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
-from pydantic import Field, field_validator
 
-from qtalign.tasks.items import comma_list, load_items
-from qtalign.engine.forward import Engine, Prompt, lcp, encode_prompts
-from qtalign.errors import QtalignError
-from qtalign.analysis.lens import BASE, AnalysisConfig, analysis_summary, load_models, prepare_analysis, write_summary
+from qtalign.analysis.common import analysis_summary, load_models, prepare_analysis, write_summary
+from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - the geometry stage's config
+from qtalign.engine.forward import Engine, Prompt, encode_prompts, lcp, pad_id
 from qtalign.engine.models import LoadedModel
+from qtalign.errors import QtalignError
 
-POOLS = ("prompt", "query", "last")
+OUR_FILES = ("geometry_*.npz", "geom_*.png", "summary.json")
 
-
-class GeometryConfig(AnalysisConfig):
-    """Representation-geometry settings (round-trips to YAML/JSON)."""
-
-    pools: list[Literal["prompt", "query", "last"]] = Field(
-        default_factory=lambda: list(POOLS), description="poolings: prompt (mean over all prompt tokens, the paper), query (mean over the item's tokens), last (last token)"
-    )
-    layers: list[int] | None = Field(None, description="layers shown in scatter plots and pair heatmaps (default: 5 evenly spaced, 0..L)")
-    reference: str = Field("en", description="reference language for cosine similarity and the per-layer heatmaps")
-    normed_last: bool = Field(True, description="pass layer L through the final norm (as HF hidden_states and the paper)")
-    save_vectors: bool = Field(False, description="also save the pooled vectors (float16) in the npz")
-
-    @field_validator("pools", mode="before")
-    @classmethod
-    def _split_pools(cls, v):
-        return comma_list(v)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -204,8 +186,7 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
                   normed_last: bool = True) -> dict[str, dict]:
     """{pool: {prompt key: (L+1, d) float32 array}} for prompts that share their group's prefix."""
     tok = lm.tokenizer
-    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
-    eng = Engine(lm.model, pad_id=pad, batch_size=batch_size)
+    eng = Engine(lm.model, pad_id=pad_id(tok), batch_size=batch_size)
     parts = eng.parts
     enc = encode_prompts(tok, prompts)
     # where the item's own tokens begin: after the longest token prefix shared with the tokenized demo block
@@ -245,116 +226,6 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
 
 
 # --------------------------------------------------------------------------------------------------------
-# plots
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _plot_layers(path: Path, res: dict, langs: list[str], ref: str, title: str) -> None:
-    plt = _plt()
-    names = list(res)
-    ri = langs.index(ref)
-    cols = names + [f"{n} − {names[0]}" for n in names[1:]]
-    rows = [("cos", f"cosine to {ref}"), ("cos_centred", f"cosine to {ref} (centred)"), ("pc1corr", f"PC1 corr. with {ref}"),
-            ("cka", f"CKA with {ref}"), ("retrieval_from", f"retrieval → {ref}"), ("retrieval_to", f"retrieval {ref} →")]
-    rows = [r for r in rows if r[0] in res[names[0]]]
-    fig, axes = plt.subplots(len(rows), len(cols), figsize=(3.4 * len(cols) + 0.6, 0.22 * len(langs) * len(rows) + 1.8),
-                             squeeze=False, sharex=True, sharey=True)
-    for i, (metric, label) in enumerate(rows):
-        mats = {}
-        for n in names:
-            a = res[n][metric]
-            mats[n] = (a[:, :, ri] if a.ndim == 3 else a).T  # (n_lang, L+1)
-        finite = [float(np.nanmin(m)) for m in mats.values() if np.isfinite(m).any()]
-        # correlations on [-1, 1], CKA on [0, 1]; cosines (raw ones sit near 1) on [their minimum, 1]
-        lo = {"pc1corr": -1.0, "cka": 0.0, "retrieval_from": 0.0, "retrieval_to": 0.0}.get(metric, min(finite + [1.0]) - 1e-3)
-        diffs = {c: mats[c.split(" − ")[0]] - mats[names[0]] for c in cols[len(names):]}
-        v = max([1e-6] + [float(np.nanmax(np.abs(d))) for d in diffs.values() if np.isfinite(d).any()])
-        for j, c in enumerate(cols):
-            ax = axes[i, j]
-            if j < len(names):
-                im = ax.imshow(mats[c], aspect="auto", cmap="RdBu_r" if metric == "pc1corr" else "viridis", vmin=lo, vmax=1,
-                               interpolation="nearest")
-            else:
-                im = ax.imshow(diffs[c], aspect="auto", cmap="RdBu_r", vmin=-v, vmax=v, interpolation="nearest")
-            if j in (len(names) - 1, len(cols) - 1):  # one colour bar per scale
-                fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02).ax.tick_params(labelsize=6)
-            ax.set_yticks(range(len(langs)), langs, fontsize=6)
-            ax.tick_params(labelsize=6)
-            if i == 0:
-                ax.set_title(c, fontsize=8)
-            if j == 0:
-                ax.set_ylabel(label, fontsize=7)
-            if i == len(rows) - 1:
-                ax.set_xlabel("layer", fontsize=7)
-    fig.suptitle(title, fontsize=9)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _plot_pairs(path: Path, res: dict, langs: list[str], layers: list[int], title: str) -> None:
-    plt = _plt()
-    names = list(res)
-    cols = [(n, m) for n in names for m in ("pc1corr", "cka")]
-    k = len(langs)
-    size = max(1.8, 0.3 * k)
-    fig, axes = plt.subplots(len(layers), len(cols), figsize=(size * len(cols) + 0.5, size * len(layers) + 0.6), squeeze=False)
-    for i, layer in enumerate(layers):
-        for j, (n, metric) in enumerate(cols):
-            ax = axes[i, j]
-            m = res[n][metric][layer]
-            ax.imshow(m, cmap="RdBu_r" if metric == "pc1corr" else "viridis", vmin=-1 if metric == "pc1corr" else 0, vmax=1)
-            if k <= 8:
-                for a in range(k):
-                    for b in range(k):
-                        dark = abs(m[a, b]) > 0.6 if metric == "pc1corr" else m[a, b] < 0.5  # RdBu is dark at |r| -> 1, viridis at 0
-                        ax.text(b, a, f"{m[a, b]:.2f}", ha="center", va="center", fontsize=5, color="w" if dark else "k")
-            ax.set_xticks(range(k), langs, fontsize=5, rotation=90)
-            ax.set_yticks(range(k), langs, fontsize=5)
-            ax.set_title(f"{n}: {'PC1 corr.' if metric == 'pc1corr' else 'CKA'}, layer {layer}", fontsize=6)
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-def _plot_pca(path: Path, res: dict, langs: list[str], n_items: int, layers: list[int], title: str) -> None:
-    plt = _plt()
-    names = list(res)
-    fig, axes = plt.subplots(len(layers), 2 * len(names), figsize=(2.6 * 2 * len(names), 2.4 * len(layers) + 0.5), squeeze=False)
-    cmap = plt.get_cmap("tab10" if len(langs) <= 10 else "tab20")
-    item_colour = np.tile(np.arange(n_items), len(langs))
-    for i, layer in enumerate(layers):
-        for j, n in enumerate(names):
-            xy = res[n]["pca2"][layer]
-            var = res[n]["pca2_var"][layer]
-            ax = axes[i, 2 * j]
-            for li, lang in enumerate(langs):
-                s = slice(li * n_items, (li + 1) * n_items)
-                ax.scatter(xy[s, 0], xy[s, 1], s=4, color=cmap(li % cmap.N), label=lang, alpha=0.7, lw=0)
-            ax.set_title(f"{n}, layer {layer}: by language", fontsize=7)
-            ax2 = axes[i, 2 * j + 1]
-            ax2.scatter(xy[:, 0], xy[:, 1], s=4, c=item_colour, cmap="viridis", alpha=0.7, lw=0)
-            ax2.set_title(f"{n}, layer {layer}: by item", fontsize=7)
-            for a in (ax, ax2):
-                a.set_xlabel(f"PC1 ({100 * var[0]:.0f} %)", fontsize=6)
-                a.set_ylabel(f"PC2 ({100 * var[1]:.0f} %)", fontsize=6)
-                a.tick_params(labelsize=5)
-    axes[0, 0].legend(fontsize=5, markerscale=2, loc="best")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------------------------------------
 # stage
 
 
@@ -375,14 +246,9 @@ def default_layers(n_layers: int, k: int = 5) -> list[int]:
     return sorted({int(round(x)) for x in np.linspace(0, n_layers, k)})
 
 
-def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True) -> dict:
-    """Representation geometry for every task x variant of ``cfg`` and every model (``{'base': ..., 'tuned': ...}``;
-    loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
-    from tqdm.auto import tqdm
-
-    t0 = time.time()
-    out, specs, source, groups, skipped = prepare_analysis(cfg, out_dir)
-    for t in cfg.tasks:  # configuration errors before the (slow) model loading
+def _check(cfg: GeometryConfig, groups) -> None:
+    """Configuration errors before the (slow) model loading."""
+    for t in cfg.tasks:
         for v in cfg.variants:
             langs = [lang for (tt, vv, lang) in groups if tt == t and vv == v]
             if langs and cfg.reference not in langs:
@@ -390,88 +256,121 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                                    f"{langs} (add it to --langs or choose --reference)")
             if langs and len(langs) < 2:
                 raise QtalignError(f"geometry {t}/{v}: needs at least two languages with data, got {langs}")
+
+
+def _parallel(cfg: GeometryConfig, items: dict, t: str, langs: list[str]) -> tuple[dict, list[int]]:
+    """Items present in every language (then the limit): {lang: {index: item}}, the common indices."""
+    per_lang = {lang: {it.index: it for it in items[(t, lang)]} for lang in langs}
+    common = sorted(set.intersection(*(set(d) for d in per_lang.values())))
+    if cfg.limit:
+        common = common[: cfg.limit]
+    if len(common) < 3:
+        raise QtalignError(f"geometry {t}: only {len(common)} items are present in every language of {langs}; need >= 3")
+    return per_lang, common
+
+
+def _metrics(cfg: GeometryConfig, models: dict, prompts: list, langs: list[str], common: list[int], clusters,
+             timing: dict, bar) -> tuple[dict, dict]:
+    """Per model x pool, every metric per layer: ({'model/pool': {metric: (L+1, ...)}}, saved vectors)."""
+    res, vectors = {}, {}
+    ref = langs.index(cfg.reference)
+    for name, lm in models.items():
+        t1 = time.time()
+        states = pooled_states(lm, prompts, cfg.pools, cfg.batch_size, cfg.normed_last)
+        for pool in cfg.pools:
+            arr = np.stack([np.stack([states[pool][(lang, i)] for i in common]) for lang in langs])  # (n_lang, n, L+1, d)
+            arr = arr.transpose(2, 0, 1, 3)  # (L+1, n_lang, n, d)
+            per_layer = [layer_metrics(list(arr[layer]), ref, clusters) for layer in range(arr.shape[0])]
+            res[f"{name}/{pool}"] = {k: np.stack([m[k] for m in per_layer]) for k in per_layer[0]}
+            if cfg.save_vectors:
+                vectors[f"{name}/{pool}/vectors"] = arr.astype(np.float16)
+            bar.advance(1)
+        timing[name] += time.time() - t1
+    return res, vectors
+
+
+def _table(cfg, t: str, v: str, pool: str, by_model: dict, langs: list[str], n_layers: int, numbers: dict) -> dict:
+    names, mid, ri = list(by_model), n_layers // 2, langs.index(cfg.reference)
+    hdr = [f"{n}: PC1 r (L{n_layers})" for n in names] + [f"{n}: PC1 r (L{mid})" for n in names] \
+        + [f"{n}: CKA (L{mid})" for n in names] + [f"{n}: cos (L{mid})" for n in names] \
+        + [f"{n}: retrieval → {cfg.reference} (L{mid})" for n in names]
+    md = [f"| lang | {' | '.join(hdr)} |", "|---|" + "---:|" * len(hdr)]
+    for li, lang in enumerate(langs):
+        if li == ri:
+            continue
+        cells = []
+        for metric, layer in (("pc1corr", n_layers), ("pc1corr", mid), ("cka", mid), ("cos", mid), ("retrieval_from", mid)):
+            for n in names:
+                a = by_model[n][metric][layer]
+                x = float(a[li, ri] if a.ndim == 2 else a[li])
+                cells.append(f"{x:.3f}")
+                numbers[f"{n}/{t}/{v}/{pool}/{lang}/{metric}_L{layer}"] = x
+        md.append(f"| {lang} | {' | '.join(cells)} |")
+    return {"title": f"Geometry vs {cfg.reference}: {t} ({v} prompts), {pool} pooling", "markdown": "\n".join(md)}
+
+
+def _figures(cfg, t: str, v: str, pool: str, by_model: dict, langs: list[str], n_items: int, layers: list[int], out: Path) -> list[dict]:
+    from qtalign.analysis.plots import plot_geometry_layers, plot_geometry_pairs, plot_geometry_pca
+
+    names = list(by_model)
+    title = f"{t} ({v} prompts), pooling: {pool}, n = {n_items} parallel items"
+    f1, f2, f3 = (f"geom_{t}_{v}_{pool}_{s}.png" for s in ("layers", "pairs", "pca"))
+    plot_geometry_layers(out / f1, by_model, langs, cfg.reference, title)
+    plot_geometry_pairs(out / f2, by_model, langs, layers, title)
+    plot_geometry_pca(out / f3, by_model, langs, n_items, layers, title)
+    vs = " vs ".join(names) + (" with the difference" if len(names) > 1 else "")
+    return [
+        {"path": f1, "caption": f"{t}/{v}, {pool} pooling: per layer and language, cosine similarity to {cfg.reference} (raw and "
+         f"centred), PC1 correlation with {cfg.reference}, linear CKA with {cfg.reference} and cross-lingual retrieval "
+         f"accuracy from and to {cfg.reference}; {vs}."},
+        {"path": f2, "caption": f"{t}/{v}, {pool} pooling: language x language PC1 correlation and CKA at layers {layers}."},
+        {"path": f3, "caption": f"{t}/{v}, {pool} pooling: joint 2-D PCA of all languages' item vectors at layers {layers}, "
+         "coloured by language and by item."},
+    ]
+
+
+def _prompts(task, t: str, v: str, langs: list[str], common: list[int], per_lang: dict) -> list[Prompt]:
+    out = []
+    for lang in langs:
+        for i in common:
+            prefix, q = task.prompt_parts(lang, v, per_lang[lang][i].fields)
+            out.append(Prompt((lang, i), f"{t}/{v}/{lang}", prefix, prefix + q))
+    return out
+
+
+def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True) -> dict:
+    """Representation geometry for every task x variant of ``cfg`` and every model (``{'base': ..., 'tuned': ...}``;
+    loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
+    from qtalign.progress import Progress
+
+    t0 = time.time()
+    out, specs, source, groups, skipped, items = prepare_analysis(cfg, out_dir, "geometry", OUR_FILES,
+                                                                   check=lambda gs: _check(cfg, gs), apply_limit=False)
     models = models or load_models(cfg)
     names = list(models)
     figures, tables, numbers, retrieval = [], [], {}, {}
     timing: dict[str, float] = {n: 0.0 for n in names}
-    for t in cfg.tasks:
-        task = specs.task(t)
-        for v in cfg.variants:
-            langs = [lang for (tt, vv, lang) in groups if tt == t and vv == v]
-            if not langs:
-                continue
-            per_lang = {lang: {it.index: it for it in load_items(task, lang, source, cfg.item_range(t), exclude=set(cfg.exclude_items))}
-                        for lang in langs}
-            common = sorted(set.intersection(*(set(d) for d in per_lang.values())))
-            if cfg.limit:
-                common = common[: cfg.limit]
-            if len(common) < 3:
-                raise QtalignError(f"geometry {t}/{v}: only {len(common)} items are present in every language of {langs}; need >= 3")
-            prompts = []
-            for lang in langs:
-                for i in common:
-                    prefix, q = task.prompt_parts(lang, v, per_lang[lang][i].fields)
-                    prompts.append(Prompt((lang, i), f"{t}/{v}/{lang}", prefix, prefix + q))
+    tv = [(t, v, [lang for (tt, vv, lang) in groups if tt == t and vv == v]) for t in cfg.tasks for v in cfg.variants]
+    tv = [x for x in tv if x[2]]
+    with Progress("geometry", len(tv) * len(names) * len(cfg.pools), unit="model×pool", enabled=progress) as bar:
+        for t, v, langs in tv:
+            task = specs.task(t)
+            per_lang, common = _parallel(cfg, items, t, langs)
             clusters = item_clusters(task, [per_lang[cfg.reference][i] for i in common])
-            res: dict[str, dict] = {}
-            vectors: dict[str, dict] = {}
-            bar = tqdm(total=len(names) * len(cfg.pools), desc=f"geometry {t}/{v}", unit="model×pool", disable=not progress or None)
-            for name in names:
-                t1 = time.time()
-                states = pooled_states(models[name], prompts, cfg.pools, cfg.batch_size, cfg.normed_last)
-                for pool in cfg.pools:
-                    arr = np.stack([np.stack([states[pool][(lang, i)] for i in common]) for lang in langs])  # (n_lang, n, L+1, d)
-                    arr = arr.transpose(2, 0, 1, 3)  # (L+1, n_lang, n, d)
-                    per_layer = [layer_metrics(list(arr[layer]), langs.index(cfg.reference), clusters) for layer in range(arr.shape[0])]
-                    res[f"{name}/{pool}"] = {k: np.stack([m[k] for m in per_layer]) for k in per_layer[0]}
-                    if cfg.save_vectors:
-                        vectors[f"{name}/{pool}/vectors"] = arr.astype(np.float16)
-                    bar.update(1)
-                timing[name] += time.time() - t1
-            bar.close()
+            res, vectors = _metrics(cfg, models, _prompts(task, t, v, langs, common, per_lang), langs, common, clusters, timing, bar)
             n_layers = next(iter(res.values()))["cka"].shape[0] - 1
             layers = cfg.layers if cfg.layers is not None else default_layers(n_layers)
             bad = [x for x in layers if not 0 <= x <= n_layers]
             if bad:
                 raise QtalignError(f"geometry: layers {bad} out of range 0..{n_layers}")
             gold = [per_lang[cfg.reference][i].gold for i in common]
-            np.savez_compressed(
-                out / f"geometry_{t}_{v}.npz", langs=np.array(langs), index=np.array(common), layers=np.array(layers),
-                gold=np.array([-1 if g is None else g for g in gold]),
-                **{f"{k}/{m}": a for k, d in res.items() for m, a in d.items()}, **vectors,
-            )
-            mid = n_layers // 2
+            np.savez_compressed(out / f"geometry_{t}_{v}.npz", langs=np.array(langs), index=np.array(common), layers=np.array(layers),
+                                gold=np.array([-1 if g is None else g for g in gold]),
+                                **{f"{k}/{m}": a for k, d in res.items() for m, a in d.items()}, **vectors)
             for pool in cfg.pools:
                 by_model = {n: res[f"{n}/{pool}"] for n in names}
-                title = f"{t} ({v} prompts), pooling: {pool}, n = {len(common)} parallel items"
-                f1, f2, f3 = (f"geom_{t}_{v}_{pool}_{s}.png" for s in ("layers", "pairs", "pca"))
-                _plot_layers(out / f1, by_model, langs, cfg.reference, title)
-                _plot_pairs(out / f2, by_model, langs, layers, title)
-                _plot_pca(out / f3, by_model, langs, len(common), layers, title)
-                figures += [
-                    {"path": f1, "caption": f"{t}/{v}, {pool} pooling: per layer and language, cosine similarity to {cfg.reference} (raw and "
-                     f"centred), PC1 correlation with {cfg.reference} and linear CKA with {cfg.reference}; " + " vs ".join(names)
-                     + (" with the difference" if len(names) > 1 else "") + "."},
-                    {"path": f2, "caption": f"{t}/{v}, {pool} pooling: language x language PC1 correlation and CKA at layers {layers}."},
-                    {"path": f3, "caption": f"{t}/{v}, {pool} pooling: joint 2-D PCA of all languages' item vectors at layers {layers}, "
-                     "coloured by language and by item."},
-                ]
-                ri = langs.index(cfg.reference)
-                hdr = [f"{n}: PC1 r (L{n_layers})" for n in names] + [f"{n}: PC1 r (L{mid})" for n in names] \
-                    + [f"{n}: CKA (L{mid})" for n in names] + [f"{n}: cos (L{mid})" for n in names]
-                md = [f"| lang | {' | '.join(hdr)} |", "|---|" + "---:|" * len(hdr)]
-                for li, lang in enumerate(langs):
-                    if li == ri:
-                        continue
-                    cells = []
-                    for metric, layer in (("pc1corr", n_layers), ("pc1corr", mid), ("cka", mid), ("cos", mid)):
-                        for n in names:
-                            a = by_model[n][metric][layer]
-                            x = float(a[li, ri] if a.ndim == 2 else a[li])
-                            cells.append(f"{x:.3f}")
-                            numbers[f"{n}/{t}/{v}/{pool}/{lang}/{metric}_L{layer}"] = x
-                    md.append(f"| {lang} | {' | '.join(cells)} |")
-                tables.append({"title": f"Geometry vs {cfg.reference}: {t} ({v} prompts), {pool} pooling", "markdown": "\n".join(md)})
+                figures += _figures(cfg, t, v, pool, by_model, langs, len(common), layers, out)
+                tables.append(_table(cfg, t, v, pool, by_model, langs, n_layers, numbers))
             numbers[f"{t}/{v}/items"] = len(common)
             retrieval[f"{t}/{v}"] = retrieval_record(res, names, cfg.pools, langs, cfg.reference, len(common), clusters)
     summary = analysis_summary(

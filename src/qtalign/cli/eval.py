@@ -1,74 +1,59 @@
-"""`qtalign eval` and `qtalign labels`."""
+"""`qtalign eval` and `qtalign labels`: options generated from EvalConfig."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from qtalign.cli import add_model_args, add_task_args, load_config_file, task_overrides, with_model_overrides
+from qtalign.cli.options import add_common, add_config_options, add_model_options, build_config, save_config
 
 
 def configure_parser(p, name: str) -> None:
-    add_model_args(p)
-    add_task_args(p)
-    if name == "eval":
-        g = p.add_argument_group("scoring and output")
-        g.add_argument("--method", choices=["first-token", "faithful", "sequence"], help="scoring rule (default first-token)")
-        g.add_argument("--length-norm", action="store_true", default=None, help="sequence: mean token log-prob")
-        g.add_argument("--no-prefix-cache", dest="prefix_cache", action="store_false", default=None)
-        g.add_argument("--no-calibrate", dest="calibrate", action="store_false", default=None)
-        g.add_argument("--out", required=True, help="output dir (resumable)")
-        g.add_argument("--overwrite", action="store_true", help="discard a previous run in --out")
-        g.add_argument("--save-config", help="write the resolved config as YAML and exit")
-    else:
-        p.add_argument("--out", help="write labels.md/labels.json here (default: print markdown)")
-
-
-def eval_config(args):
     from qtalign.eval.config import EvalConfig
 
-    d = load_config_file(getattr(args, "config", None))
-    d = d.get("eval", d)
-    d.update(task_overrides(args))
-    for k in ("method", "length_norm", "prefix_cache", "calibrate"):
-        if getattr(args, k, None) is not None:
-            d[k] = getattr(args, k)
-    with_model_overrides(d, args)
-    return EvalConfig(**d)
+    add_model_options(p)
+    g = p.add_argument_group("tasks, data and scoring")
+    add_config_options(g, EvalConfig, skip={"model"} if name == "eval" else {"model", "method", "length_norm",
+                                                                             "prefix_cache", "calibrate", "store"})
+    if name == "eval":
+        add_common(p)
+    else:
+        add_common(p, out_required=False, overwrite=False, save=False,
+                   out_help="write labels.md/labels.json here (default: print the markdown)")
 
 
 def run_cli(args) -> int:
-    cfg = eval_config(args)
+    from qtalign.eval.config import EvalConfig
+
+    cfg = build_config(EvalConfig, args, section="eval")
     if args.command == "labels":
-        from qtalign.eval.labels import label_report, write_label_report
-        from qtalign.eval.run import _tokenizer
-        from qtalign.tasks.specs import load_specs
-
-        specs = load_specs(cfg.prompts)
-        langs = sorted({c for t in cfg.tasks for c in specs.resolve_langs(cfg.langs, t)}, key=specs.order.index)
-        rows = label_report(_tokenizer(cfg), specs, cfg.tasks, langs, cfg.variants)
-        out = Path(args.out) if args.out else Path(".")
-        if args.out:
-            out.mkdir(parents=True, exist_ok=True)
-            write_label_report(rows, out)
-            print(f"wrote {out / 'labels.md'}")
-        else:
-            import tempfile
-
-            with tempfile.TemporaryDirectory() as d:
-                write_label_report(rows, Path(d))
-                print((Path(d) / "labels.md").read_text())
-        return 0
+        return _labels(cfg, args.out)
     if args.save_config:
-        import yaml
-
-        Path(args.save_config).write_text(yaml.safe_dump({"eval": cfg.model_dump()}, sort_keys=False, allow_unicode=True))
-        print(f"wrote {args.save_config}")
+        save_config(cfg, args.save_config, "eval")
         return 0
     from qtalign.eval.run import evaluate
 
     res = evaluate(cfg, args.out, overwrite=args.overwrite)
     if res:
-        print((Path(args.out) / "table.md").read_text())
-        print(json.dumps({"out": args.out, "eval_s": res["timing"]["eval_s"]}))
+        print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+        print(json.dumps({"out": args.out, "eval_s": res["timing"]["eval_s"], "items_from_store": res["timing"]["items_from_store"]}))
+    return 0
+
+
+def _labels(cfg, out: str | None) -> int:
+    from qtalign.eval.labels import label_report, label_markdown, write_label_report
+    from qtalign.eval.run import _tokenizer
+    from qtalign.io import OutputDir
+    from qtalign.tasks.specs import load_specs
+
+    specs = load_specs(cfg.prompts)
+    langs = sorted({c for t in cfg.tasks for c in specs.resolve_langs(cfg.langs, t)}, key=specs.order.index)
+    rows = label_report(_tokenizer(cfg), specs, cfg.tasks, langs, cfg.variants)
+    if out:
+        d = OutputDir(out, "labels").claim(adopt=("labels.md", "labels.json"))
+        d.record("labels.md", "labels.json")
+        write_label_report(rows, d.path)
+        print(f"wrote {d.path / 'labels.md'}")
+    else:
+        print(label_markdown(rows))
     return 0

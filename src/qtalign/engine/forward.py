@@ -41,6 +41,13 @@ class Encoded:
     prefix_len: int = 0  # tokens shared with the group's cached prefix
 
 
+def pad_id(tokenizer) -> int:
+    """The id right-padded batches are filled with (never attended to): the pad token, else EOS, else 0."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
+
+
 def lcp(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
     n = min(len(a), len(b))

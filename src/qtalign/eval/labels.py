@@ -8,7 +8,7 @@ from pathlib import Path
 from qtalign.errors import QtalignError
 
 from qtalign.io import write_json, write_text
-from qtalign.scoring.scorer import plan_words
+from qtalign.scoring.first_token import plan_words
 from qtalign.tasks.specs import SpecSet
 from qtalign.tasks.tokens import candidate_sets, describe_tokens
 
@@ -57,6 +57,10 @@ def label_report(tok, specs: SpecSet, tasks: list[str], langs: list[str], varian
 
 def write_label_report(rows: list[dict], out: Path) -> None:
     write_json(out / "labels.json", rows)
+    write_text(out / "labels.md", label_markdown(rows))
+
+
+def label_markdown(rows: list[dict]) -> str:
     md = ["| task | variant | lang | labels (tokens) | candidates | collisions | forced prefix | overlap with English sets |",
           "|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -66,4 +70,4 @@ def write_label_report(rows: list[dict], out: Path) -> None:
         coll = " ".join(repr(x) for x in r["collision_tokens"][:6]) or "–"
         md.append(f"| {r['task']} | {r['variant']} | {r['lang']} | {lab} | {cand} | {coll} | {r['forced_prefix'] or '–'} | {ov}"
                   + (f" ⚠ {r['problem']}" if r["problem"] else "") + " |")
-    write_text(out / "labels.md", "\n".join(md) + "\n")
+    return "\n".join(md) + "\n"

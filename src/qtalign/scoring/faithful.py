@@ -20,6 +20,7 @@ from typing import Iterator
 import torch
 
 from qtalign.engine.forward import Prompt, encode_prompts
+from qtalign.scoring.base import ItemScore, normalise
 from qtalign.tasks.tokens import _is_byte_level
 
 
@@ -63,9 +64,7 @@ def official_decision(mass: list[float], rng: random.Random) -> int:
     return 0 if rng.randint(0, 1) >= 2 / 3 else len(mass) - 1
 
 
-def faithful_scores(scorer, reqs, progress=None) -> Iterator:
-    from qtalign.scoring.scorer import ItemScore, normalise
-
+def faithful_scores(scorer, reqs, progress=None) -> Iterator[ItemScore]:
     tok = scorer.tokenizer
     sets_cache: dict[str, list[int]] = {}
 

@@ -9,6 +9,7 @@ the record and the field.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -279,6 +280,40 @@ def parse_range(text: str | None, what: str = "item range") -> slice | None:
     if lo is not None and hi is not None and hi <= lo:
         raise QtalignError(f"bad {what} {text!r}: END must be greater than START")
     return slice(lo, hi)
+
+
+def parse_indices(v, what: str = "item indices") -> list[int]:
+    """Item indices as given: a list of integers, or text of integers and START:END ranges separated by commas or
+    white space ('3, 7, 60:70'); the one home of index lists (CLI, configs, exclusion files)."""
+    if v is None:
+        return []
+    parts = v if isinstance(v, list) else re.split(r"[\s,]+", str(v).strip())
+    out: list[int] = []
+    for tok in parts:
+        if isinstance(tok, bool):
+            raise QtalignError(f"bad {what} {tok!r}: use integers or START:END")
+        if isinstance(tok, int):
+            if tok < 0:
+                raise QtalignError(f"bad {what} {tok}: item indices are non-negative")
+            out.append(tok)
+            continue
+        tok = str(tok).strip()
+        if not tok:
+            continue
+        if ":" in tok:
+            rng = parse_range(tok, what)
+            if rng.start is None or rng.stop is None:
+                raise QtalignError(f"bad {what} {tok!r}: a range needs both ends here (START:END)")
+            out += range(rng.start, rng.stop)
+            continue
+        try:
+            n = int(tok)
+        except ValueError:
+            raise QtalignError(f"bad {what} {tok!r}: use integers or START:END") from None
+        if n < 0:
+            raise QtalignError(f"bad {what} {tok!r}: item indices are non-negative")
+        out.append(n)
+    return out
 
 
 def apply_range(items: list, rng: slice | None, where: str, what: str = "item range") -> list:

@@ -1,0 +1,79 @@
+"""What both analysis stages share: loading the models to compare, the start of a run (seeds, output dir, specs,
+groups), the per-layer mean with its interval, and the summary record."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+from qtalign.analysis.config import BASE, AnalysisConfig
+from qtalign.engine.models import LoadedModel, load_model
+from qtalign.io import write_json
+from qtalign.tasks.specs import load_specs
+
+def load_models(cfg: AnalysisConfig) -> dict[str, LoadedModel]:
+    """{'base': the base model, label: base model + adapter for every entry of cfg.compare}."""
+    models = {BASE: load_model(cfg.model)}
+    for name, adapter in cfg.compare.items():
+        models[name] = load_model(cfg.model.model_copy(update={"adapter": adapter}))
+    return models
+
+
+def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-column mean and 95 % CI half-width (1.96 sd / sqrt n) of an (n, L+1) array."""
+    n = x.shape[0]
+    if n == 0:
+        nan = np.full(x.shape[1], np.nan)
+        return nan, nan
+    m = x.mean(0)
+    sd = x.std(0, ddof=1) if n > 1 else np.zeros(x.shape[1])
+    return m, 1.96 * sd / math.sqrt(n)
+
+
+# --------------------------------------------------------------------------------------------------------
+# stage
+
+
+def analysis_summary(stage: str, cfg: AnalysisConfig, models: dict, t0: float, **fields) -> dict:
+    """The summary.json record every analysis stage writes (docs/architecture.md), with stage-specific `fields`."""
+    from qtalign.io import fingerprint
+
+    return {"stage": stage, "fingerprint": fingerprint(cfg.result_config()), "config": cfg.model_dump(mode="json"),
+            "models": {n: lm.info for n, lm in models.items()}, **fields, "timing_s": round(time.time() - t0, 2)}
+
+
+def write_summary(out: Path, summary: dict) -> None:
+    write_json(out / "summary.json", summary)
+
+
+def fmt(x: float) -> str:
+    return "—" if x is None or x != x else f"{x:.3f}"
+
+
+def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path, kind: str, own: tuple[str, ...], check=None,
+                     apply_limit: bool = True):
+    """What every analysis run starts with, before any model is loaded: seeds, the specs, the groups that have data,
+    their items (every data error here), the stage's own checks (``check(groups)``), and only then the output dir
+    claimed -> (out, specs, source, groups, skipped, items)."""
+    from qtalign.environment import seed_everything
+    from qtalign.io import OutputDir
+
+    seed_everything(cfg.seed)
+    out = OutputDir(out_dir, kind).check()
+    specs = load_specs(cfg.prompts)
+    source = cfg.source()
+    groups, skipped = cfg.plan(specs)
+    sel = cfg if apply_limit else cfg.model_copy(update={"limit": None})
+    items = {}
+    for g in groups:
+        if (g.task, g.lang) not in items:
+            items[(g.task, g.lang)] = sel.select(specs.task(g.task), g.lang, source)
+    if check is not None:
+        check(groups)
+    out.claim(adopt=own)
+    out.remove("summary.json")  # present again only once this run has finished
+    out.record(*own)
+    return out.path, specs, source, groups, skipped, items

@@ -1,0 +1,178 @@
+"""Command-line options generated from the pydantic configs: one flag per config field, named after it
+(``learning_rate`` -> ``--learning-rate``), with the field's own description and default as its help, so that flags
+and config keys have one name and one help text. The model section is flattened (``--model`` sets ``model.name``,
+``--dtype`` sets ``model.dtype``, ...). Older flag names stay as deprecated aliases that print a warning.
+
+A command's config is: its config file (``--config``, flat or under a key named after the command) < its flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel
+
+from qtalign.errors import QtalignError, validation_message
+
+# deprecated flag -> the field it sets (kept working; a warning names the new flag)
+DEPRECATED: dict[str, str] = {"--lr": "learning_rate", "--micro-batch-size": "per_device_batch_size", "--variant": "variants"}
+MODEL_FLAG_NAMES = {"name": "--model"}
+
+
+class _Deprecated(argparse.Action):
+    """An old flag name: sets the same destination and tells the user the new name."""
+
+    def __init__(self, option_strings, dest, new: str = "", **kw):
+        self.new = new
+        super().__init__(option_strings, dest, **kw)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(f"qtalign: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def _unwrap(ann) -> tuple[Any, bool]:
+    """(the annotation without Optional, whether None is allowed)."""
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        return (args[0] if len(args) == 1 else ann), len(args) < len(typing.get_args(ann))
+    return ann, False
+
+
+def _kind(ann) -> tuple[str, Any]:
+    """('bool' | 'int' | 'float' | 'str' | 'list' | 'choice' | 'model' | 'other', extra)."""
+    ann, _ = _unwrap(ann)
+    origin = typing.get_origin(ann)
+    if ann is bool:
+        return "bool", None
+    if ann in (int, float, str):
+        return ann.__name__, ann
+    if origin is Literal:
+        return "choice", list(typing.get_args(ann))
+    if origin in (list, dict):  # a dict field takes KEY=VALUE entries (its validator parses them)
+        return "list", typing.get_args(ann)
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return "model", ann
+    return "other", None
+
+
+def _help(info, extra: str = "") -> str:
+    text = (info.description or "").replace("%", "%%")
+    default = info.get_default(call_default_factory=True)
+    if default not in (None, [], {}, "") and not isinstance(default, BaseModel):
+        shown = ",".join(map(str, default)) if isinstance(default, list) else default
+        text += f" (default: {shown})"
+    return text + extra
+
+
+def add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls: type[BaseModel],
+                       skip: set[str] = frozenset(), title: str | None = None, names: dict[str, str] | None = None,
+                       only: list[str] | None = None) -> None:
+    """One flag per field of ``cls`` (or of the fields in ``only``; nested models other than the model section are
+    left to the config file)."""
+    g = p.add_argument_group(title) if title and isinstance(p, argparse.ArgumentParser) else p
+    names = names or {}
+    for name, info in cls.model_fields.items():
+        if name in skip or (only is not None and name not in only):
+            continue
+        kind, extra = _kind(info.annotation)
+        opt = names.get(name, flag(name))
+        dest = name
+        if kind == "bool":
+            g.add_argument(opt, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=_help(info))
+        elif kind in ("int", "float"):
+            g.add_argument(opt, dest=dest, type=extra, default=None, metavar=kind.upper(), help=_help(info))
+        elif kind == "choice":
+            g.add_argument(opt, dest=dest, choices=extra, default=None, help=_help(info))
+        elif kind == "list":
+            g.add_argument(opt, dest=dest, action="append", default=None, metavar="A,B",
+                           help=_help(info, " (comma list; repeatable)"))
+        elif kind in ("str", "other"):
+            g.add_argument(opt, dest=dest, default=None, help=_help(info))
+        # nested models: their own sections (the model section is added by add_model_options)
+        for old, target in DEPRECATED.items():
+            if target == name and old != opt:
+                g.add_argument(old, dest=dest, action=_Deprecated, new=opt, default=None, help=argparse.SUPPRESS)
+
+
+def add_model_options(p: argparse.ArgumentParser) -> None:
+    from qtalign.engine.models import ModelConfig
+
+    add_config_options(p, ModelConfig, title="model", names=MODEL_FLAG_NAMES)
+
+
+def model_values(args) -> dict:
+    """The model flags that were given, as ModelConfig keys."""
+    from qtalign.engine.models import ModelConfig
+
+    return given(args, ModelConfig)
+
+
+def _flatten(v):
+    """A repeatable list flag's values ['a,b', 'c'] -> ['a', 'b', 'c'] (other values unchanged)."""
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return [y.strip() for x in v for y in x.split(",") if y.strip()]
+    return v
+
+
+def given(args, cls: type[BaseModel], skip: set[str] = frozenset()) -> dict:
+    """The flags of ``cls``'s fields that were given on the command line."""
+    return {k: _flatten(getattr(args, k)) for k in cls.model_fields if k not in skip and getattr(args, k, None) is not None}
+
+
+def load_config_file(path: str | None) -> dict:
+    from qtalign.io import read_config
+
+    return read_config(path) if path else {}
+
+
+def build_config(cls: type[BaseModel], args, section: str | None = None, skip: set[str] = frozenset(),
+                 extra: dict | None = None) -> BaseModel:
+    """``cls`` from --config (flat, or under ``section``) < the command line's flags (< ``extra``); a validation error
+    names the file (or 'command line') and the field."""
+    from pydantic import ValidationError
+
+    path = getattr(args, "config", None)
+    d = load_config_file(path)
+    if section and isinstance(d.get(section), dict):
+        d = dict(d[section])
+    d.update(given(args, cls, skip | {"model"}))
+    if "model" in cls.model_fields:
+        d["model"] = {**(d.get("model") or {}), **model_values(args)}
+    d.update(extra or {})
+    try:
+        return cls.model_validate(d)
+    except ValidationError as e:
+        raise QtalignError(validation_message(e, path or "command line")) from None
+
+
+def add_common(p: argparse.ArgumentParser, out_required: bool = True, overwrite: bool = True, save: bool = True,
+               out_help: str = "output dir (resumable)") -> None:
+    g = p.add_argument_group("run")
+    g.add_argument("--config", help="YAML/JSON config file (flat, or under a key named after the command); flags override it")
+    g.add_argument("--out", required=out_required, help=out_help)
+    if overwrite:
+        g.add_argument("--overwrite", action="store_true",
+                       help="replace a previous result in --out (only files qtalign wrote there are removed)")
+    if save:
+        g.add_argument("--save-config", metavar="FILE", help="write the resolved config as YAML and exit")
+
+
+def save_config(cfg: BaseModel, path: str, section: str) -> None:
+    """--save-config: the resolved config, under the command's section, as YAML (atomically)."""
+    import yaml
+
+    from qtalign.io import write_text
+
+    write_text(path, yaml.safe_dump({section: cfg.model_dump(mode="json")}, sort_keys=False, allow_unicode=True))
+    print(f"wrote {path}")

@@ -1,0 +1,36 @@
+"""`qtalign report RUN_DIR` (the report again from a run dir's artifacts, e.g. an export) and `qtalign compare RUN ...`
+(runs side by side)."""
+
+from __future__ import annotations
+
+
+def configure_parser(p, name: str) -> None:
+    if name == "report":
+        p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir of `qtalign run`, or an export of one")
+        return
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs (or exports) to compare; LABEL=RUN names a column")
+    p.add_argument("--out", required=True, help="folder for compare.md, compare.html, compare.json and the figure")
+    p.add_argument("--title", help="title of the comparison")
+    p.add_argument("--which", choices=["base", "tuned", "both"], default="base",
+                   help="which evaluation of each run to compare (default base; both: base and tuned side by side)")
+
+
+def run_cli(args) -> int:
+    from pathlib import Path
+
+    from qtalign.errors import QtalignError
+
+    if args.command == "report":
+        from qtalign.report.build import write_report
+
+        rd = Path(args.run_dir)
+        if not (rd / "eval" / "base" / "results.json").is_file() and not (rd / "experiment.json").is_file():
+            raise QtalignError(f"{rd}: not a run dir (no experiment.json and no eval/base/results.json)")
+        md, html = write_report(rd)
+        print(f"wrote {md} and {html}")
+        return 0
+    from qtalign.report.compare import compare_runs
+
+    out = compare_runs(args.runs, args.out, title=args.title, which=args.which)
+    print(f"wrote {out / 'compare.md'} and {out / 'compare.html'}")
+    return 0

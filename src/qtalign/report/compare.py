@@ -1,0 +1,150 @@
+"""`qtalign compare RUN ...`: any set of runs side by side (models, sizes, source mixes), from their artifacts only:
+per task, the macro averages (all / high / low languages) of raw accuracy, calibrated accuracy and AUC, and per
+language; Markdown, a self-contained HTML page, the numbers as JSON and a figure.
+
+The same items must have been evaluated for a fair comparison: the table states each run's items per language, and a
+language or task missing from a run is shown as '—'.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from qtalign.errors import QtalignError
+from qtalign.io import OutputDir, write_json, write_text
+from qtalign.report.format import DASH, md_table, num, pct, signed
+from qtalign.report.html import Doc, md_to_html
+from qtalign.report.paired import Cell, LangRow, compare, group_summary
+from qtalign.report.read import Run, read_run
+
+
+def _label(run: Run, given: str | None) -> str:
+    if given:
+        return given
+    m = (run.base or {}).get("model", {}).get("name") or run.config.get("model", {}).get("name") or run.dir.name
+    return Path(m).name if "/" in m else m
+
+
+def _model_facts(run: Run) -> dict:
+    from qtalign.engine.registry import embedded
+
+    m = (run.base or {}).get("model", {})
+    name = m.get("name") or run.config.get("model", {}).get("name", "")
+    entry = embedded(name)
+    return {"model": name, "params": entry.params if entry else (f"{m['num_parameters'] / 1e6:.0f}M" if m.get("num_parameters") else DASH),
+            "kind": ("instruct" if entry.instruct else "base") if entry else DASH, "dtype": m.get("dtype", DASH),
+            "trained on": ", ".join(run.exp.get("seen_langs") or []) or DASH}
+
+
+def _rows(run: Run, which: str) -> list[LangRow]:
+    """Per-language rows of one evaluation of a run (as a 'base' column: the comparison is across runs)."""
+    preds = run.base_preds if which == "base" else run.tuned_preds
+    if not preds:
+        return []
+    return compare(preds, {}, run.resource, run.seen)
+
+
+def compare_runs(runs: list[str], out: str | Path, title: str | None = None, which: str = "base") -> Path:
+    cols: list[tuple[str, Run, str]] = []
+    for spec in runs:
+        label, sep, path = spec.partition("=")
+        if not sep or "/" in label:
+            label, path = None, spec
+        if not Path(path).is_dir():
+            raise QtalignError(f"{path}: run dir not found")
+        run = read_run(path)
+        if run.base is None:
+            raise QtalignError(f"{path}: no evaluation (eval/base/results.json) to compare")
+        for w in (["base", "tuned"] if which == "both" else [which]):
+            if w == "tuned" and run.tuned is None:
+                continue
+            cols.append((_label(run, label) + (f" ({w})" if which == "both" else ""), run, w))
+    if not cols:
+        raise QtalignError("compare: no evaluations to compare")
+    od = OutputDir(out, "compare").claim(adopt=("compare.md", "compare.html", "compare.json", "compare.png"))
+    od.record("compare.md", "compare.html", "compare.json", "compare.png")
+    doc, numbers = _document(cols, title or "qtalign comparison", od.path)
+    write_text(od.path / "compare.md", doc.render(embed=False))
+    write_text(od.path / "compare.html", md_to_html(doc.render(embed=True), doc.title))
+    write_json(od.path / "compare.json", numbers)
+    return od.path
+
+
+def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
+    doc = Doc(out)
+    doc.h(1, title)
+    facts = {label: _model_facts(run) for label, run, _ in cols}
+    keys = list(next(iter(facts.values())))
+    doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
+    per_run = {label: _by_task(_rows(run, w)) for label, run, w in cols}
+    tasks = sorted({tv for d in per_run.values() for tv in d})
+    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": str(run.dir), "which": w} for label, run, w in cols}, "tasks": {}}
+    fig = _figure(per_run, tasks, out / "compare.png")
+    doc.img(fig, "Macro averages over languages: raw accuracy, calibrated accuracy and AUC (x100) per run and task.")
+    for tv in tasks:
+        numbers["tasks"]["/".join(tv)] = _task_section(doc, tv, per_run)
+    doc.md("Accuracy and AUC are macro averages over the languages each run evaluated (all / high / low-resource); AUC is "
+           "of the raw class scores (binary, or macro one-vs-rest for SNLI). Items per language are shown: compare runs on "
+           "the same items.")
+    return doc, numbers
+
+
+def _by_task(rows: list[LangRow]) -> dict:
+    out: dict = {}
+    for r in rows:
+        out.setdefault((r.task, r.variant), []).append(r)
+    return out
+
+
+def _task_section(doc: Doc, tv: tuple[str, str], per_run: dict) -> dict:
+    t, v = tv
+    doc.h(2, f"{t} ({v} labels)")
+    body, nums = [], {}
+    for label, d in per_run.items():
+        rs = d.get(tv, [])
+        row = [label, len(rs), rs[0].raw.n if rs else DASH]
+        nums[label] = {}
+        for g in ("all", "high", "low"):
+            s = group_summary(rs, g) if rs else None
+            raw, cal, auc = (s or {}).get("raw", {}), (s or {}).get("cal", {}), (s or {}).get("auc", {})
+            row += [pct(raw.get("base")), pct(cal.get("base")), num(auc.get("base"))]
+            nums[label][g] = {"acc": raw.get("base"), "cal_acc": cal.get("base"), "auc": auc.get("base"),
+                              "n_langs": (s or {}).get("n_langs", 0)}
+        body.append(row)
+    head = ["run", "langs", "items/lang"] + [f"{g} {m}" for g in ("all", "high", "low") for m in ("acc %", "cal %", "AUC")]
+    doc.md(md_table(head, body))
+    langs = list(dict.fromkeys(r.lang for d in per_run.values() for r in d.get(tv, [])))
+    lang_rows = []
+    for lang in langs:
+        cells = [lang]
+        for d in per_run.values():
+            r = next((x for x in d.get(tv, []) if x.lang == lang), None)
+            cells.append(DASH if r is None else f"{pct(r.raw.acc('base'))} / {pct(r.cal.acc('base')) if r.cal else DASH} / {num(r.auc('base'), 2)}")
+        lang_rows.append(cells)
+    doc.md("Per language (raw % / calibrated % / AUC):\n\n" + md_table(["lang", *per_run], lang_rows))
+    return nums
+
+
+def _figure(per_run: dict, tasks: list, path: Path) -> Path:
+    import numpy as np
+
+    from qtalign.plots import pyplot, save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.4), squeeze=False)
+    labels = list(per_run)
+    w = 0.8 / max(1, len(labels))
+    for ax, tv in zip(axes[0], tasks):
+        x = np.arange(3)
+        for j, label in enumerate(labels):
+            rs = per_run[label].get(tv, [])
+            s = group_summary(rs, "all") if rs else {}
+            vals = [(s or {}).get("raw", {}).get("base"), (s or {}).get("cal", {}).get("base"), (s or {}).get("auc", {}).get("base")]
+            ax.bar(x + (j - (len(labels) - 1) / 2) * w, [100 * v if v is not None else 0 for v in vals], w, label=label)
+        ax.set_xticks(x, ["accuracy", "calibrated", "AUC x100"])
+        ax.set_ylim(0, 100)
+        ax.set_title(f"{tv[0]} ({tv[1]})", fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path, dpi=110, tight=False)

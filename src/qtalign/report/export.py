@@ -1,0 +1,47 @@
+"""`qtalign run --export DIR`: a run's report, its figures, the small result files and the per-item predictions
+(gzip-compressed), keeping relative paths. Small enough to commit; everything the report's numbers come from is in
+it (no adapters, checkpoints or arrays), and `qtalign report DIR` rebuilds the report from it."""
+
+from __future__ import annotations
+
+import gzip
+import re
+import shutil
+from pathlib import Path
+
+from qtalign.errors import QtalignError
+from qtalign.io import OutputDir, write_bytes
+
+UNITS = ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")
+SMALL = ["report.md", "report.html", "config.yaml", "experiment.json", "train/summary.json", "train/trainer_log.jsonl",
+         "train/train_config.json", "lens/summary.json", "lens/lens_means.csv", "geometry/summary.json", "data/stats.json",
+         "data/summary.json"]
+EVAL_FILES = ("run.json", "results.json", "table.md", "table.csv", "labels.md", "labels.json", "results_lm_eval.json")
+
+
+def export_files(run_dir: Path) -> list[str]:
+    """The relative paths an export copies (predictions separately, compressed)."""
+    md = run_dir / "report.md"
+    keep = list(SMALL)
+    if md.exists():
+        keep += [m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text(encoding="utf-8")) if not m.startswith("data:")]
+    keep += [f"eval/{w}/{n}" for w in ("base", "tuned") for n in EVAL_FILES]
+    keep += [f"{u}/stage.json" for u in UNITS]
+    return [k for k in dict.fromkeys(keep) if (run_dir / k).is_file()]
+
+
+def export_run(run_dir: str | Path, dest: str | Path) -> Path:
+    run_dir = Path(run_dir)
+    if not (run_dir / "report.md").is_file() and not (run_dir / "eval" / "base" / "results.json").is_file():
+        raise QtalignError(f"{run_dir}: nothing to export (no report.md and no eval/base/results.json)")
+    out = OutputDir(dest, "export", option="--export").claim(adopt=("report.md",))
+    files = export_files(run_dir)
+    out.record(*{f.split("/", 1)[0] for f in files}, "eval")
+    for rel in files:
+        (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(run_dir / rel, out.path / rel)
+    for which in ("base", "tuned"):
+        pred = run_dir / "eval" / which / "predictions.jsonl"
+        if pred.is_file():
+            write_bytes(out.path / "eval" / which / "predictions.jsonl.gz", gzip.compress(pred.read_bytes(), mtime=0))
+    return out.path

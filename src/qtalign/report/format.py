@@ -1,0 +1,111 @@
+"""Formatting numbers, tables and paths for the report (Markdown)."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+DASH = "—"
+
+
+def _nan(x) -> bool:
+    return x is None or (isinstance(x, float) and math.isnan(x))
+
+
+def pct(x: float | None, digits: int = 1) -> str:
+    return DASH if _nan(x) else f"{100 * x:.{digits}f}"
+
+
+def signed(x: float | None) -> str:
+    return DASH if _nan(x) else f"{100 * x:+.1f}"
+
+
+def num(x: float | None, digits: int = 3) -> str:
+    return DASH if _nan(x) else f"{x:.{digits}f}"
+
+
+def signed_num(x: float | None, digits: int = 3) -> str:
+    return DASH if _nan(x) else f"{x:+.{digits}f}"
+
+
+def interval(d: float, lo: float, hi: float, scale: float = 100.0, digits: int = 1) -> str:
+    """'+3.2 [+0.4, +6.1]' (points by default); a star when the interval excludes 0."""
+    if _nan(d):
+        return DASH
+    star = " *" if not _nan(lo) and (lo > 0 or hi < 0) else ""
+    if _nan(lo):
+        return f"{scale * d:+.{digits}f}"
+    return f"{scale * d:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]{star}"
+
+
+def pval(p: float | None) -> str:
+    if _nan(p):
+        return DASH
+    s = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
+    return s + (" *" if p < 0.05 else "")
+
+
+def cell(x) -> str:
+    return str(x).replace("|", "\\|").replace("\n", " ")
+
+
+def md_table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    align = align or "l" + "r" * (len(header) - 1)
+    sep = ["---:" if a == "r" else "---" for a in align]
+    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join(sep) + " |"]
+    lines += ["| " + " | ".join(cell(x) for x in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def flatten(d, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out += flatten(v, f"{prefix}.{k}" if prefix else str(k))
+    elif isinstance(d, list) and d and all(isinstance(x, dict) for x in d):
+        for i, v in enumerate(d):
+            out += flatten(v, f"{prefix}[{i}]")
+    else:
+        if isinstance(d, float):
+            d = f"{d:.4g}"
+        elif isinstance(d, list):
+            d = ", ".join(map(str, d))
+        out.append((prefix, d))
+    return out
+
+
+def display_path(p, run_dir: Path | None = None, data_dir: str | None = None) -> str:
+    """A path as a reader should see it: relative to the run dir, '{data_dir}/…', '$QTALIGN_CACHE/…', 'qtalign/…'
+    (package resources) or '~/…', never the machine's absolute layout."""
+    from qtalign.io import cache_root
+
+    s = str(p)
+    if not s or "/" not in s:
+        return s
+    path = Path(s)
+    anchors = []
+    if run_dir is not None:
+        anchors.append((Path(run_dir), "."))
+    if data_dir:
+        anchors.append((Path(data_dir), "{data_dir}"))
+    anchors += [(cache_root(), "$QTALIGN_CACHE"), (Path(__file__).resolve().parents[1], "qtalign"), (Path.home(), "~")]
+    for base, label in anchors:
+        try:
+            rel = os.path.relpath(path.resolve() if path.is_absolute() else path, base.resolve())
+        except ValueError:
+            continue
+        if not rel.startswith(".."):
+            return label if rel == "." else (rel if label == "." else f"{label}/{rel}")
+    return s
+
+
+def display_paths(obj, run_dir: Path | None = None, data_dir: str | None = None):
+    """Every string that looks like an absolute path, inside a nested config, shown with display_path."""
+    if isinstance(obj, dict):
+        return {k: display_paths(v, run_dir, data_dir) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [display_paths(v, run_dir, data_dir) for v in obj]
+    if isinstance(obj, str) and obj.startswith(("/", "~")):
+        return display_path(obj, run_dir, data_dir)
+    return obj

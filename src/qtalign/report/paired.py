@@ -1,0 +1,240 @@
+"""Base vs tuned on the same items: paired per-item statistics.
+
+Per task x variant x language and per group of languages: accuracy (Wilson 95 % intervals), its change with the
+exact McNemar test on the discordant pairs, calibrated accuracy, and the AUC of the raw class scores (binary AUC for
+two classes, macro one-vs-rest for more), with paired bootstrap 95 % intervals of the changes. A pooled interval
+resamples item indices with all their languages at once (a translation is not an independent item), and pooled
+accuracies are macro averages over languages.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from qtalign.stats import class_auc, mcnemar, paired_bootstrap, paired_counts, wilson
+
+GROUPS = ("all", "seen", "unseen", "high", "low")
+N_BOOT = 1000
+
+
+@dataclass
+class Cell:
+    """Paired base/tuned correctness for one (task, variant, lang) or a pooled group."""
+
+    base: list[bool] = field(default_factory=list)
+    tuned: list[bool] = field(default_factory=list)  # empty when there is no tuned run
+
+    @property
+    def n(self) -> int:
+        return len(self.base)
+
+    def acc(self, which: str) -> float:
+        xs = getattr(self, which)
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    def ci(self, which: str) -> tuple[float, float]:
+        xs = getattr(self, which)
+        return wilson(sum(xs), len(xs))
+
+    def mcnemar(self) -> tuple[int, int, float]:
+        """(b, c, p): b = right only in base, c = right only in tuned."""
+        if not self.tuned:
+            return 0, 0, float("nan")
+        b, c = paired_counts(self.base, self.tuned)
+        return b, c, mcnemar(b, c)
+
+
+@dataclass
+class Scores:
+    """Per-item raw class scores of base and tuned, the gold class and the item index (for AUC and the bootstrap)."""
+
+    n_classes: int = 0
+    gold: list[int] = field(default_factory=list)
+    index: list[int] = field(default_factory=list)
+    base: list[list[float]] = field(default_factory=list)
+    tuned: list[list[float]] = field(default_factory=list)
+
+    def auc(self, which: str, rows: list[int] | None = None) -> float:
+        probs = getattr(self, which)
+        if not probs or len(probs) != len(self.gold):
+            return float("nan")
+        rows = range(len(self.gold)) if rows is None else rows
+        return class_auc([probs[i] for i in rows], [self.gold[i] for i in rows], self.n_classes)
+
+
+@dataclass
+class LangRow:
+    task: str
+    variant: str
+    lang: str
+    group: str  # resource group
+    seen: bool
+    raw: Cell
+    cal: Cell | None
+    scores: Scores | None = None
+    majority: dict = field(default_factory=dict)  # which -> share of the most frequent prediction
+
+    @property
+    def delta(self) -> float:
+        return self.raw.acc("tuned") - self.raw.acc("base")
+
+    def auc(self, which: str) -> float:
+        return self.scores.auc(which) if self.scores else float("nan")
+
+    def boot(self, kind: str, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+        """(Δ, lo, hi) for kind 'raw' | 'cal' | 'auc': the paired bootstrap over this language's items."""
+        if kind == "auc":
+            return _auc_boot(self.scores, n_boot, seed)
+        cell = self.raw if kind == "raw" else self.cal
+        if cell is None or not cell.tuned:
+            return float("nan"), float("nan"), float("nan")
+        return paired_bootstrap(_mean, cell.base, cell.tuned, n_boot, seed)
+
+
+def _auc_boot(sc: Scores | None, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """(ΔAUC, lo, hi): the paired bootstrap of the AUC change over one language's items."""
+    import numpy as np
+
+    if not sc or not sc.tuned:
+        return float("nan"), float("nan"), float("nan")
+    n = len(sc.gold)
+    obs = sc.auc("tuned") - sc.auc("base")
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        rows = list(rng.integers(0, n, n))
+        d = sc.auc("tuned", rows) - sc.auc("base", rows)
+        if not math.isnan(d):
+            diffs.append(d)
+    if not diffs:
+        return obs, float("nan"), float("nan")
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return obs, float(lo), float(hi)
+
+
+def _mean(xs) -> float:
+    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _share(recs: list[dict]) -> float:
+    from collections import Counter
+
+    preds = [r["pred"] for r in recs if "pred" in r]
+    return Counter(preds).most_common(1)[0][1] / len(preds) if preds else float("nan")
+
+
+def compare(base: dict[str, dict], tuned: dict[str, dict], groups: dict[str, str], seen: set[str]) -> list[LangRow]:
+    """Per (task, variant, lang) rows from per-item records; with a tuned run only items present in both count."""
+    cells: dict[tuple[str, str, str], dict] = {}
+    for key, rb in base.items():
+        rt = tuned.get(key) if tuned else None
+        if tuned and rt is None:
+            continue
+        g = (rb["task"], rb["variant"], rb["lang"])
+        has_cal = "cal_correct" in rb and (rt is None or "cal_correct" in rt)
+        c = cells.setdefault(g, {"raw": Cell(), "cal": Cell() if has_cal else None, "sc": Scores(), "b": [], "t": []})
+        c["raw"].base.append(bool(rb["correct"]))
+        c["b"].append(rb)
+        if rt is not None:
+            c["raw"].tuned.append(bool(rt["correct"]))
+            c["t"].append(rt)
+        if c["cal"] is not None:
+            c["cal"].base.append(bool(rb["cal_correct"]))
+            if rt is not None:
+                c["cal"].tuned.append(bool(rt["cal_correct"]))
+        _add_scores(c["sc"], rb, rt)
+    rows = []
+    for (t, v, lang), c in cells.items():
+        sc = c["sc"] if c["sc"].n_classes else None
+        rows.append(LangRow(t, v, lang, groups.get(lang, "?"), lang in seen, c["raw"], c["cal"], sc,
+                            {"base": _share(c["b"]), "tuned": _share(c["t"]) if c["t"] else float("nan")}))
+    return rows
+
+
+def _add_scores(sc: Scores, rb: dict, rt: dict | None) -> None:
+    if "scores" not in rb or "gold" not in rb:
+        return
+    classes = list(rb["scores"])
+    sc.n_classes = len(classes)
+    sc.gold.append(classes.index(rb["gold"]))
+    sc.index.append(rb.get("index", len(sc.index)))
+    sc.base.append([rb["scores"][c] for c in classes])
+    if rt is not None and "scores" in rt:
+        sc.tuned.append([rt["scores"][c] for c in classes])
+
+
+def _select(rows: list[LangRow], name: str) -> list[LangRow]:
+    sel = {"all": lambda r: True, "seen": lambda r: r.seen, "unseen": lambda r: not r.seen,
+           "high": lambda r: r.group == "high", "low": lambda r: r.group == "low"}[name]
+    return [r for r in rows if sel(r)]
+
+
+def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[float, float, float]:
+    """Δ of the macro average over languages with a bootstrap that resamples item indices (all languages of a drawn
+    index together)."""
+    import numpy as np
+
+    if not rs or not rs[0].raw.tuned or (kind == "auc" and not all(r.scores and r.scores.tuned for r in rs)):
+        return float("nan"), float("nan"), float("nan")
+    if kind == "cal" and any(r.cal is None for r in rs):
+        return float("nan"), float("nan"), float("nan")
+    pos = []  # per language: item index -> row position
+    for r in rs:
+        idx = r.scores.index if r.scores else list(range(r.raw.n))
+        pos.append({i: k for k, i in enumerate(idx)})
+    universe = sorted(set().union(*[set(p) for p in pos]))
+
+    def stat(which: str, draw: list[int]) -> float:
+        vals = []
+        for r, p in zip(rs, pos):
+            rows = [p[i] for i in draw if i in p]
+            if not rows:
+                continue
+            if kind == "auc":
+                vals.append(r.scores.auc(which, rows))
+            else:
+                cell = r.raw if kind == "raw" else r.cal
+                xs = getattr(cell, which)
+                vals.append(sum(xs[k] for k in rows) / len(rows))
+        return _mean(vals)
+
+    obs = stat("tuned", universe) - stat("base", universe)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n_boot):
+        draw = list(rng.choice(universe, len(universe)))
+        d = stat("tuned", draw) - stat("base", draw)
+        if not math.isnan(d):
+            diffs.append(d)
+    if not diffs:
+        return obs, float("nan"), float("nan")
+    lo, hi = np.quantile(diffs, [0.025, 0.975])
+    return obs, float(lo), float(hi)
+
+
+def group_summary(rows: list[LangRow], name: str, n_boot: int = 0, seed: int = 0) -> dict | None:
+    """Macro-average accuracies (raw, calibrated) and AUC over the languages of a group, a pooled McNemar test over all
+    their items, and (n_boot > 0) bootstrap intervals of the changes."""
+    rs = _select(rows, name)
+    if not rs:
+        return None
+    out = {"group": name, "n_langs": len(rs), "langs": [r.lang for r in rs]}
+    for kind in ("raw", "cal"):
+        cells = [getattr(r, kind) for r in rs]
+        if any(c is None for c in cells):
+            continue
+        pooled = Cell([x for c in cells for x in c.base], [x for c in cells for x in c.tuned])
+        b, c, p = pooled.mcnemar()
+        base, tuned = _mean(c.acc("base") for c in cells), _mean(c.acc("tuned") for c in cells)
+        out[kind] = {"n_items": pooled.n, "base": base, "tuned": tuned, "delta": tuned - base, "b": b, "c": c, "p": p}
+    if all(r.scores for r in rs):
+        base, tuned = _mean(r.auc("base") for r in rs), _mean(r.auc("tuned") for r in rs)
+        out["auc"] = {"base": base, "tuned": tuned, "delta": tuned - base}
+    if n_boot:
+        for kind in ("raw", "cal", "auc"):
+            if kind in out:
+                _, lo, hi = _pooled_boot(rs, kind, n_boot, seed)
+                out[kind].update(ci_low=lo, ci_high=hi)
+    return out

@@ -1,0 +1,93 @@
+"""Reading a run dir's artifacts (the report reads nothing else; docs/architecture.md lists them):
+
+    experiment.json         resolved config, seen languages, overlap check, environment (written by `qtalign run`)
+    <unit>/stage.json       status, fingerprint and timing of each unit
+    data/stats.json         question-translation data statistics
+    train/summary.json      training summary (+ trainer_log.jsonl, loss.png)
+    eval/base, eval/tuned   results.json + predictions.jsonl (or predictions.jsonl.gz in an export), labels.md
+    lens/, geometry/        summary.json (figures, tables, numbers; geometry: per-layer retrieval)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qtalign.io import read_json, read_jsonl
+
+
+def read_predictions(path: Path) -> dict[str, dict]:
+    """{item key: record} of a predictions.jsonl (or its .gz)."""
+    return {r["key"]: r for r in read_jsonl(path)}
+
+
+@dataclass
+class Run:
+    dir: Path
+    exp: dict
+    base: dict | None = None  # eval/base/results.json
+    tuned: dict | None = None
+    base_preds: dict[str, dict] = field(default_factory=dict)
+    tuned_preds: dict[str, dict] = field(default_factory=dict)
+    languages: dict[str, dict] = field(default_factory=dict)  # code -> {name, resource_group}
+    order: list[str] = field(default_factory=list)
+
+    @property
+    def config(self) -> dict:
+        return self.exp.get("config") or (self.base or {}).get("config") or {}
+
+    @property
+    def seen(self) -> set[str]:
+        return set(self.exp.get("seen_langs") or [])
+
+    @property
+    def resource(self) -> dict[str, str]:
+        return {c: d.get("resource_group", "?") for c, d in self.languages.items()}
+
+    @property
+    def trained_task(self) -> str | None:
+        """The task whose questions the model was tuned on (None without a data stage)."""
+        data = self.config.get("data") or {}
+        return data.get("task") if "data" in (self.config.get("stages") or []) else None
+
+    def summary(self, folder: str) -> dict | None:
+        return read_json(self.dir / folder / "summary.json")
+
+    def stage(self, folder: str) -> dict | None:
+        return read_json(self.dir / folder / "stage.json")
+
+    def classes(self, task: str) -> list[str]:
+        """A task's classes in order (from the records' per-class scores)."""
+        for r in self.base_preds.values():
+            if r["task"] == task:
+                return list(r["scores"])
+        return []
+
+
+def _language_info(results: dict | None) -> tuple[dict[str, dict], list[str]]:
+    """Language names, resource groups and order: recorded in results.json; for runs made before that, from the
+    project's default language table."""
+    if results and results.get("languages"):
+        langs = results["languages"]
+        return dict(langs), list(langs)
+    from qtalign.tasks.specs import load_specs
+
+    specs = load_specs()
+    return ({c: {"name": specs.languages[c].english_name, "resource_group": specs.languages[c].resource_group}
+             for c in specs.order}, list(specs.order))
+
+
+def read_run(run_dir: str | Path) -> Run:
+    rd = Path(run_dir)
+    run = Run(rd, read_json(rd / "experiment.json") or {})
+    run.base = read_json(rd / "eval" / "base" / "results.json")
+    run.tuned = read_json(rd / "eval" / "tuned" / "results.json")
+    if run.base is not None:
+        run.base_preds = read_predictions(rd / "eval" / "base" / "predictions.jsonl")
+    if run.tuned is not None:
+        run.tuned_preds = read_predictions(rd / "eval" / "tuned" / "predictions.jsonl")
+    run.languages, run.order = _language_info(run.base)
+    for c in sorted({r["lang"] for r in run.base_preds.values()} - set(run.languages)):
+        run.languages[c] = {"name": c, "resource_group": "low"}
+        run.order.append(c)
+    return run

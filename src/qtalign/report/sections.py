@@ -1,0 +1,455 @@
+"""The report's sections, one function each: ``section(doc, ctx)`` appends Markdown and figures to the document."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from qtalign.report.format import (
+    DASH, display_path, display_paths, flatten, interval, md_table, num, pct, pval, signed, signed_num,
+)
+from qtalign.report.html import Doc
+from qtalign.report.paired import GROUPS, N_BOOT, LangRow, compare, group_summary
+from qtalign.report.read import Run
+
+
+@dataclass
+class Ctx:
+    run: Run
+    rows: list[LangRow]
+    tasks: dict[tuple[str, str], list[LangRow]] = field(default_factory=dict)
+
+    @property
+    def has_tuned(self) -> bool:
+        return self.run.tuned is not None
+
+    @property
+    def figdir(self) -> Path:
+        return self.run.dir / "report"
+
+    def path(self, p) -> str:
+        return display_path(p, self.run.dir, self.run.config.get("data_dir"))
+
+
+def context(run: Run) -> Ctx:
+    rows = compare(run.base_preds, run.tuned_preds if run.tuned else {}, run.resource, run.seen) if run.base else []
+    order = {c: i for i, c in enumerate(run.order)}
+    rows.sort(key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
+    tasks: dict[tuple[str, str], list[LangRow]] = {}
+    for r in rows:
+        tasks.setdefault((r.task, r.variant), []).append(r)
+    return Ctx(run, rows, tasks)
+
+
+def _summary_figures(doc: Doc, folder: Path, name: str, skip: set[str] = frozenset()) -> bool:
+    from qtalign.io import read_json
+
+    s = read_json(folder / "summary.json")
+    if s is None:
+        doc.md(f"_Stage `{name}` has not run in this run dir (no `{folder.name}/summary.json`)._")
+        return False
+    for t in s.get("tables", []):
+        doc.md(f"**{t.get('title', '')}**\n\n{t.get('markdown', '')}")
+    for f in s.get("figures", []):
+        p = folder / f["path"]
+        if p.name in skip:
+            continue
+        if p.exists():
+            doc.img(p, f.get("caption", p.stem))
+        else:
+            doc.md(f"_missing figure `{p.name}`_")
+    nums = flatten(s.get("numbers", {}))
+    if nums and not s.get("tables"):  # the stage's tables already show its numbers
+        doc.md(md_table(["number", "value"], [[k, v] for k, v in nums[:60]], "ll"))
+    return True
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the headline (above the configuration)
+
+
+def header(doc: Doc, ctx: Ctx) -> None:
+    cfg, exp = ctx.run.config, ctx.run.exp
+    doc.h(1, (cfg.get("report") or {}).get("title") or f"qtalign experiment: {cfg.get('name') or ctx.run.dir.name}")
+    if (cfg.get("report") or {}).get("notes"):
+        doc.md(cfg["report"]["notes"])
+    if exp.get("stale_stages"):
+        doc.md(f"**Warning:** the outputs of {', '.join(exp['stale_stages'])} in this run dir were not produced with the "
+               "configuration below (they were not rerun after it changed); rerun them for a consistent report.")
+    intro = []
+    if exp.get("seen_langs"):
+        intro.append(f"Languages seen in question-translation training: {', '.join(exp['seen_langs'])} (marked * below).")
+    intro.append("Accuracy uses the paper's decision rule (raw, the headline); contextual-calibrated accuracy and the AUC of "
+                 "the raw class scores (class-prior free) are shown beside it. Δ = tuned − base in points (AUC: in AUC units); "
+                 "p = exact McNemar test on per-item paired correctness (* p < 0.05, uncorrected); [lo, hi] = paired "
+                 f"bootstrap 95 % interval ({N_BOOT} resamples of item indices, all languages of an item together; * = "
+                 "excludes 0); accuracy intervals are Wilson 95 %.")
+    doc.md(" ".join(intro))
+    if not ctx.tasks:
+        return
+    hl = []
+    for (t, v), rs in ctx.tasks.items():
+        s = group_summary(rs, "all", n_boot=N_BOOT if ctx.has_tuned else 0)
+        raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+        tuned = ctx.has_tuned
+        hl.append([f"{t} ({v})", s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
+                   signed(raw.get("delta")) if tuned else DASH, pval(raw.get("p")), pct(cal.get("base")),
+                   pct(cal.get("tuned")) if tuned else DASH,
+                   interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH,
+                   num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
+                   interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
+    doc.md("**Headline (macro average over languages)**\n\n" + md_table(
+        ["task (labels)", "langs", "items", "base %", "tuned %", "Δ", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
+         "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], hl))
+    from qtalign.report.figures import headline_figure
+
+    p = headline_figure(ctx.tasks, ctx.figdir / "headline.png", ctx.has_tuned)
+    doc.img(p, "Headline: per language, " + ("the change tuned − base in raw and calibrated accuracy (points, paired "
+            "bootstrap 95 % intervals)" if ctx.has_tuned else "base accuracy") + "; * = seen in training.")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# configuration, overlap
+
+
+def configuration(doc: Doc, ctx: Ctx) -> None:
+    cfg = ctx.run.config
+    shown = display_paths(non_default(cfg, ctx.run.exp.get("config_defaults")), ctx.run.dir, cfg.get("data_dir")) if cfg else None
+    doc.md("```yaml\n" + (yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, default_flow_style=None) if cfg
+                          else "# experiment.json not found\n") + "```")
+    doc.md("Settings that differ from the defaults (paths relative to the run dir, `{data_dir}`, `$QTALIGN_CACHE` or "
+           "`~`); the full resolved config is `config.yaml` in the run dir (`qtalign run <run dir>/config.yaml` repeats the "
+           "experiment).")
+
+
+def non_default(cfg: dict, defaults: dict | None) -> dict:
+    """The config without the keys equal to the defaults (recorded by the run in experiment.json; a run that recorded
+    none is shown whole)."""
+    if not defaults:
+        return cfg
+
+    def strip(d, ref):
+        if not isinstance(d, dict) or not isinstance(ref, dict):
+            return d
+        out = {}
+        for k, v in d.items():
+            if k in ref and ref[k] == v:
+                continue
+            out[k] = strip(v, ref.get(k)) if isinstance(v, dict) else v
+        return {k: v for k, v in out.items() if v != {}}
+
+    return strip(cfg, defaults) or cfg
+
+
+def overlap(doc: Doc, ctx: Ctx) -> None:
+    ov = ctx.run.exp.get("overlap")
+    if not ov:
+        doc.md("_No overlap check recorded (no data/train stage in this run)._")
+        return
+    verdict = "**overlap found**" if ov.get("overlap") else "no overlap"
+    doc.md(f"Result: {verdict}. {ov.get('detail', '')}")
+    if ov.get("tasks"):
+        doc.md(md_table(["eval task", "training source", "train items", "eval items", "shared items", "note"],
+                        [[x["task"], ctx.path(x.get("train_source", "")), x.get("n_train", "–"), x.get("n_eval", "–"),
+                          x.get("n_shared", 0), x.get("note", "")] for x in ov["tasks"]], "llrrrl"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# accuracy
+
+
+def _lang_line(r: LangRow, has_tuned: bool) -> list:
+    b, c, p = r.raw.mcnemar()
+    line = [r.lang + (" *" if r.seen else ""), r.group, r.raw.n,
+            f"{pct(r.raw.acc('base'))} [{pct(r.raw.ci('base')[0])}–{pct(r.raw.ci('base')[1])}]"]
+    if has_tuned:
+        line += [f"{pct(r.raw.acc('tuned'))} [{pct(r.raw.ci('tuned')[0])}–{pct(r.raw.ci('tuned')[1])}]",
+                 signed(r.delta), f"{b}/{c}", pval(p)]
+    if r.cal is not None:
+        line += [pct(r.cal.acc("base"))]
+        if has_tuned:
+            line += [pct(r.cal.acc("tuned")), signed(r.cal.acc("tuned") - r.cal.acc("base")), pval(r.cal.mcnemar()[2])]
+    if r.scores is not None:
+        line += [num(r.auc("base"))]
+        if has_tuned:
+            line += [num(r.auc("tuned")), interval(*r.boot("auc"), scale=1, digits=3)]
+    return line
+
+
+def accuracy(doc: Doc, ctx: Ctx) -> None:
+    if not ctx.rows:
+        doc.md("_No evaluation results (eval/base/results.json missing)._")
+    tuned = ctx.has_tuned
+    for (t, v), rs in ctx.tasks.items():
+        doc.h(3, f"{t} ({v} labels)")
+        head = ["lang", "resource", "n", "base % [95 % CI]"]
+        if tuned:
+            head += ["tuned % [95 % CI]", "Δ", "b/c", "p"]
+        if rs[0].cal is not None:
+            head += ["base cal %"] + (["tuned cal %", "Δ cal", "p cal"] if tuned else [])
+        if rs[0].scores is not None:
+            head += ["base AUC"] + (["tuned AUC", "Δ AUC [95 % CI]"] if tuned else [])
+        doc.md(md_table(head, [_lang_line(r, tuned) for r in rs], "ll" + "r" * (len(head) - 2)))
+    if ctx.rows and tuned:
+        doc.md("b/c = items right only in base / right only in tuned (the discordant pairs McNemar tests). AUC: of the raw "
+               "class scores (binary for two classes, macro one-vs-rest for more); its interval is the paired bootstrap over "
+               "the language's items.")
+
+
+def summaries(doc: Doc, ctx: Ctx) -> None:
+    tuned = ctx.has_tuned
+    for (t, v), rs in ctx.tasks.items():
+        body = []
+        for g in GROUPS:
+            s = group_summary(rs, g, n_boot=N_BOOT if tuned else 0)
+            if s is None:
+                continue
+            raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+            body.append([g, s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
+                         signed(raw.get("delta")) if tuned else DASH, pval(raw.get("p")), pct(cal.get("base")),
+                         pct(cal.get("tuned")) if tuned else DASH,
+                         interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH, pval(cal.get("p")),
+                         num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
+                         interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
+        doc.h(3, f"{t} ({v} labels)")
+        doc.md(md_table(["languages", "langs", "items", "base %", "tuned %", "Δ", "pooled p", "base cal %", "tuned cal %",
+                         "Δ cal [95 % CI]", "pooled p cal", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], body))
+    if ctx.tasks:
+        doc.md("Accuracies and AUCs are macro averages over the group's languages; the pooled p pools the group's items into one "
+               "McNemar test (translations of the same items are not independent, so treat it as approximate; the bootstrap "
+               "intervals resample item indices with all their languages together and do account for it). seen = languages in "
+               "the question-translation data (sources and target).")
+    else:
+        doc.md("_No evaluation results._")
+
+
+def _english(rs: list[LangRow]) -> LangRow | None:
+    return next((r for r in rs if r.lang == "en"), None)
+
+
+def retention(doc: Doc, ctx: Ctx) -> None:
+    """English and the other task before and after: a loss must be seen at once."""
+    if not ctx.has_tuned or not ctx.tasks:
+        doc.md("_No tuned run: nothing to retain._")
+        return
+    trained = ctx.run.trained_task
+    body, losses = [], []
+    for (t, v), rs in ctx.tasks.items():
+        role = "tuned task" if t == trained else "other task"
+        en = _english(rs)
+        for scope, sel in (("English", [en] if en else []), ("all languages", rs)):
+            if not sel:
+                continue
+            s = group_summary(sel, "all", n_boot=N_BOOT)
+            raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+            lost = [k for k, d in (("raw", raw), ("cal", cal), ("AUC", auc)) if d and d.get("ci_high", 1) < 0]
+            if raw.get("p", 1) < 0.05 and raw.get("delta", 0) < 0 and "raw" not in lost:
+                lost.append("raw")
+            flag = f"⚠ loss ({', '.join(lost)})" if lost else ""
+            if lost:
+                losses.append(f"{t} {scope}: {', '.join(lost)}")
+            body.append([f"{t} ({v})", role, scope, pct(raw.get("base")), pct(raw.get("tuned")), signed(raw.get("delta")),
+                         pval(raw.get("p")), pct(cal.get("base")), pct(cal.get("tuned")),
+                         interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")), num(auc.get("base")),
+                         num(auc.get("tuned")), interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
+                         flag])
+    doc.md(("**Losses:** " + "; ".join(losses) + "." if losses else "No significant loss on English or on the other task.")
+           + f" Tuned task: {trained or 'none recorded'}.")
+    doc.md(md_table(["task", "role", "scope", "base %", "tuned %", "Δ", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
+                     "base AUC", "tuned AUC", "Δ AUC [95 % CI]", ""], body, "lll" + "r" * 10 + "l"))
+
+
+def _verdict(raw: dict, cal: dict, auc: dict) -> str:
+    sig_raw = raw.get("p", 1) < 0.05
+    auc_up = auc.get("ci_low", -1) > 0
+    auc_down = auc.get("ci_high", 1) < 0
+    cal_up = cal.get("ci_low", -1) > 0
+    if auc_up:
+        return "the tuned model ranks the classes better (AUC up, interval above 0): a gain in what it knows, not only in its label prior"
+    if auc_down:
+        return "the tuned model ranks the classes worse (AUC down): a real loss"
+    if sig_raw and not cal_up:
+        return ("raw accuracy moved but AUC and calibrated accuracy did not: consistent with a shift of the label prior, "
+                "not with better alignment")
+    if cal_up:
+        return "calibrated accuracy rose while AUC did not change detectably: weak evidence of a gain"
+    return "no detectable change"
+
+
+def alignment(doc: Doc, ctx: Ctx) -> None:
+    """Is a change alignment (the model knows more) or a shift of the label prior (it answers another class more)?"""
+    if not ctx.has_tuned or not ctx.tasks:
+        doc.md("_No tuned run._")
+        return
+    body = []
+    for (t, v), rs in ctx.tasks.items():
+        s = group_summary(rs, "all", n_boot=N_BOOT)
+        raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+        maj_b = sum(r.majority.get("base", math.nan) for r in rs) / len(rs)
+        maj_t = sum(r.majority.get("tuned", math.nan) for r in rs) / len(rs)
+        body.append([f"{t} ({v})", f"{signed(raw.get('delta'))} (p {pval(raw.get('p'))})",
+                     interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")),
+                     interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
+                     f"{pct(maj_b)} → {pct(maj_t)}", _verdict(raw, cal, auc)])
+    doc.md("A gain in raw accuracy can come from a better grasp of the task in the other languages (alignment) or only from "
+           "answering one class more often (a label-prior shift). Calibration removes the prior the prompt induces, and AUC "
+           "ignores the prior altogether; the share of the most frequent prediction shows a model collapsing onto one class.")
+    doc.md(md_table(["task", "Δ raw (McNemar)", "Δ calibrated [95 % CI]", "Δ AUC [95 % CI]", "majority-prediction share %",
+                     "reading"], body, "lrrrrl"))
+
+
+def per_language(doc: Doc, ctx: Ctx) -> None:
+    from qtalign.report.figures import bar_chart
+
+    for (t, v), rs in ctx.tasks.items():
+        p = bar_chart(rs, f"{t} ({v} labels)", ctx.figdir / f"accuracy_{t}_{v}.png")
+        doc.img(p, f"{t} ({v} labels): per-language accuracy, base vs tuned, raw and calibrated, Wilson 95 % intervals")
+    if not ctx.tasks:
+        doc.md("_No evaluation results._")
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# training, analyses
+
+
+def training(doc: Doc, ctx: Ctx) -> None:
+    from qtalign.io import read_json
+
+    tdir = ctx.run.dir / "train"
+    listed = {f["path"] for f in (read_json(tdir / "summary.json") or {}).get("figures", [])}
+    if (tdir / "loss.png").exists() and "loss.png" not in listed:
+        doc.img(tdir / "loss.png", "training loss")
+    _summary_figures(doc, tdir, "train")
+
+
+def lens(doc: Doc, ctx: Ctx) -> None:
+    _summary_figures(doc, ctx.run.dir / "lens", "lens")
+
+
+def geometry(doc: Doc, ctx: Ctx) -> None:
+    _summary_figures(doc, ctx.run.dir / "geometry", "geometry")
+
+
+def _mean_over(d: dict[str, list[float]], langs: list[str], layer: int) -> float:
+    xs = [d[lang][layer] for lang in langs if lang in d]
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def _retrieval_lang(rec: dict, model: str, pool: str, lang: str, layer: int) -> float:
+    """Retrieval of one language at one layer: the mean of both directions (reference -> X and X -> reference)."""
+    d = rec[model][pool]
+    return (d["retrieval_to"][lang][layer] + d["retrieval_from"][lang][layer]) / 2
+
+
+def _retrieval_task(doc: Doc, ctx: Ctx, tv: str, rec: dict) -> None:
+    from qtalign.report.figures import retrieval_figure
+    from qtalign.stats import spearman
+
+    t, v = tv.split("/", 1)
+    ref = rec["reference"]
+    models = [k for k in rec if isinstance(rec[k], dict)]
+    pool = "query" if "query" in rec[models[0]] else next(iter(rec[models[0]]))
+    langs = [lang for lang in rec[models[0]][pool]["retrieval_to"] if lang != ref]
+    n_layers = len(rec[models[0]][pool]["retrieval_to"][langs[0]])
+    curves = {}
+    for m in models:
+        d = rec[m][pool]
+        curves[f"{m}: {ref} → X"] = [_mean_over(d["retrieval_to"], langs, k) for k in range(n_layers)]
+        curves[f"{m}: X → {ref}"] = [_mean_over(d["retrieval_from"], langs, k) for k in range(n_layers)]
+    rows = {r.lang: r for r in ctx.tasks.get((t, v), [])}
+    gain = {lang: rows[lang].delta for lang in langs if lang in rows}
+    cal_gain = {lang: rows[lang].cal.acc("tuned") - rows[lang].cal.acc("base") for lang in gain if rows[lang].cal is not None}
+    rho = {}
+    if gain and "tuned" in models:
+        gl = list(gain)
+        rho["base retrieval vs Δ accuracy"] = [spearman([_retrieval_lang(rec, "base", pool, x, k) for x in gl], [gain[x] for x in gl])
+                                               for k in range(n_layers)]
+        delta = lambda x, k: _retrieval_lang(rec, "tuned", pool, x, k) - _retrieval_lang(rec, "base", pool, x, k)  # noqa: E731
+        rho["Δ retrieval vs Δ accuracy"] = [spearman([delta(x, k) for x in gl], [gain[x] for x in gl]) for k in range(n_layers)]
+        if cal_gain:
+            cl = list(cal_gain)
+            rho["Δ retrieval vs Δ calibrated"] = [spearman([delta(x, k) for x in cl], [cal_gain[x] for x in cl]) for k in range(n_layers)]
+    doc.h(3, f"{t} ({v} prompts), {pool} pooling, {rec.get('n_items')} parallel items ({rec.get('n_clusters')} clusters)")
+    p = retrieval_figure(curves, rho, f"cross-lingual retrieval: {t} ({v}), {pool} pooling", ctx.figdir / f"retrieval_{t}_{v}.png")
+    doc.img(p, f"{t} ({v}): left, mean retrieval accuracy over the {len(langs)} non-{ref} languages per layer (is an item's "
+            f"nearest cosine neighbour among the other language's items the same item{' or one of its cluster' if rec.get('n_clusters') != rec.get('n_items') else ''}?), "
+            "both directions; right, Spearman ρ over the languages between retrieval and the accuracy change (dots: p < 0.05).")
+    picks = sorted({0, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
+    head = ["layer"] + list(curves) + [f"ρ: {k} (p)" for k in rho]
+    body = [[k] + [num(c[k]) for c in curves.values()] + [f"{signed_num(r[k][0], 2)} ({pval(r[k][1])})" for r in rho.values()]
+            for k in picks]
+    doc.md(md_table(head, body))
+
+
+def cross_lingual_retrieval(doc: Doc, ctx: Ctx) -> None:
+    s = ctx.run.summary("geometry")
+    ret = (s or {}).get("retrieval")
+    if not ret:
+        doc.md("_No retrieval results (the geometry stage did not run, or ran before retrieval was measured)._")
+        return
+    doc.md("Per layer, on each language's pooled hidden states of parallel items: the share of items whose nearest "
+           "neighbour (cosine) among the other language's items is the same item (or, for SNLI, an item of the same premise "
+           "triple), from the reference language into each language and back. The correlation asks whether the languages "
+           "whose representations align better with English (before tuning, or more after it) are the ones that gained.")
+    for tv, rec in ret.items():
+        if any(isinstance(v, dict) for v in rec.values()):
+            _retrieval_task(doc, ctx, tv, rec)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# labels, data, environment
+
+
+def labels(doc: Doc, ctx: Ctx) -> None:
+    lab = ctx.run.dir / "eval" / "base" / "labels.md"
+    if lab.exists():
+        doc.md("How each scored label word is tokenised by this model, the size of each class's first-token candidate set, "
+               "collisions between classes and the overlap with the English labels' sets (same tokenizer for base and tuned).")
+        doc.md(lab.read_text(encoding="utf-8").strip())
+    else:
+        doc.md("_No label report (eval/base/labels.md missing)._")
+
+
+def data(doc: Doc, ctx: Ctx) -> None:
+    from qtalign.io import read_json
+
+    stats = read_json(ctx.run.dir / "data" / "stats.json")
+    if stats is None:
+        doc.md("_Stage `data` has not run in this run dir._")
+        return
+    keys = ("rows", "rows_per_source", "index_min", "index_max", "duplicates_removed", "excluded", "out_of_range",
+            "dataset_name", "warnings")
+    doc.md(md_table(["statistic", "value"], [[k, v] for k, v in flatten({k: stats.get(k) for k in keys if k in stats})], "ll"))
+    if (ctx.run.dir / "data" / "summary.json").exists():
+        _summary_figures(doc, ctx.run.dir / "data", "data")
+
+
+def environment(doc: Doc, ctx: Ctx) -> None:
+    run = ctx.run
+    env = dict(run.exp.get("environment") or (run.base or {}).get("environment") or {})
+    env["seed"] = run.config.get("seed", (run.base or {}).get("seed"))
+    if run.base:
+        m = run.base.get("model", {})
+        env.update(model=m.get("name"), model_source=ctx.path(m.get("source", "")), model_dtype=m.get("dtype"),
+                   model_sha256=((m.get("identity") or {}).get("sha256") or "")[:16] or None)
+        env["engine_numerics"] = (run.base.get("covers") or {}).get("numerics")
+    doc.md(md_table(["", "value"], [[k, v] for k, v in flatten(env) if v is not None], "ll"))
+    trows = []
+    for st in ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report"):
+        sj = run.stage(st)
+        if sj and st == "report":
+            trows.append([st, "this report", "–", sj.get("fingerprint", "")[:12], "–"])
+        elif sj:
+            trows.append([st, sj.get("status", "?"), f"{sj['timing_s']:.1f}" if sj.get("timing_s") is not None else "–",
+                          sj.get("fingerprint", "")[:12], "yes" if sj.get("skipped_last_run") else "no"])
+    if trows:
+        doc.md(md_table(["stage", "status", "time s", "fingerprint", "skipped in last run"], trows, "llrll"))
+    for res, name in ((run.base, "base"), (run.tuned, "tuned")):
+        if res:
+            tm = res.get("timing", {})
+            doc.md(f"eval/{name}: model load {tm.get('model_load_s', '–')} s, scoring {tm.get('eval_s', '–')} s, "
+                   f"{tm.get('items_scored_this_run', '–')} items scored in the last run, "
+                   f"{tm.get('items_from_store', 0)} from the shared result store.")
