@@ -256,11 +256,14 @@ class OutputDir:
         adopted: of its entries, only those named in ``adopt`` (what the caller itself writes) become qtalign's; every
         other file there stays untouchable."""
         self.check()
-        self.path.mkdir(parents=True, exist_ok=True)
-        if not (self.path / MARKER).is_file():
-            legacy = any((self.path / n).is_file() for n in LEGACY_FILES)
-            names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
-            self._save(names, adopted=legacy)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            if not (self.path / MARKER).is_file():
+                legacy = any((self.path / n).is_file() for n in LEGACY_FILES)
+                names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
+                self._save(names, adopted=legacy)
+        except OSError as e:
+            raise QtalignError(f"{self.option} {self.path}: cannot write there ({e.strerror or e})") from None
         return self
 
     # -- entries ------------------------------------------------------------------------------------------------

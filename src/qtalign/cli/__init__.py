@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("qtalign.cli.run", "one-command experiment: data, tuning, evaluation, analyses and report (default: the demo)"),
     "report": ("qtalign.cli.report", "write a run dir's report (report.md, report.html) again from its artifacts"),
     "compare": ("qtalign.cli.report", "compare runs side by side (models, sizes, source mixes): Markdown + HTML with a plot"),
+    "export": ("qtalign.cli.export", "export a run's per-item predictions as Hugging Face datasets parquet files"),
     "models": ("qtalign.cli.models", "list the embedded models: installed, converted, size, licence"),
 }
 

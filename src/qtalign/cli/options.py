@@ -144,8 +144,10 @@ def build_config(cls: type[BaseModel], args, section: str | None = None, skip: s
 
     path = getattr(args, "config", None)
     d = load_config_file(path)
+    where = path or "command line"
     if section and isinstance(d.get(section), dict):
         d = dict(d[section])
+        where = f"{path}: section '{section}'"
     d.update(given(args, cls, skip | {"model"}))
     if "model" in cls.model_fields:
         d["model"] = {**(d.get("model") or {}), **model_values(args)}
@@ -153,7 +155,7 @@ def build_config(cls: type[BaseModel], args, section: str | None = None, skip: s
     try:
         return cls.model_validate(d)
     except ValidationError as e:
-        raise QtalignError(validation_message(e, path or "command line")) from None
+        raise QtalignError(validation_message(e, where)) from None
 
 
 def add_common(p: argparse.ArgumentParser, out_required: bool = True, overwrite: bool = True, save: bool = True,

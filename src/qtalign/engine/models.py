@@ -141,6 +141,13 @@ def check_model(cfg: ModelConfig) -> None:
         if not torch.cuda.is_available():
             raise QtalignError("load_in_4bit needs CUDA (bitsandbytes NF4); use --dtype bf16 or fp32 on CPU")
     _device(cfg.device)
+    if cfg.trust_remote_code and cfg.name not in _WARNED:
+        _WARNED.add(cfg.name)
+        print(f"qtalign: warning: trust_remote_code is on: Python code shipped with '{cfg.name}' will run on this "
+              "machine (set by the config or --trust-remote-code; check where the model comes from)", file=sys.stderr)
+
+
+_WARNED: set[str] = set()
 
 
 def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
@@ -216,9 +223,6 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     dtype = torch_dtype(cfg.dtype)
     device = _device(cfg.device)
     source, gguf = resolve_source(cfg)  # checks the config first (check_model)
-    if cfg.trust_remote_code:
-        print(f"qtalign: warning: trust_remote_code is on: Python code shipped with '{cfg.name}' will run on this "
-              "machine", file=sys.stderr)
     kw: dict = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
                     local_files_only=Path(source).exists())
     if gguf:

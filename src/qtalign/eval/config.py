@@ -39,9 +39,10 @@ class TaskSelection(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: ModelConfig = Field(default_factory=ModelConfig)
-    tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], description="task names")
-    langs: list[str] = Field(default_factory=lambda: ["all"], description="language codes, 'all', 'high' or 'low'")
-    variants: list[str] = Field(default_factory=lambda: ["enout"], description="label variants: enout, native, irrelevant")
+    tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], min_length=1, description="task names")
+    langs: list[str] = Field(default_factory=lambda: ["all"], min_length=1, description="language codes, 'all', 'high' or 'low'")
+    variants: list[str] = Field(default_factory=lambda: ["enout"], min_length=1,
+                                description="label variants: enout, native, irrelevant")
     limit: int | None = Field(None, ge=1, description="first N items per language (after `items`)")
     items: str | dict[str, str] | None = Field(None, description="item range START:END for every task (e.g. 0:250), or one "
                                                "per task: {emotion: '0:250', snli: '0:200'} (CLI: emotion=0:250,snli=0:200)")

@@ -14,6 +14,7 @@ Every input (options, data files, model config) is read and checked before a mod
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -31,7 +32,7 @@ from qtalign.tasks.groups import Group
 from qtalign.tasks.items import data_hashes
 from qtalign.tasks.specs import SpecSet, load_specs
 
-OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table.csv", "labels.md", "labels.json")
+OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table.csv", "labels.md", "labels.json", "lm_eval")
 
 
 def item_key(task: str, variant: str, lang: str, index: int) -> str:
@@ -111,9 +112,12 @@ def _claim(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     out.check()
     prev = read_json(out.path / "run.json")
     same = prev is not None and prev.get("fingerprint") == plan.fingerprint
-    if prev is not None and not same and not overwrite:
+    finished = read_json(out.path / "results.json") is not None
+    if prev is not None and not same and finished and not overwrite:
         raise QtalignError(f"{out.path}: holds an evaluation with a different config, data or model (fingerprint "
                            f"{prev.get('fingerprint')} != {plan.fingerprint}); use another --out or --overwrite")
+    if prev is not None and not same and not finished:  # an unfinished run of another config (e.g. one that failed)
+        print(f"qtalign: {out.path}: replacing an unfinished evaluation of another config", file=sys.stderr)
     if same and not overwrite:
         res = read_json(out.path / "results.json")
         if res is not None and res.get("fingerprint") == plan.fingerprint:
@@ -274,13 +278,29 @@ def _finish(plan: Plan, out_dir: OutputDir, store, lm, done: dict, n_store: int,
         "skipped": plan.skipped,
         "languages": {c: {"name": specs.language(c).english_name, "resource_group": specs.language(c).resource_group}
                       for c in sorted({g.lang for g in plan.groups}, key=specs.order.index)},
+        "finished": time.time(),
         "timing": {"model_load_s": round(t_load, 2), "groups_s": timings, "items_scored_this_run": total,
                    "items_from_store": n_store, "eval_s": round(sum(timings.values()), 2)},
         "metrics": metrics,
     }
     write_tables(metrics, plan.resource(), out)
+    _write_lm_eval(plan, out, results, recs)
     write_json(out / "results.json", results)
     return results
+
+
+def _write_lm_eval(plan: Plan, out: Path, results: dict, recs: list[dict]) -> None:
+    """The same results in lm-evaluation-harness's results and per-sample layouts (eval/interop.py)."""
+    from qtalign.eval.interop import write_lm_eval
+
+    items, prompts = {}, {}
+    for g, its in plan.items.items():
+        task = plan.specs.task(g.task)
+        for it in its:
+            items[g.key(it.index)] = it.fields
+            prompts[g.key(it.index)] = task.prompt(g.lang, g.variant, it.fields)
+    n_shot = {t: plan.specs.task(t).n_shot for t in plan.cfg.tasks}
+    write_lm_eval(out, results, recs, n_shot, items, prompts)
 
 
 def _model_info(mc, identity: dict) -> dict:

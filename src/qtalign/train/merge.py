@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
@@ -17,25 +16,31 @@ from qtalign.errors import QtalignError
 
 def merge(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, dtype: Literal["bf16", "fp32", "fp16"] = "bf16") -> Path:
     """Merge a LoRA adapter into its base model in fp32 and save the result (and the tokenizer) as a HF folder
-    in `dtype`. Returns the output dir."""
-    from qtalign.engine.models import apply_adapter
+    in `dtype`. ``out_dir`` is a new folder or one qtalign wrote: only the files of an earlier merge are replaced."""
+    from qtalign.engine.models import apply_adapter, check_adapter_dir, check_model
+    from qtalign.io import OutputDir, write_json
 
-    out = Path(out_dir)
     if dtype not in DTYPE_NAMES:
         raise QtalignError(f"merge: unknown dtype '{dtype}' (bf16, fp32, fp16)")
+    out = OutputDir(out_dir, "merge").check()
+    check_adapter_dir(adapter_dir)
     base_cfg = model_cfg.model_copy(update={"dtype": "fp32", "adapter": None, "merge_adapter": False, "device": "cpu"})
+    check_model(base_cfg)
     lm = load_model(base_cfg)
     merged = apply_adapter(lm.model, str(adapter_dir), merge=True, dtype=torch_dtype(dtype))
-    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp = out.path.with_name(f".{out.path.name}.tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    merged.save_pretrained(tmp)
-    lm.tokenizer.save_pretrained(tmp)
-    (tmp / "qtalign_merge.json").write_text(json.dumps({"base": model_cfg.name, "source": lm.info["source"],
-                                                         "adapter": str(adapter_dir), "dtype": dtype}, indent=2))
-    if out.exists():
-        shutil.rmtree(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(tmp, out)
-    return out
-
-
+    try:
+        merged.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        write_json(tmp / "qtalign_merge.json", {"base": model_cfg.name, "source": lm.info["source"], "adapter": str(adapter_dir),
+                                               "dtype": dtype})
+        out.claim()
+        names = sorted(p.name for p in tmp.iterdir())
+        out.remove(*[n for n in out.entries() if n not in names])  # files of an earlier merge not written now
+        out.record(*names)
+        for n in names:
+            os.replace(tmp / n, out.path / n)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out.path

@@ -122,16 +122,17 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
     """Own the output dir for this fingerprint; returns the summary of a finished identical run."""
     out.check()
     prev = read_json(out.path / "train_config.json")
+    finished = read_json(out.path / "summary.json")
+    stale = prev is not None and prev.get("fingerprint") != fp
     if prev is not None and not overwrite:
-        if prev.get("fingerprint") != fp:
+        if stale and finished is not None:
             raise QtalignError(f"{out.path}: holds a training run with another config or data ({prev.get('fingerprint')} "
                                f"!= {fp}); use another --out or --overwrite")
-        done = read_json(out.path / "summary.json")
-        if done is not None:
-            return done
+        if not stale and finished is not None:
+            return finished
     if main:
         out.claim(adopt=OUR_FILES)
-        if overwrite:
+        if overwrite or stale:  # --overwrite, or an unfinished run of another config: only qtalign's files go
             out.remove(*[n for n in OUR_FILES if out.is_ours(n)])
         out.record(*OUR_FILES)
         write_json(out.path / "train_config.json", {"fingerprint": fp, "world_size": _world()[1], "config": cfg.model_dump(mode="json")})

@@ -1,0 +1,319 @@
+"""Reliability under bad input and faults (docs/reliability.md): qtalign never deletes or overwrites what it did not
+write, never shows a stale result as current, and ends every user error with one line naming the problem (exit 2, no
+traceback, nothing written outside --out). One regression test per class of failure found, then a fuzz-style sweep of
+malformed inputs through the CLI entry point, in process."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import shutil
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+from qtalign.cli import main
+from qtalign.tasks.items import demo_data_dir
+
+
+def cli(argv: list[str]) -> tuple[int, list[str], str]:
+    """(exit code, stderr lines, stdout) of `qtalign argv`, in process."""
+    err, out = io.StringIO(), io.StringIO()
+    with redirect_stderr(err), redirect_stdout(out):
+        rc = main([str(a) for a in argv])
+    return rc, err.getvalue().strip().splitlines(), out.getvalue()
+
+
+def snapshot(root: Path, skip: Path | None = None) -> dict[str, str]:
+    out = {}
+    for p in sorted(root.rglob("*")):
+        if skip is not None and (p == skip or skip in p.parents):
+            continue
+        if p.is_file():
+            out[str(p.relative_to(root))] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def demo_copy(dst: Path) -> Path:
+    shutil.copytree(demo_data_dir(), dst)
+    return dst
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# deletes what it did not write
+
+
+def test_run_never_removes_a_users_folder_named_like_a_stage(tmp_path, tiny_llama_dir):
+    rd = tmp_path / "run"
+    (rd / "data").mkdir(parents=True)
+    (rd / "data" / "notes.txt").write_text("mine")
+    rc, err, _ = cli(["run", "demo", "--out", rd, f"model.name={tiny_llama_dir}", "model.dtype=fp32"])
+    assert rc == 2 and "was not written by qtalign" in err[-1] and len(err) == 1
+    assert (rd / "data" / "notes.txt").read_text() == "mine" and sorted(x.name for x in rd.iterdir()) == ["data"]
+
+
+def test_a_folder_the_user_adds_inside_an_owned_run_dir_is_refused_not_removed(tmp_path, tiny_llama_dir):
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.runner import Experiment
+
+    from test_experiment import tiny_dict
+
+    rd = tmp_path / "run"
+    d = tiny_dict(tiny_llama_dir, rd)
+    d["stages"] = ["data", "eval", "report"]
+    Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    shutil.rmtree(rd / "eval")
+    (rd / "eval").mkdir()
+    (rd / "eval" / "mine.txt").write_text("x")  # the user's folder, where qtalign's was
+    marker = json.loads((rd / ".qtalign.json").read_text())
+    marker["entries"].remove("eval")
+    (rd / ".qtalign.json").write_text(json.dumps(marker))
+    with pytest.raises(Exception, match="eval: exists and was not written by qtalign"):
+        Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    assert (rd / "eval" / "mine.txt").read_text() == "x"
+
+
+def test_legacy_run_dirs_are_adopted_not_deleted(tmp_path, tiny_llama_dir):
+    """A run dir made before ownership markers (stage.json files, no marker) is adopted; files qtalign never wrote
+    stay, even when a stage reruns."""
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.runner import Experiment
+
+    from test_experiment import tiny_dict
+
+    rd = tmp_path / "run"
+    d = tiny_dict(tiny_llama_dir, rd)
+    d["stages"] = ["data", "eval", "report"]
+    Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    for m in rd.rglob(".qtalign.json"):
+        m.unlink()  # as an older qtalign left it
+    (rd / "my_notes.md").write_text("notes")
+    d["eval"]["items"] = "0:4"  # eval and the report rerun
+    out = Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    assert out["eval/base"] == "ran" and (rd / "my_notes.md").read_text() == "notes"
+    assert json.loads((rd / ".qtalign.json").read_text())["adopted"] is True
+
+
+def test_merge_refuses_a_folder_it_did_not_write(tmp_path, tiny_llama_dir):
+    user = tmp_path / "models"
+    user.mkdir()
+    (user / "precious.bin").write_bytes(b"1")
+    (tmp_path / "adp").mkdir()
+    (tmp_path / "adp" / "adapter_config.json").write_text("{}")
+    (tmp_path / "adp" / "adapter_model.safetensors").write_bytes(b"")
+    rc, err, _ = cli(["merge", "--model", tiny_llama_dir, "--adapter", tmp_path / "adp", "--out", user])
+    assert rc == 2 and "not written by qtalign" in err[-1]
+    assert (user / "precious.bin").read_bytes() == b"1"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# stale results
+
+
+def test_a_killed_rerun_with_a_changed_config_leaves_no_old_report_looking_final(tmp_path, tiny_llama_dir, monkeypatch):
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.runner import Experiment
+
+    from test_experiment import tiny_dict
+
+    rd = tmp_path / "run"
+    d = tiny_dict(tiny_llama_dir, rd)
+    d["stages"] = ["data", "eval", "report"]
+    Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    assert (rd / "report.md").exists()
+    import qtalign.eval.run as ev
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ev, "evaluate", killed)
+    d["eval"]["items"] = "0:4"
+    with pytest.raises(KeyboardInterrupt):
+        Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    assert not (rd / "report.md").exists() and not (rd / "report.html").exists()
+    assert json.loads((rd / "eval" / "base" / "stage.json").read_text())["status"] != "done"
+    assert "0:4" in (rd / "config.yaml").read_text()
+
+
+def test_overlap_is_found_in_a_byte_identical_copy_in_another_folder(tmp_path):
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.overlap import check_overlap
+    from qtalign.experiment.runner import Experiment
+
+    from test_experiment import tiny_dict
+
+    train_data = demo_copy(tmp_path / "train_copy")
+    eval_data = demo_copy(tmp_path / "eval_copy")
+    d = tiny_dict("m", tmp_path / "run")
+    d["data"] = {"task": "emotion", "data_files": str(train_data / "{task}" / "{lang}.jsonl"), "sources": ["zh"], "target": "en",
+                 "items": "0:20"}
+    d["eval"] = {"tasks": ["emotion"], "data_files": str(eval_data / "{task}" / "{lang}.jsonl"), "langs": ["en", "zh"], "items": "0:10"}
+    e = Experiment(ExperimentConfig.model_validate(d))
+    with pytest.raises(Exception, match="10 evaluation items are also training items"):
+        check_overlap(e.stage_config("data"), e.stage_config("eval"))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# writes outside its output; tracebacks
+
+
+def test_compare_labels_cannot_write_outside_out(tmp_path, tiny_llama_dir):
+    rc, err, _ = cli(["lens", "--model", tiny_llama_dir, "--data-files", "demo", "--langs", "en,zh",
+                      "--compare-adapter", f"../../evil={tmp_path}", "--out", tmp_path / "lens"])
+    assert rc == 2 and "must be a plain name" in err[-1]
+    assert not (tmp_path / "lens").exists() and not list(tmp_path.parent.glob("evil*"))
+
+
+def test_truncated_weights_and_mismatched_adapters_are_one_line(tmp_path, tiny_llama_dir):
+    bad = tmp_path / "trunc"
+    shutil.copytree(tiny_llama_dir, bad)
+    w = bad / "model.safetensors"
+    w.write_bytes(w.read_bytes()[:4000])
+    rc, err, _ = cli(["eval", "--model", bad, "--dtype", "fp32", "--data-files", "demo", "--langs", "en", "--tasks",
+                      "emotion", "--out", tmp_path / "o"])
+    assert rc == 2 and len(err) == 1 and "cannot load" in err[0]
+    # an adapter trained for other target modules than the model has
+    from peft import LoraConfig, get_peft_model
+
+    from qtalign.engine.models import ModelConfig, load_model
+
+    lm = load_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32"))
+    get_peft_model(lm.model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adp")
+    cfg = json.loads((tmp_path / "adp" / "adapter_config.json").read_text())
+    cfg["target_modules"] = ["no_such_proj"]
+    (tmp_path / "adp" / "adapter_config.json").write_text(json.dumps(cfg))
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--adapter", tmp_path / "adp", "--data-files", "demo",
+                      "--tasks", "emotion", "--langs", "en", "--limit", "2", "--no-store", "--out", tmp_path / "o2"])
+    assert rc == 2 and "does not fit the model" in err[-1] and not any("Traceback" in x for x in err)
+
+
+def test_out_that_cannot_be_written_is_one_line(tmp_path, tiny_llama_dir):
+    (tmp_path / "afile").write_text("x")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub", Path("/proc/qtalign-cannot-write-here")):
+        rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--data-files", "demo", "--tasks", "emotion", "--langs", "en",
+                          "--out", out])
+        assert rc == 2 and len(err) == 1 and str(out) in err[0], (out, err)
+
+
+def test_a_failed_run_does_not_block_the_corrected_one(tmp_path, tiny_llama_dir, monkeypatch):
+    import qtalign.eval.run as ev
+
+    out = tmp_path / "o"
+    real = ev._score_groups
+
+    def broken(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(ev, "_score_groups", broken)
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--tasks", "emotion",
+                      "--langs", "en", "--limit", "3", "--no-store", "--out", out])
+    assert rc == 1 and "internal error" in err[-1]
+    monkeypatch.setattr(ev, "_score_groups", real)
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--tasks", "emotion",
+                      "--langs", "en", "--limit", "4", "--no-store", "--out", out])  # a corrected config into the same --out
+    assert rc == 0 and (out / "results.json").exists()
+
+
+def test_trust_remote_code_from_a_config_warns(tmp_path, tiny_llama_dir):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"eval:\n  model: {{name: {tiny_llama_dir}, trust_remote_code: true, dtype: fp32}}\n  tasks: [emotion]\n"
+                   "  langs: [en]\n  data_files: demo\n  limit: 2\n")
+    import qtalign.engine.models as models
+
+    models._WARNED.clear()
+    rc, err, _ = cli(["eval", "--config", cfg, "--out", tmp_path / "o"])
+    assert rc == 0 and any("trust_remote_code is on" in x for x in err)
+
+
+def test_config_errors_name_the_file_and_the_field(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("eval:\n  tasks: [emotion]\n  limit: zero\n")
+    rc, err, _ = cli(["eval", "--config", cfg, "--out", tmp_path / "o"])
+    assert rc == 2 and str(cfg) in err[-1] and "eval" in err[-1] and "'limit'" in err[-1]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the fuzz-style sweep
+
+
+def _bad_files(root: Path) -> dict[str, Path]:
+    recs = [json.loads(x) for x in (demo_data_dir() / "emotion" / "en.jsonl").read_text(encoding="utf-8").splitlines()]
+    files = {
+        "latin1": ('{"input": "caf\xe9", "answer": "positive"}\n'.encode("latin-1"), "jsonl"),
+        "object": (json.dumps(recs[0]).encode(), "json"),
+        "empty": (b"", "jsonl"),
+        "garbage": (b"\x00\x01 not json at all", "jsonl"),
+        "bad_label": ("".join(json.dumps({**r, "answer": "maybe"}) + "\n" for r in recs[:5]).encode(), "jsonl"),
+        "no_field": ("".join(json.dumps({"answer": r["answer"]}) + "\n" for r in recs[:5]).encode(), "jsonl"),
+        "number_text": ("".join(json.dumps({**r, "input": 3}) + "\n" for r in recs[:5]).encode(), "jsonl"),
+        "empty_text": ("".join(json.dumps({**r, "input": " "}) + "\n" for r in recs[:5]).encode(), "jsonl"),
+        "array_of_lists": (b"[[1, 2], [3]]", "json"),
+    }
+    out = {}
+    for name, (data, ext) in files.items():
+        p = root / "bad" / name / "emotion" / f"en.{ext}"
+        p.parent.mkdir(parents=True)
+        p.write_bytes(data)
+        out[name] = p
+    return out
+
+
+def _cases(root: Path, model: Path) -> list[list]:
+    bad = _bad_files(root)
+    m = ["--model", model, "--dtype", "fp32"]
+    ev = ["eval", *m, "--data-files", "demo", "--tasks", "emotion", "--langs", "en"]
+    cases = [["eval", *m, "--data-files", str(p.parent.parent / "{task}" / f"{{lang}}{p.suffix}"), "--tasks", "emotion", "--langs", "en"]
+             for p in bad.values()]
+    cases += [ev + [opt, val] for opt, val in itertools.chain(
+        (("--items", v) for v in ("5:2", "5", "a:b", "3:3", "900:", "0:9999", "::", "1:2:3", "emotion=9:1")),
+        (("--limit", v) for v in ("0", "-1", "x")), (("--langs", v) for v in ("xx", "en,zz")), (("--tasks", v) for v in ("nope",)), (("--variants", v) for v in ("", ",")),
+        (("--variants", v) for v in ("weird",)), (("--method", v) for v in ("best",)), (("--device", v) for v in ("foo", "cuda:x", "cuda")),
+        (("--batch-size", v) for v in ("0", "two")), (("--data-files", v) for v in ("{task}/{x}.jsonl", "hf:")),
+        (("--model", v) for v in ("nosuchmodel", str(root / "missing_dir"), str(root / "x.gguf"), str(root / "bad" / "garbage" / "emotion" / "en.jsonl"))),
+        (("--adapter", v) for v in (str(root / "nope"), str(root))), (("--prompts", v) for v in (str(root / "nope.json"), str(bad["garbage"]))),
+        (("--config", v) for v in (str(root / "nope.yaml"), str(bad["garbage"]))),
+    )]
+    tr = ["train", *m, "--data", str(bad["object"])]
+    cases += [tr, tr[:-1] + [str(root / "none.jsonl")]]
+    cases += [["train", *m, "--data", str(demo_data_dir() / "emotion" / "en.jsonl"), opt, val] for opt, val in (
+        ("--lr-scheduler", "bogus"), ("--learning-rate", "-1"), ("--lora-r", "0"), ("--template", "fancy"), ("--report-to", "nope"),
+        ("--batch-size", "3"), ("--val-size", "-2"), ("--target-modules", ""), ("--val-data", str(root / "none.jsonl")))]
+    cases += [["build-data", "--task", "emotion", "--sources", s, "--data-files", "demo"] for s in ("xx", "en", "zh:de")]
+    cases += [["build-data", "--question-files", str(bad["object"])], ["build-data", "--task", "nope", "--sources", "zh"],
+              ["build-data", "--task", "emotion", "--sources", "zh", "--data-files", "demo", "--exclude-items", "a:b"],
+              ["build-data", "--task", "emotion", "--sources", "zh", "--data-files", "demo", "--exclude-file", str(bad["garbage"])]]
+    cases += [["lens", *m, "--data-files", "demo", "--langs", "en,zh", "--compare", v] for v in ("../x=y", "a=", "base=d", ".hidden=d")]
+    cases += [["geometry", *m, "--data-files", "demo", "--langs", "en,zh", opt, v] for opt, v in (
+        ("--pools", "mean"), ("--layers", "a,b"), ("--reference", "fr"))]
+    cases += [["geometry", *m, "--data-files", "demo", "--langs", "zh"]]
+    cases += [["run", "no/such/config"], ["run", "demo", "train.lora_r=0"], ["run", "demo", "eval.bogus=1"], ["run", "demo", "=3"],
+              ["run", "demo", "--stages", "tune"], ["run", "demo", "data.model=x"], ["run", str(bad["garbage"])],
+              ["report", root / "nope"], ["compare", root / "nope"], ["export", root]]
+    return cases
+
+
+def test_fuzz_malformed_inputs_through_the_cli(tmp_path, tiny_llama_dir):
+    root = tmp_path / "w"
+    root.mkdir()
+    (root / "x.gguf").write_bytes(b"GGUF\x03\x00\x00\x00" + b"\xff" * 40)
+    keep = root / "user_files"
+    keep.mkdir()
+    (keep / "a.txt").write_text("precious")
+    cases = _cases(root, tiny_llama_dir)
+    assert len(cases) > 70
+    for i, case in enumerate(cases):
+        out = root / f"out{i}"
+        argv = case if case[0] in ("report", "compare", "export", "models") or "--out" in case else case + ["--out", out]
+        if case[0] in ("compare", "export") and "--out" not in case:
+            argv = case + ["--out", out]
+        before = snapshot(root, skip=out)
+        rc, err, _ = cli(argv)
+        assert rc == 2, (" ".join(str(a) for a in argv[7:]), rc)
+        assert err and "error" in err[-1] and len(err[-1]) > 20, (argv, err)
+        assert not any("Traceback" in x for x in err), (argv, err)
+        assert snapshot(root, skip=out) == before, argv  # nothing written or removed outside --out
+        assert not (out / "results.json").exists() and not (out / "summary.json").exists()
+    assert (keep / "a.txt").read_text() == "precious"
