@@ -67,12 +67,13 @@ def test_official_method_agrees_with_faithful(request, specs, arch):
     n = 0
     for g in groups:
         reqs = build_requests(g.task, g.lang, g.variant, g.items, "faithful")
-        official = B.official_predict(model, tok, reqs, random.Random(0))
-        ours = B.ours_predict(scorer, build_requests(g.task, g.lang, g.variant, g.items, "faithful"))
-        assert official == ours
+        official = B.official_scores(model, tok, reqs, random.Random(0))
+        ours = B.ours_scores(scorer, build_requests(g.task, g.lang, g.variant, g.items, "faithful"))
+        assert {k: v[0] for k, v in official.items()} == {k: v[0] for k, v in ours.items()}  # the same decisions
+        for k, (_, mass) in official.items():  # from the same class masses (batched + prefix-cached vs batch 1)
+            assert max(abs(a - b) for a, b in zip(ours[k][1], mass)) < 1e-5
         n += len(official)
     assert n == 10
-    assert len(set(official.values())) >= 1
 
 
 B_TOK = {"llama": "spm_tokenizer", "qwen2": "bpe_tokenizer"}

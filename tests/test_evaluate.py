@@ -94,7 +94,9 @@ def test_config_validation_errors():
         EvalConfig(variants=["weird"])
     with pytest.raises(Exception, match="Extra inputs"):
         EvalConfig(bogus=1)
-    with pytest.raises(Exception):
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="batch_size\n  Input should be greater than or equal to 1"):
         EvalConfig(batch_size=0)
 
 

@@ -16,7 +16,7 @@ from conftest import PAPER_PROMPTS, needs_shared
 from qtalign.engine.models import ModelConfig, load_model
 from qtalign.engine.registry import embedded
 from qtalign.scoring.faithful import official_candidates
-from qtalign.scoring.scorer import ScoreRequest, Scorer
+from qtalign.scoring.scorer import Scorer
 from qtalign.tasks.items import DataSource, load_items
 from qtalign.tasks.specs import load_specs
 from qtalign.tasks.tokens import _is_byte_level, candidate_sets, label_continuation, prefix_tokens, token_bytes_table

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from qtalign.cli import main
+from qtalign.errors import QtalignError
 from qtalign.tasks.items import demo_data_dir
 
 
@@ -71,7 +72,7 @@ def test_a_folder_the_user_adds_inside_an_owned_run_dir_is_refused_not_removed(t
     marker = json.loads((rd / ".qtalign.json").read_text())
     marker["entries"].remove("eval")
     (rd / ".qtalign.json").write_text(json.dumps(marker))
-    with pytest.raises(Exception, match="eval: exists and was not written by qtalign"):
+    with pytest.raises(QtalignError, match="eval: exists and was not written by qtalign"):
         Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
     assert (rd / "eval" / "mine.txt").read_text() == "x"
 
@@ -152,7 +153,7 @@ def test_overlap_is_found_in_a_byte_identical_copy_in_another_folder(tmp_path):
                  "items": "0:20"}
     d["eval"] = {"tasks": ["emotion"], "data_files": str(eval_data / "{task}" / "{lang}.jsonl"), "langs": ["en", "zh"], "items": "0:10"}
     e = Experiment(ExperimentConfig.model_validate(d))
-    with pytest.raises(Exception, match="10 evaluation items are also training items"):
+    with pytest.raises(QtalignError, match="10 evaluation items are also training items"):
         check_overlap(e.stage_config("data"), e.stage_config("eval"))
 
 

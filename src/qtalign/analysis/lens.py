@@ -28,9 +28,7 @@ Output folder (one per run):
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -212,7 +210,6 @@ def _run_models(cfg: LensConfig, models: dict, specs, groups, items, out: Path, 
 
 def _write_means(results: dict, out: Path) -> None:
     """lens_means.csv: per model x group x layer, n and the mean and 95 % CI half-width of every metric."""
-    import csv
     import io as _io
 
     from qtalign.io import write_text

@@ -12,7 +12,6 @@ import argparse
 import sys
 import types
 import typing
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel

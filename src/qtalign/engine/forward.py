@@ -154,7 +154,6 @@ class Batch:
     layer_states: list[torch.Tensor] | None = None  # L+1 tensors (B, T, d): residual stream over the suffix
     prefix_states: list[torch.Tensor] | None = None  # L+1 tensors (P, d): residual stream over the shared prefix
     cache: Any = None  # the KV cache after the batch (prefix + padded suffix), when asked for
-    extra: dict = field(default_factory=dict)
 
 
 class Engine:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import time
@@ -24,7 +23,9 @@ def task_name(task: str, lang: str, variant: str) -> str:
 
 
 def _hash(s: str) -> str:
-    return hashlib.sha256(s.encode("utf-8")).hexdigest()
+    from qtalign.io import text_sha256
+
+    return text_sha256(s)
 
 
 def _stderr(xs: list[float]) -> float:

@@ -24,8 +24,44 @@ def _same_file(a, b) -> bool:
     return False
 
 
+def _task_row(t: str, task, data_cfg: QTDataConfig, eval_cfg: EvalConfig, langs: list[str], from_items: list[dict],
+              n_files: int, problems: list[str]) -> dict:
+    """The overlap record of one evaluated task (a shared item is appended to ``problems``)."""
+    dsrc, esrc = data_cfg.source(), eval_cfg.source()
+    train_idx = {r["index"] for r in from_items}
+    eval_idx = {it.index for it in eval_cfg.select(task, langs[0], esrc)}
+    row = {"task": t, "n_train": 0, "n_eval": len(eval_idx), "n_shared": 0}
+    notes = []
+    if n_files:
+        notes.append(f"{n_files} rows from ready question files ({', '.join(Path(f).name for f in data_cfg.question_files)}): "
+                     "built from their own (training) items, not from the evaluation files")
+    if data_cfg.task == t and from_items:
+        tfile, efile = dsrc.path(task, data_cfg.target), esrc.path(task, data_cfg.target)
+        row["train_source"] = str(dsrc.path(task, "{lang}") or dsrc.describe())
+        row["n_train"] = len(train_idx)
+        if _same_file(tfile, efile) and (tfile is not None or dsrc.describe() == esrc.describe()):
+            shared = sorted(train_idx & eval_idx)
+            row["n_shared"] = len(shared)
+            notes.append(f"same item files: training items {min(train_idx)}..{max(train_idx)}, evaluation items "
+                         f"{min(eval_idx)}..{max(eval_idx)}" if eval_idx else "same item files")
+            if shared:
+                problems.append(f"task '{t}': {len(shared)} evaluation items are also training items (e.g. indices "
+                                f"{', '.join(map(str, shared[:5]))}); make data.items and eval.items disjoint or list "
+                                "them in data.exclude_items / eval.exclude_items")
+        else:
+            notes.append(f"different item files ({tfile or dsrc.describe()} vs {efile or esrc.describe()}): disjoint by construction")
+    elif from_items:
+        row["train_source"] = f"task '{data_cfg.task}'"
+        notes.append(f"training questions are from task '{data_cfg.task}': a different data set")
+    elif n_files:
+        row["train_source"] = "question files"
+    row["note"] = "; ".join(notes)
+    return row
+
+
 def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
-    """Which evaluation items are also question-translation training items (by item index in the same files).
+    """Which evaluation items are also question-translation training items (by item index in the same files, the
+    files compared by content).
 
     Raises QtalignError when any are shared; returns the record of the check (shown in the report) otherwise.
     Rows from ready question files are built from their own files (e.g. the SNLI train set) and are recorded as such.
@@ -40,51 +76,18 @@ def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
         item_keys = {(r["src"], r["index"], r["input"]) for r in cands}
     from_items = [r for r in records if (r["src"], r["index"], r["input"]) in item_keys]
     n_files = len(records) - len(from_items)
-    train_idx = {r["index"] for r in from_items}
     specs = load_specs(eval_cfg.prompts)
-    dsrc, esrc = data_cfg.source(), eval_cfg.source()
     rows, problems = [], []
     for t in eval_cfg.tasks:
         task = specs.task(t)
-        langs = [c for c in specs.resolve_langs(eval_cfg.langs, t) if esrc.exists(task, c)]
-        row = {"task": t, "n_train": 0, "n_eval": 0, "n_shared": 0}
+        langs = [c for c in specs.resolve_langs(eval_cfg.langs, t) if eval_cfg.source().exists(task, c)]
         if not langs:
-            rows.append({**row, "note": "no evaluation data"})
+            rows.append({"task": t, "n_train": 0, "n_eval": 0, "n_shared": 0, "note": "no evaluation data"})
             continue
-        items = eval_cfg.select(task, langs[0], esrc)
-        eval_idx = {it.index for it in items}
-        row["n_eval"] = len(eval_idx)
-        notes = []
-        if n_files:
-            notes.append(f"{n_files} rows from ready question files ({', '.join(Path(f).name for f in data_cfg.question_files)}): "
-                         "built from their own (training) items, not from the evaluation files")
-        if data_cfg.task == t and from_items:
-            tfile, efile = dsrc.path(task, data_cfg.target), esrc.path(task, data_cfg.target)
-            row["train_source"] = str(dsrc.path(task, "{lang}") or dsrc.describe())
-            row["n_train"] = len(train_idx)
-            if _same_file(tfile, efile) and (tfile is not None or dsrc.describe() == esrc.describe()):
-                shared = sorted(train_idx & eval_idx)
-                row["n_shared"] = len(shared)
-                notes.append(f"same item files: training items {min(train_idx)}..{max(train_idx)}, evaluation items "
-                             f"{min(eval_idx)}..{max(eval_idx)}" if eval_idx else "same item files")
-                if shared:
-                    problems.append(f"task '{t}': {len(shared)} evaluation items are also training items (e.g. indices "
-                                    f"{', '.join(map(str, shared[:5]))}); make data.items and eval.items disjoint or list "
-                                    "them in data.exclude_items / eval.exclude_items")
-            else:
-                notes.append(f"different item files ({tfile or dsrc.describe()} vs {efile or esrc.describe()}): disjoint by construction")
-        elif from_items:
-            row["train_source"] = f"task '{data_cfg.task}'"
-            notes.append(f"training questions are from task '{data_cfg.task}': a different data set")
-        elif n_files:
-            row["train_source"] = "question files"
-        row["note"] = "; ".join(notes)
-        rows.append(row)
+        rows.append(_task_row(t, task, data_cfg, eval_cfg, langs, from_items, n_files, problems))
     if problems:
         raise QtalignError("train/eval overlap: " + "; ".join(problems))
     return {"overlap": False, "n_train_rows": len(records), "tasks": rows,
             "seen_langs": sorted({r["src"] for r in records if r["src"]} | {r["tgt"] for r in records if r["tgt"]},
                                  key=lambda c: specs.order.index(c) if c in specs.order else 999),
             "detail": f"{len(records)} training rows ({len(from_items)} built from task items, {n_files} from question files)."}
-
-

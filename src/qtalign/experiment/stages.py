@@ -12,12 +12,13 @@ what it invalidates; moving a run dir invalidates nothing).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from qtalign.io import files_sha256, fingerprint
 
-if TYPE_CHECKING:
-    from qtalign.experiment.runner import Experiment
+# the functions below take the running experiment (experiment/runner.py's Experiment: its stage configs, models,
+# run dir); it is not imported here, so that the registry stays below the runner
+Experiment = Any
 
 
 @dataclass
@@ -76,7 +77,7 @@ def qtdata_hashes(dc) -> dict:
 # the stages
 
 
-def data_units(exp: "Experiment") -> list[Unit]:
+def data_units(exp: Experiment) -> list[Unit]:
     from qtalign.qtdata.build import build_question_data
 
     dc = exp.stage_config("data")
@@ -84,7 +85,7 @@ def data_units(exp: "Experiment") -> list[Unit]:
                  lambda: build_question_data(dc, exp.run_dir / "data"), data=qtdata_hashes(dc))]
 
 
-def train_units(exp: "Experiment") -> list[Unit]:
+def train_units(exp: Experiment) -> list[Unit]:
     from qtalign.train.config import NOT_FINGERPRINTED
 
     tc = exp.stage_config("train")
@@ -99,7 +100,7 @@ def train_units(exp: "Experiment") -> list[Unit]:
                  model=exp.base_identity)]
 
 
-def eval_units(exp: "Experiment") -> list[Unit]:
+def eval_units(exp: Experiment) -> list[Unit]:
     from qtalign.engine.forward import NUMERICS_VERSION
 
     units = []
@@ -118,8 +119,8 @@ def eval_units(exp: "Experiment") -> list[Unit]:
     return units
 
 
-def analysis_units(name: str) -> Callable[["Experiment"], list[Unit]]:
-    def units(exp: "Experiment") -> list[Unit]:
+def analysis_units(name: str) -> Callable[[Experiment], list[Unit]]:
+    def units(exp: Experiment) -> list[Unit]:
         from qtalign.engine.forward import NUMERICS_VERSION
 
         sc = exp.stage_config(name)
@@ -138,7 +139,7 @@ def analysis_units(name: str) -> Callable[["Experiment"], list[Unit]]:
     return units
 
 
-def report_units(exp: "Experiment") -> list[Unit]:
+def report_units(exp: Experiment) -> list[Unit]:
     def run():
         from qtalign.report.build import write_report
 
@@ -152,7 +153,7 @@ def report_units(exp: "Experiment") -> list[Unit]:
 @dataclass(frozen=True)
 class StageSpec:
     name: str
-    units: Callable[["Experiment"], list[Unit]]
+    units: Callable[[Experiment], list[Unit]]
     help: str
 
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, write_json, write_text
-from qtalign.report.format import DASH, md_table, num, pct, signed
+from qtalign.report.format import DASH, md_table, num, pct
 from qtalign.report.html import Doc, md_to_html
-from qtalign.report.paired import Cell, LangRow, compare, group_summary
+from qtalign.report.paired import LangRow, compare, group_summary
 from qtalign.report.read import Run, read_run
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ class Item:
     gold: int | None  # class index, None when the source has no label
     id: str = ""
     gold_word: str | None = None  # the gold value exactly as stored in this language's file
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def comma_list(v):

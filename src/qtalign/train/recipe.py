@@ -168,6 +168,30 @@ def _tracking_env(cfg: TrainConfig, out: Path) -> None:
         os.environ.setdefault("MLFLOW_TRACKING_URI", (d / "mlruns").resolve().as_uri())
 
 
+def _with_lora(model, cfg: TrainConfig):
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
+    try:
+        return get_peft_model(model, lora)
+    except ValueError as e:
+        raise QtalignError(f"train: cannot apply LoRA to {type(model).__name__}: {str(e).splitlines()[0]}") from None
+
+
+def _trainer(peft_model, args, tok, train_rows, val_rows, cfg: TrainConfig, out: Path, callbacks):
+    from transformers.trainer_callback import ProgressCallback
+
+    trainer = ResponseTrainer(
+        model=peft_model, args=args, data_collator=Collator(pad_id(tok)), train_dataset=ListDataset(train_rows),
+        eval_dataset=ListDataset(val_rows) if val_rows else None,
+        callbacks=[LogCallback(out / "trainer_log.jsonl"), StepProgress(), *(callbacks or [])],
+        val_rows=val_rows, eval_batch_size=cfg.eval_batch_size,
+    )
+    trainer.remove_callback(ProgressCallback)  # StepProgress reports instead
+    return trainer
+
+
 def _run_trainer(trainer, out: Path, main: bool) -> tuple[object, int | None]:
     """Train, resuming from the last checkpoint (its log records after that step are dropped)."""
     from transformers.trainer_utils import get_last_checkpoint
@@ -225,7 +249,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     """Tune a LoRA adapter; resumes from ``out_dir/checkpoints`` when present; returns the stage summary.
     ``data_path``: a file or a list of files (None: ``cfg.data``); ``loaded``: a :class:`models.LoadedModel`
     to train instead of loading ``cfg.model`` (its weights are left unchanged: the adapter is removed after)."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel
     from transformers import set_seed
 
     t_start = time.time()
@@ -254,23 +278,10 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
 
     set_seed(cfg.seed)  # before the adapter is created: same seed -> same adapter
     remove = install_response_loss(model, cfg.loss_chunk_tokens)
-    lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                      target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     peft_model = None
     try:
-        try:
-            peft_model = get_peft_model(model, lora)
-        except ValueError as e:
-            raise QtalignError(f"train: cannot apply LoRA to {type(model).__name__}: {str(e).splitlines()[0]}") from None
-        trainer = ResponseTrainer(
-            model=peft_model, args=args, data_collator=Collator(pad_id(tok)), train_dataset=ListDataset(train_rows),
-            eval_dataset=ListDataset(val_rows) if val_rows else None,
-            callbacks=[LogCallback(out.path / "trainer_log.jsonl"), StepProgress(), *(callbacks or [])],
-            val_rows=val_rows, eval_batch_size=cfg.eval_batch_size,
-        )
-        from transformers.trainer_callback import ProgressCallback
-
-        trainer.remove_callback(ProgressCallback)
+        peft_model = _with_lora(model, cfg)
+        trainer = _trainer(peft_model, args, tok, train_rows, val_rows, cfg, out.path, callbacks)
         result, resumed_from = _run_trainer(trainer, out.path, rank == 0)
         state = trainer.state
     finally:

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from transformers import Trainer, TrainerCallback
 
-from qtalign.io import read_jsonl, write_json, write_jsonl
+from qtalign.io import read_jsonl, write_jsonl
 
 class ResponseTrainer(Trainer):
     """Trainer whose loss is the response-only loss, normalised over the target tokens of the whole
