@@ -441,3 +441,28 @@ def test_chat_training_run_records_template_and_uses_val_files(chat_dir, toy_fil
 def test_chat_template_without_one_is_one_clear_error(tiny_llama_dir, toy_file, tmp_path):
     with pytest.raises(QtalignError, match=r"template 'chat'.*has no chat template"):
         train(_cfg(tiny_llama_dir, template="chat", max_steps=1, val_size=0), toy_file, tmp_path / "run")
+
+
+def test_tensorboard_tracking_is_read_back(tiny_llama_dir, toy_file, tmp_path):
+    """report_to: tensorboard writes the Trainer's training metrics (through its integration) and the evaluation's
+    metrics as TensorBoard event files; TensorBoard's own reader gets the logged values back."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from qtalign.eval.config import EvalConfig
+    from qtalign.eval.run import evaluate
+
+    out = tmp_path / "run"
+    train(_cfg(tiny_llama_dir, max_steps=3, eval_steps=3, report_to=["tensorboard"]), toy_file, out)
+    acc = EventAccumulator(str(out / "tracking" / "tensorboard"))
+    acc.Reload()
+    loss = [e.value for e in acc.Scalars("train/loss")]
+    logged = [r["loss"] for r in read_log(out / "trainer_log.jsonl") if "loss" in r]
+    assert loss == pytest.approx(logged, rel=1e-5) and len(loss) == 3
+    assert [e.step for e in acc.Scalars("eval/loss")] == [3]
+    ecfg = EvalConfig(model=ModelConfig(name=str(tiny_llama_dir), dtype="fp32"), tasks=["emotion"], langs=["en"], data_files="demo",
+                      limit=4, report_to=["tensorboard"])
+    res = evaluate(ecfg, tmp_path / "eval", progress=False)
+    ea = EventAccumulator(str(tmp_path / "eval" / "tracking" / "tensorboard"))
+    ea.Reload()
+    assert ea.Scalars("eval/emotion/enout/en/acc")[0].value == pytest.approx(res["metrics"]["emotion"]["enout"]["langs"]["en"]["acc"])

@@ -12,9 +12,10 @@ from qtalign.errors import QtalignError
 from qtalign.tasks.groups import Group
 from qtalign.tasks.items import DataSource, comma_list, parse_range, select_items
 from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
+from qtalign.tracking import parse_trackers
 
 # fields that do not change a result (how the work is split up): left out of every fingerprint
-NOT_FINGERPRINTED = frozenset({"batch_size", "model", "store", "progress"})
+NOT_FINGERPRINTED = frozenset({"batch_size", "model", "store", "progress", "report_to", "tracking_dir"})
 
 
 def parse_items(v):
@@ -128,6 +129,14 @@ class EvalConfig(TaskSelection):
     calibrate: bool = Field(True, description="also report contextual calibration (content-free queries)")
     store: bool = Field(True, description="reuse per-item results from the shared result store ($QTALIGN_STORE, default "
                         "$QTALIGN_CACHE/store) when model, data, prompts, method and engine numerics match, and add new ones")
+    report_to: list[str] = Field(default_factory=list, description="also write the metrics to trackers: tensorboard, wandb "
+                                 "(offline), mlflow (file store); [] = none")
+    tracking_dir: str | None = Field(None, description="where the trackers write (default <out>/tracking)")
+
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v):
+        return parse_trackers(v)
 
     def result_config(self) -> dict:
         d = super().result_config()

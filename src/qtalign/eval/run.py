@@ -31,8 +31,10 @@ from qtalign.scoring.scorer import ScoreRequest, Scorer, argmax, calibrate, cont
 from qtalign.tasks.groups import Group
 from qtalign.tasks.items import data_hashes
 from qtalign.tasks.specs import SpecSet, load_specs
+from qtalign.tracking import check_available, eval_scalars, log_metrics
 
-OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table.csv", "labels.md", "labels.json", "lm_eval")
+OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table.csv", "labels.md", "labels.json", "lm_eval",
+             "tracking")
 
 
 def item_key(task: str, variant: str, lang: str, index: int) -> str:
@@ -205,6 +207,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     from qtalign.environment import environment, seed_everything
     from qtalign.progress import Progress
 
+    check_available(cfg.report_to)
     if isinstance(loaded, LoadedModel):
         model_id = loaded.info.get("identity") or model_identity(cfg.model)
     else:
@@ -285,6 +288,8 @@ def _finish(plan: Plan, out_dir: OutputDir, store, lm, done: dict, n_store: int,
     }
     write_tables(metrics, plan.resource(), out)
     _write_lm_eval(plan, out, results, recs)
+    if plan.cfg.report_to:
+        log_metrics(plan.cfg.report_to, plan.cfg.tracking_dir or out / "tracking", eval_scalars(metrics), run_name=out.name)
     write_json(out / "results.json", results)
     return results
 

@@ -109,7 +109,14 @@ class ExperimentConfig(BaseModel):
     geometry: GeometrySection = Field(default_factory=GeometrySection, description="representation geometry (geometry.GeometryConfig)")
     report: ReportConfig = Field(default_factory=ReportConfig, description="report options")
 
-    @field_validator("stages", "prompts", "report_to", mode="before")
+    @field_validator("report_to", mode="before")
+    @classmethod
+    def _trackers(cls, v):
+        from qtalign.tracking import parse_trackers
+
+        return parse_trackers(v)
+
+    @field_validator("stages", "prompts", mode="before")
     @classmethod
     def _split_lists(cls, v):
         return _split(v)

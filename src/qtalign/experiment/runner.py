@@ -32,7 +32,7 @@ from qtalign.experiment.overlap import check_overlap
 from qtalign.experiment.stages import REGISTRY, Unit
 from qtalign.io import OutputDir, read_json, write_json, write_text
 
-RUN_FILES = ("config.yaml", "experiment.json", "report.md", "report.html")
+RUN_FILES = ("config.yaml", "experiment.json", "report.md", "report.html", "tracking")
 
 
 def config_defaults() -> dict:
@@ -280,4 +280,25 @@ class Experiment:
             done[u.folder] = u.fingerprint
             self._write_experiment({"stages": {**(read_json(rd / "experiment.json") or {}).get("stages", {}), u.folder: "done"}})
         self._write_experiment({"finished": time.time(), "last_run": outcome})
+        self._track()
         return outcome
+
+    def _track(self) -> None:
+        """The experiment's headline numbers (macro averages of base and tuned, and their change) to its trackers."""
+        from qtalign.tracking import log_metrics
+
+        if not self.cfg.report_to:
+            return
+        base = read_json(self.run_dir / "eval" / "base" / "results.json") or {}
+        tuned = read_json(self.run_dir / "eval" / "tuned" / "results.json") or {}
+        out = {}
+        for t, tv in base.get("metrics", {}).items():
+            for v, d in tv.items():
+                for k in ("acc", "cal_acc", "auc"):
+                    b = d["avg"]["all"].get(k)
+                    out[f"experiment/{t}/{v}/base_{k}"] = b
+                    tt = ((tuned.get("metrics", {}).get(t) or {}).get(v) or {}).get("avg", {}).get("all", {}).get(k)
+                    if tt is not None and b is not None:
+                        out[f"experiment/{t}/{v}/tuned_{k}"] = tt
+                        out[f"experiment/{t}/{v}/delta_{k}"] = tt - b
+        log_metrics(self.cfg.report_to, self.run_dir / "tracking" / "experiment", out, run_name=self.cfg.name)

@@ -88,7 +88,7 @@ def data_units(exp: Experiment) -> list[Unit]:
 def train_units(exp: Experiment) -> list[Unit]:
     from qtalign.train.config import NOT_FINGERPRINTED
 
-    tc = exp.stage_config("train")
+    tc = exp.stage_config("train", tracking_dir=str(exp.run_dir / "tracking" / "train"))
     conf = {**tc.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED) | {"model", "data", "val_data"}), "seed": exp.cfg.seed}
 
     def run():
@@ -105,7 +105,8 @@ def eval_units(exp: Experiment) -> list[Unit]:
 
     units = []
     for which in (["base", "tuned"] if exp.tuned else ["base"]):
-        ec = exp.stage_config("eval", model=exp.model_cfg(which).model_dump())
+        ec = exp.stage_config("eval", model=exp.model_cfg(which).model_dump(),
+                              tracking_dir=str(exp.run_dir / "tracking" / f"eval_{which}"))
 
         def run(ec=ec, which=which):
             from qtalign.eval.run import evaluate

@@ -10,12 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qtalign.engine.models import ModelConfig
 from qtalign.tasks.items import comma_list
+from qtalign.tracking import parse_trackers
 
 # TrainConfig fields that do not change the result (how the work is split up, what is kept and logged)
 NOT_FINGERPRINTED = frozenset({"per_device_batch_size", "eval_batch_size", "save_total_limit", "logging_steps",
                                "loss_chunk_tokens", "length_balanced_batches", "gradient_checkpointing", "report_to",
-                               "run_name"})
-TRACKERS = ("tensorboard", "wandb", "mlflow")
+                               "run_name", "tracking_dir"})
 SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
               "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "warmup_stable_decay")
 
@@ -65,6 +65,7 @@ class TrainConfig(BaseModel):
                                  "integrations: tensorboard, wandb (offline), mlflow (a file store); written under "
                                  "<out>/tracking; [] = none")
     run_name: str | None = Field(None, description="the run's name in the trackers")
+    tracking_dir: str | None = Field(None, description="where the trackers write (default <out>/tracking)")
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -73,15 +74,12 @@ class TrainConfig(BaseModel):
             raise ValueError(f"unknown scheduler {v!r} (choose from {', '.join(SCHEDULERS)})")
         return v
 
-    @field_validator("report_to")
+    @field_validator("report_to", mode="before")
     @classmethod
-    def _trackers(cls, v: list[str]) -> list[str]:
-        bad = [x for x in v if x not in TRACKERS]
-        if bad:
-            raise ValueError(f"unknown tracker {bad[0]!r} (choose from {', '.join(TRACKERS)}; [] = none)")
-        return v
+    def _trackers(cls, v):
+        return parse_trackers(v)
 
-    @field_validator("target_modules", "data", "val_data", "report_to", mode="before")
+    @field_validator("target_modules", "data", "val_data", mode="before")
     @classmethod
     def _split(cls, v):
         return comma_list(v)

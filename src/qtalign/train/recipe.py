@@ -39,6 +39,7 @@ from qtalign.engine.forward import pad_id
 from qtalign.engine.models import check_model, load_model
 from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, read_json, write_json
+from qtalign.tracking import check_available
 from qtalign.train.config import TrainConfig
 from qtalign.train.data import Collator, ListDataset, check_template, encode_example, load_pairs, split_rows
 from qtalign.train.loss import install_response_loss
@@ -158,7 +159,7 @@ def _split(tok, pairs, val_pairs, cfg: TrainConfig) -> tuple[list[dict], list[di
 def _tracking_env(cfg: TrainConfig, out: Path) -> None:
     """Point the Trainer's integrations at the run's own tracking folder: TensorBoard event files, W&B offline,
     MLflow's file store (nothing leaves the machine)."""
-    d = out / "tracking"
+    d = Path(cfg.tracking_dir) if cfg.tracking_dir else out / "tracking"
     if "tensorboard" in cfg.report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(d / "tensorboard")
     if "wandb" in cfg.report_to:
@@ -255,6 +256,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     t_start = time.time()
     out = OutputDir(out_dir, "train")
     files = _data_files(cfg, data_path)
+    check_available(cfg.report_to)
     pairs = load_pairs(files, cfg.rows_per_file)  # data errors before anything is written or loaded
     val_pairs = load_pairs(cfg.val_data, cfg.val_rows_per_file) if cfg.val_data else []
     if loaded is None:
