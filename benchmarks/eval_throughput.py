@@ -289,6 +289,49 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
     }
 
 
+def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, peak: float) -> dict:
+    """Needed FLOPs (benchmarks/flops.py) of the items each method scored, achieved FLOP/s and its fraction of the
+    machine's bf16 matmul peak measured in the same run: prefix-cached methods compute each group's prefix once and
+    every suffix; the official method and lm-eval compute every full prompt."""
+    from qtalign.engine.forward import encode_prompts
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flops import model_shape, prompt_flops
+
+    shape = model_shape(model)
+    scorer = Scorer(model, tokenizer, "first-token")
+    per_item, prefix_once = {}, {}
+    for g in groups:
+        reqs = build_requests(g.task, g.lang, g.variant, g.items, "first-token")
+        cols = sum(len(s) for s in scorer.candidates(scorer.plan(reqs[0].words)[1]).sets)
+        for r, e, it in zip(reqs, encode_prompts(tokenizer, scorer.prompts(reqs)), g.items):
+            p, n = e.prefix_len, len(e.ids)
+            per_item[g.name, it.index] = {"cached": prompt_flops(shape, p, n - p, cols), "full": prompt_flops(shape, 0, n, cols)}
+            prefix_once[g.name] = prompt_flops(shape, 0, p, 0)
+    out = {"peak_gflops": peak, "threads": threads, "shape": shape.__dict__, "methods": {}}
+    for c, keys in res["predictions"].items():
+        cached = c in OURS
+        tot = 0.0
+        seen_groups = set()
+        for k in keys:
+            gname, _, idx = k.rpartition("/")
+            tot += per_item[gname, int(idx)]["cached" if cached else "full"]
+            if cached and gname not in seen_groups:
+                seen_groups.add(gname)
+                tot += prefix_once[gname]
+        gflops = tot / res["seconds"][c] / 1e9 if res["seconds"][c] else float("nan")
+        out["methods"][c] = {"needed_tflop": tot / 1e12, "achieved_gflops": gflops, "fraction_of_peak": gflops / peak}
+    return out
+
+
+def efficiency_table(e: dict) -> str:
+    lines = [f"bf16 matmul peak measured in this run: {e['peak_gflops']:.0f} GFLOP/s at {e['threads']} thread(s)", "",
+             "| method | needed TFLOP | achieved GFLOP/s | fraction of peak |", "|---|---:|---:|---:|"]
+    for c, m in e["methods"].items():
+        lines.append(f"| {c} | {m['needed_tflop']:.3f} | {m['achieved_gflops']:.0f} | {100 * m['fraction_of_peak']:.1f} % |")
+    return "\n".join(lines)
+
+
 def _x(v) -> str:
     return "" if v is None else f"{v:.1f}×"
 
@@ -402,13 +445,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"model {cfg.name} ({cfg.dtype}, {loaded.info['device']}) loaded in {time.time() - t0:.1f} s; torch threads "
           f"{torch.get_num_threads()}; {len(groups)} groups x {args.n} items from {source.describe()}; "
           f"batch size {args.batch_size}; load avg {os.getloadavg()[0]:.2f}")
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from flops import matmul_peak, model_shape
+
+    shape = model_shape(loaded.model)
+    mm_shapes = [(512, shape.hidden, shape.ffn), (512, shape.ffn, shape.hidden)]
+    peak0 = matmul_peak(torch.get_num_threads(), mm_shapes)
     res = run_benchmark(loaded.model, loaded.tokenizer, groups, args.batch_size, args.n_official or None,
                         args.n_lm_eval or None, columns)
+    peak = max(peak0, matmul_peak(torch.get_num_threads(), mm_shapes))  # before and after: the better of the two
+    res["efficiency"] = efficiency(loaded.model, loaded.tokenizer, groups, res, torch.get_num_threads(), peak)
     res["config"] = {k: v for k, v in vars(args).items() if k != "json"}
     res["model"] = loaded.info
     res["torch_threads"] = torch.get_num_threads()
     print()
     print(format_table(res))
+    print()
+    print(efficiency_table(res["efficiency"]))
     la = res["load_avg_1min"]
     print(f"\n1-min load average during the run: {la['min']:.2f} to {la['max']:.2f} on {os.cpu_count()} CPUs")
     if args.json:

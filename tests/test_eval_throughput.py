@@ -123,3 +123,40 @@ def test_spaced_subsets_cover_the_list():
     assert B.spaced(xs, 6) == [0, 4, 8, 12, 16, 20]
     assert B.spaced(xs, 5) == [0, 4, 9, 14, 19]
     assert B.spaced(xs, None) == xs and B.spaced(xs, 30) == xs
+
+
+def _flops_module():
+    spec = importlib.util.spec_from_file_location("qtalign_bench_flops", ROOT / "benchmarks" / "flops.py")
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("qtalign_bench_flops", mod)
+    spec.loader.exec_module(mod)
+    return sys.modules["qtalign_bench_flops"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_needed_flops_match_torchs_flop_counter(request, arch):
+    """The benchmark's FLOP formula against torch's FlopCounterMode on a real forward: a prompt run over a cached
+    prefix (its body matmuls and its attention), then the head at the last position."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import DynamicCache
+
+    F = _flops_module()
+    tok = request.getfixturevalue(B_TOK[arch])
+    model = tiny_model(arch, tok)
+    model.config._attn_implementation = "eager"  # matmuls torch can count (its counter skips CPU SDPA kernels)
+    shape = F.model_shape(model)
+    assert shape.body_params == sum(p.numel() for n, p in model.model.layers.named_parameters() if n.endswith("proj.weight"))
+    prefix, suffix = 11, 7
+    ids = torch.randint(5, 100, (1, prefix + suffix))
+    cache = DynamicCache()
+    with torch.no_grad():
+        model.model(input_ids=ids[:, :prefix], cache=cache, use_cache=True)
+        with FlopCounterMode(display=False) as fc:
+            h = model.model(input_ids=ids[:, prefix:], cache=cache, use_cache=True).last_hidden_state
+            torch.nn.functional.linear(h[:, -1], model.lm_head.weight[:3])  # three label columns
+    counted = fc.get_total_flops()
+    # eager attention multiplies the full rectangle (every query x every key, masked): the causal count is smaller
+    rect = F.needed_flops(shape, suffix, [prefix + suffix] * suffix, 3)
+    assert counted == pytest.approx(rect, rel=0.02)
+    assert F.prompt_flops(shape, prefix, suffix, 3) < rect

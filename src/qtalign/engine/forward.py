@@ -142,6 +142,19 @@ class ModelParts:
         return self.unembed(self.norm(h.to(self.norm.weight.dtype)))
 
 
+def compile_parts(parts: "ModelParts") -> None:
+    """Fuse the element-wise work of every decoder layer's MLP and norms (activation, gating, RMSNorm's casts and
+    scaling: about 40 % of a CPU forward) into compiled kernels with torch.compile, dynamic shapes (one graph for every
+    batch shape). In place, once per model."""
+    if getattr(parts.decoder, "_qtalign_compiled", False):
+        return
+    for layer in parts.layers:
+        for name, child in layer.named_children():
+            if name == "mlp" or type(child).__name__.endswith(("RMSNorm", "LayerNorm")):
+                child.compile(dynamic=True)  # nn.Module.compile: in place, parameter names unchanged
+    parts.decoder._qtalign_compiled = True
+
+
 @dataclass
 class Batch:
     keys: list

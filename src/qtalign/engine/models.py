@@ -49,6 +49,9 @@ class ModelConfig(BaseModel):
                                     "a warning is printed)")
     revision: str | None = Field(None, description="hub revision")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    compile: bool = Field(False, description="fuse the element-wise work around the matrix products (norms, the MLP) with "
+                          "torch.compile: faster inference after a warm-up of 10-30 s, scores within bf16 rounding of the "
+                          "eager ones (a different model identity: results are stored apart)")
 
     @field_validator("device")
     @classmethod
@@ -175,6 +178,8 @@ def model_identity(cfg: ModelConfig) -> dict:
     else:
         ident = {"kind": "hub", "id": cfg.name, "revision": cfg.revision, "gguf_file": cfg.gguf_file}
     ident.update(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
+    if cfg.compile:
+        ident["compiled"] = True
     if cfg.adapter:
         ident["adapter"] = {"sha256": dir_sha256(cfg.adapter) if Path(cfg.adapter).is_dir() else None,
                             "merged": cfg.merge_adapter}
@@ -245,6 +250,10 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     if cfg.adapter:
         model = apply_adapter(model, cfg.adapter, merge=cfg.merge_adapter, dtype=dtype)
     model.eval()
+    if cfg.compile:
+        from qtalign.engine.forward import ModelParts, compile_parts
+
+        compile_parts(ModelParts.of(model))
     info = {
         "name": cfg.name,
         "source": source,

@@ -36,6 +36,14 @@ def _model_facts(run: Run) -> dict:
             "trained on": ", ".join(run.exp.get("seen_langs") or []) or DASH}
 
 
+def _training_facts(run: Run) -> str:
+    s = run.summary("train")
+    if s is None:
+        return DASH
+    n, cfg = s.get("numbers", {}), s.get("config", {})
+    return f"{n.get('train_rows')} rows, {n.get('steps')} steps, lr {cfg.get('learning_rate')}"
+
+
 def _rows(run: Run, which: str) -> list[LangRow]:
     """Per-language rows of one evaluation of a run (as a 'base' column: the comparison is across runs)."""
     preds = run.base_preds if which == "base" else run.tuned_preds
@@ -53,8 +61,8 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
         if not Path(path).is_dir():
             raise QtalignError(f"{path}: run dir not found")
         run = read_run(path)
-        if run.base is None:
-            raise QtalignError(f"{path}: no evaluation (eval/base/results.json) to compare")
+        if run.base is None and run.summary("train") is None:
+            raise QtalignError(f"{path}: nothing to compare (no eval/base/results.json and no train/summary.json)")
         for w in (["base", "tuned"] if which == "both" else [which]):
             if w == "tuned" and run.tuned is None:
                 continue
@@ -63,6 +71,7 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
         raise QtalignError("compare: no evaluations to compare")
     od = OutputDir(out, "compare").claim(adopt=("compare.md", "compare.html", "compare.json", "compare.png"))
     od.record("compare.md", "compare.html", "compare.json", "compare.png")
+    od.record("compare_training.png")
     doc, numbers = _document(cols, title or "qtalign comparison", od.path)
     write_text(od.path / "compare.md", doc.render(embed=False))
     write_text(od.path / "compare.html", md_to_html(doc.render(embed=True), doc.title))
@@ -73,20 +82,56 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
 def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
     doc = Doc(out)
     doc.h(1, title)
-    facts = {label: _model_facts(run) for label, run, _ in cols}
+    facts = {label: {**_model_facts(run), "training": _training_facts(run)} for label, run, _ in cols}
     keys = list(next(iter(facts.values())))
     doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
     per_run = {label: _by_task(_rows(run, w)) for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
     numbers: dict = {"runs": {label: {"facts": facts[label], "dir": str(run.dir), "which": w} for label, run, w in cols}, "tasks": {}}
-    fig = _figure(per_run, tasks, out / "compare.png")
-    doc.img(fig, "Macro averages over languages: raw accuracy, calibrated accuracy and AUC (x100) per run and task.")
+    if tasks:
+        fig = _figure(per_run, tasks, out / "compare.png")
+        doc.img(fig, "Macro averages over languages: raw accuracy, calibrated accuracy and AUC (x100) per run and task.")
     for tv in tasks:
         numbers["tasks"]["/".join(tv)] = _task_section(doc, tv, per_run)
+    trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
+    if trained:
+        numbers["training"] = _training_section(doc, trained, out)
     doc.md("Accuracy and AUC are macro averages over the languages each run evaluated (all / high / low-resource); AUC is "
            "of the raw class scores (binary, or macro one-vs-rest for SNLI). Items per language are shown: compare runs on "
            "the same items.")
     return doc, numbers
+
+
+def _training_section(doc: Doc, runs: dict[str, Run], out: Path) -> dict:
+    """The runs' LoRA tuning side by side: settings, final and best validation loss, and the curves overlaid."""
+    from qtalign.io import read_jsonl
+    from qtalign.plots import pyplot, save
+
+    doc.h(2, "Training")
+    body, nums, curves = [], {}, {}
+    for label, run in runs.items():
+        s = run.summary("train")
+        n, cfg = s.get("numbers", {}), s.get("config", {})
+        log = list(read_jsonl(run.dir / "train" / "trainer_log.jsonl"))
+        ev = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
+        curves[label] = ev
+        last = ev[-1][1] if ev else None
+        nums[label] = {"learning_rate": cfg.get("learning_rate"), "steps": n.get("steps"), "train_rows": n.get("train_rows"),
+                       "train_tokens": n.get("train_tokens"), "final_eval_loss": last, "best_eval_loss": n.get("best_eval_loss")}
+        body.append([label, cfg.get("learning_rate"), cfg.get("template", "raw"), n.get("steps"), n.get("train_rows"),
+                     n.get("train_tokens"), num(last, 4), num(n.get("best_eval_loss"), 4), n.get("best_step")])
+    doc.md(md_table(["run", "lr", "template", "steps", "rows", "tokens", "final val loss", "best val loss", "best step"], body))
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    for label, ev in curves.items():
+        if ev:
+            ax.plot(*zip(*ev), "o-", ms=3, lw=1.3, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("validation loss (nats / response token)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    doc.img(save(fig, out / "compare_training.png", dpi=110, tight=False), "Validation loss per evaluation step, each run.")
+    return nums
 
 
 def _by_task(rows: list[LangRow]) -> dict:
