@@ -117,6 +117,7 @@ def test_cli_bad_input_exits_nonzero_with_one_line(tmp_path, tiny_llama_dir):
     assert not (tmp_path / "o" / "results.json").exists()
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_results(tmp_path, tiny_llama_dir):
     """Data-parallel evaluation with accelerate on 2 CPU processes equals the single-process run."""
     common = ["--model", str(tiny_llama_dir), "--dtype", "fp32", "--tasks", "emotion", "--langs", "en,de",

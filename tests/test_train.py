@@ -312,6 +312,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_processes_match_one(tiny_llama_dir, toy_file, tmp_path):
     """Two CPU processes (torchrun; `accelerate launch --multi_gpu` runs the same way) reach the loss curve of one
     process at the same effective batch: 1 x micro 4 x accumulation 2 == 2 x micro 2 x accumulation 2. 40 training
