@@ -149,7 +149,8 @@ def compile_parts(parts: "ModelParts") -> None:
     if getattr(parts.decoder, "_qtalign_compiled", False):
         return
     for layer in parts.layers:
-        for name, child in layer.named_children():
+        for name, child in layer.named_modules():
+            # the MLP, and every norm of the layer (Gemma 3 and Qwen 3 also normalise q and k inside attention)
             if name == "mlp" or type(child).__name__.endswith(("RMSNorm", "LayerNorm")):
                 child.compile(dynamic=True)  # nn.Module.compile: in place, parameter names unchanged
     parts.decoder._qtalign_compiled = True

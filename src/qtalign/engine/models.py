@@ -237,6 +237,10 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
 
         kw["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype)
     t0 = time.time()
+    if not sys.stderr.isatty():  # a log, not a terminal: no per-tensor loading bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tok = load_tokenizer(source, gguf, cfg.trust_remote_code, cfg.revision)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, **kw)

@@ -97,7 +97,11 @@ def retrieval_figure(curves: dict[str, list[float]], rho: dict[str, list[tuple[f
     a2.set_xlabel("layer")
     a2.set_ylabel("Spearman ρ over languages")
     a2.grid(alpha=0.3)
-    a2.legend(fontsize=7)
+    if rho:
+        a2.legend(fontsize=7)
+    else:
+        a2.text(0.5, 0.5, "no tuned model / no accuracy change to correlate", ha="center", va="center",
+                transform=a2.transAxes, fontsize=8)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     return save(fig, path, dpi=110, tight=False)

@@ -250,8 +250,13 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     """Tune a LoRA adapter; resumes from ``out_dir/checkpoints`` when present; returns the stage summary.
     ``data_path``: a file or a list of files (None: ``cfg.data``); ``loaded``: a :class:`models.LoadedModel`
     to train instead of loading ``cfg.model`` (its weights are left unchanged: the adapter is removed after)."""
+    import warnings
+
     from peft import PeftModel
     from transformers import set_seed
+
+    # transformers 5 deprecates a name its own Trainer/peft path still calls once per run: not the user's concern
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
 
     t_start = time.time()
     out = OutputDir(out_dir, "train")
