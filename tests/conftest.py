@@ -147,3 +147,17 @@ def tiny_llama_dir(tmp_path_factory, spm_tokenizer) -> Path:
     m.save_pretrained(d)
     spm_tokenizer.save_pretrained(d)
     return d
+
+
+def assert_prefix_cache_exact(lm, reqs, method: str) -> None:
+    """Scores from batches of 3 over the cached prefix equal batch-1 uncached scores (fp32 models)."""
+    import copy
+
+    from qtalign.scoring.scorer import Scorer
+
+    ref = {r.key: r for r in Scorer(lm.model, lm.tokenizer, method, 1, False).score(copy.deepcopy(reqs))}
+    got = {r.key: r for r in Scorer(lm.model, lm.tokenizer, method, 3, True).score(copy.deepcopy(reqs))}
+    assert ref.keys() == got.keys()
+    for k in ref:
+        assert got[k].pred == ref[k].pred
+        assert max(abs(a - b) for a, b in zip(got[k].probs, ref[k].probs)) < 1e-4

@@ -3,9 +3,10 @@
 The first run converts the GGUF from the PyPI package into a cached bf16 folder (~1-2 min); later runs load it in
 seconds."""
 
-import copy
 
 import pytest
+
+from conftest import assert_prefix_cache_exact
 
 from qtalign.tasks.items import DataSource, load_items
 from qtalign.engine.models import ModelConfig, embedded_model_dir, load_model
@@ -57,11 +58,7 @@ def _reqs(lang="de", n=3):
 @pytest.mark.parametrize("method", ["first-token", "sequence"])
 def test_prefix_cache_and_batching_are_exact_on_gemma(gemma32, method):
     reqs = _reqs()
-    ref = {r.key: r for r in Scorer(gemma32.model, gemma32.tokenizer, method, 1, False).score(copy.deepcopy(reqs))}
-    got = {r.key: r for r in Scorer(gemma32.model, gemma32.tokenizer, method, 3, True).score(copy.deepcopy(reqs))}
-    for k in ref:
-        assert got[k].pred == ref[k].pred
-        assert max(abs(a - b) for a, b in zip(got[k].probs, ref[k].probs)) < 1e-4
+    assert_prefix_cache_exact(gemma32, reqs, method)
 
 
 def test_bf16_model_scores_a_few_items():

@@ -7,12 +7,11 @@ scripts' loop, the prefix cache, and the chat template training uses."""
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 
 import pytest
 
-from conftest import PAPER_PROMPTS, needs_shared
+from conftest import PAPER_PROMPTS, assert_prefix_cache_exact, needs_shared
 from qtalign.engine.models import ModelConfig, load_model
 from qtalign.engine.registry import embedded
 from qtalign.scoring.faithful import official_candidates
@@ -105,11 +104,7 @@ def _requests(lang="de", n=3, method="first-token"):
 @pytest.mark.parametrize("method", ["first-token", "sequence"])
 def test_prefix_cache_and_batching_are_exact_on_qwen(qwen32, method):
     reqs = _requests()
-    ref = {r.key: r for r in Scorer(qwen32.model, qwen32.tokenizer, method, 1, False).score(copy.deepcopy(reqs))}
-    got = {r.key: r for r in Scorer(qwen32.model, qwen32.tokenizer, method, 3, True).score(copy.deepcopy(reqs))}
-    for k in ref:
-        assert got[k].pred == ref[k].pred
-        assert max(abs(a - b) for a, b in zip(got[k].probs, ref[k].probs)) < 1e-4
+    assert_prefix_cache_exact(qwen32, reqs, method)
 
 
 def test_faithful_rule_equals_the_official_loop_on_real_items(qwen32):

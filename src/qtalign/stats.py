@@ -63,36 +63,44 @@ def class_auc(probs: list[list[float]], gold: list[int], n_classes: int) -> floa
     return sum(per) / len(per) if per else float("nan")
 
 
-def paired_bootstrap(stat, base: list, tuned: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                     clusters: list | None = None) -> tuple[float, float, float]:
-    """(observed stat(tuned) - stat(base), lo, hi): a percentile interval of the change, resampling items (or, with
-    ``clusters``, whole clusters of items, e.g. an SNLI premise's triple) with replacement, the same draws for base
-    and tuned (the items are paired)."""
+def bootstrap_change(stat, units: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(observed change, lo, hi): ``stat(which, draw)`` for which in 'base' | 'tuned' computes a statistic over a list
+    of units (items, or clusters of items); the change is stat(tuned) - stat(base), and the percentile interval comes
+    from ``n_boot`` draws of the units with replacement, the same draw for base and tuned (the data are paired)."""
     import numpy as np
 
-    n = len(base)
-    if n == 0 or len(tuned) != n:
+    if not units:
         return float("nan"), float("nan"), float("nan")
-    obs = stat(tuned) - stat(base)
+    obs = stat("tuned", units) - stat("base", units)
     rng = np.random.default_rng(seed)
-    if clusters is None:
-        groups = [[i] for i in range(n)]
-    else:
-        by: dict = {}
-        for i, c in enumerate(clusters):
-            by.setdefault(c, []).append(i)
-        groups = list(by.values())
     diffs = []
     for _ in range(n_boot):
-        pick = rng.integers(0, len(groups), len(groups))
-        idx = [i for g in pick for i in groups[g]]
-        d = stat([tuned[i] for i in idx]) - stat([base[i] for i in idx])
+        draw = [units[i] for i in rng.integers(0, len(units), len(units))]
+        d = stat("tuned", draw) - stat("base", draw)
         if not math.isnan(d):
             diffs.append(d)
     if not diffs:
         return obs, float("nan"), float("nan")
     lo, hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
     return obs, float(lo), float(hi)
+
+
+def paired_bootstrap(stat, base: list, tuned: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+                     clusters: list | None = None) -> tuple[float, float, float]:
+    """(observed stat(tuned) - stat(base), lo, hi): a percentile interval of the change, resampling items (or, with
+    ``clusters``, whole clusters of items, e.g. an SNLI premise's triple) with replacement, the same draws for base
+    and tuned (the items are paired)."""
+    if not base or len(tuned) != len(base):
+        return float("nan"), float("nan"), float("nan")
+    if clusters is None:
+        units = [[i] for i in range(len(base))]
+    else:
+        by: dict = {}
+        for i, c in enumerate(clusters):
+            by.setdefault(c, []).append(i)
+        units = list(by.values())
+    seqs = {"base": base, "tuned": tuned}
+    return bootstrap_change(lambda which, draw: stat([seqs[which][i] for u in draw for i in u]), units, n_boot, seed, alpha)
 
 
 def spearman(x: list[float], y: list[float]) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from qtalign.stats import class_auc, mcnemar, paired_bootstrap, paired_counts, wilson
+from qtalign.stats import bootstrap_change, class_auc, mcnemar, paired_bootstrap, paired_counts, wilson
 
 GROUPS = ("all", "seen", "unseen", "high", "low")
 N_BOOT = 1000
@@ -94,23 +94,9 @@ class LangRow:
 
 def _auc_boot(sc: Scores | None, n_boot: int, seed: int) -> tuple[float, float, float]:
     """(ΔAUC, lo, hi): the paired bootstrap of the AUC change over one language's items."""
-    import numpy as np
-
     if not sc or not sc.tuned:
         return float("nan"), float("nan"), float("nan")
-    n = len(sc.gold)
-    obs = sc.auc("tuned") - sc.auc("base")
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        rows = list(rng.integers(0, n, n))
-        d = sc.auc("tuned", rows) - sc.auc("base", rows)
-        if not math.isnan(d):
-            diffs.append(d)
-    if not diffs:
-        return obs, float("nan"), float("nan")
-    lo, hi = np.quantile(diffs, [0.025, 0.975])
-    return obs, float(lo), float(hi)
+    return bootstrap_change(lambda which, rows: sc.auc(which, rows), list(range(len(sc.gold))), n_boot, seed)
 
 
 def _mean(xs) -> float:
@@ -174,8 +160,6 @@ def _select(rows: list[LangRow], name: str) -> list[LangRow]:
 def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[float, float, float]:
     """Δ of the macro average over languages with a bootstrap that resamples item indices (all languages of a drawn
     index together)."""
-    import numpy as np
-
     if not rs or not rs[0].raw.tuned or (kind == "auc" and not all(r.scores and r.scores.tuned for r in rs)):
         return float("nan"), float("nan"), float("nan")
     if kind == "cal" and any(r.cal is None for r in rs):
@@ -200,18 +184,7 @@ def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[
                 vals.append(sum(xs[k] for k in rows) / len(rows))
         return _mean(vals)
 
-    obs = stat("tuned", universe) - stat("base", universe)
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n_boot):
-        draw = list(rng.choice(universe, len(universe)))
-        d = stat("tuned", draw) - stat("base", draw)
-        if not math.isnan(d):
-            diffs.append(d)
-    if not diffs:
-        return obs, float("nan"), float("nan")
-    lo, hi = np.quantile(diffs, [0.025, 0.975])
-    return obs, float(lo), float(hi)
+    return bootstrap_change(stat, universe, n_boot, seed)
 
 
 def group_summary(rows: list[LangRow], name: str, n_boot: int = 0, seed: int = 0) -> dict | None:
