@@ -237,6 +237,122 @@ def test_config_errors_name_the_file_and_the_field(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------------------------
+# found by review: ownership by content and kind, stale identities, YAML words, the statistics' units
+
+
+def test_a_users_results_json_does_not_make_a_folder_qtaligns(tmp_path, tiny_llama_dir):
+    """Only a file with qtalign's own content marks a folder written by an older qtalign; a user's results.json (or
+    any file of that name) does not, and nothing in the folder is touched."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"accuracy": 0.9}))
+    (out / "predictions.jsonl").write_text("my predictions\n")
+    before = snapshot(out)
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--tasks", "emotion",
+                      "--langs", "en", "--limit", "2", "--no-store", "--out", out])
+    assert rc == 2 and len(err) == 1 and "not written by qtalign" in err[0]
+    assert snapshot(out) == before
+
+
+def test_an_output_of_another_kind_is_refused(tmp_path, tiny_llama_dir):
+    """A folder another qtalign command owns (an evaluation's, given to merge; a merge's, given to eval) is refused in
+    one line with both kinds named, and nothing in it changes."""
+    ev = tmp_path / "ev"
+    rc, _, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--tasks", "emotion",
+                    "--langs", "en", "--limit", "2", "--no-store", "--out", ev])
+    assert rc == 0
+    before = snapshot(ev)
+    from peft import LoraConfig, get_peft_model
+
+    from qtalign.engine.models import ModelConfig, load_model
+
+    lm = load_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32"))
+    get_peft_model(lm.model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adp")
+    rc, err, _ = cli(["merge", "--model", tiny_llama_dir, "--adapter", tmp_path / "adp", "--out", ev])
+    assert rc == 2 and len(err) == 1 and "holds a qtalign eval output" in err[0]
+    assert snapshot(ev) == before
+
+
+def test_writing_never_takes_over_a_name_that_is_not_ours(tmp_path):
+    from qtalign.io import OutputDir
+
+    od = OutputDir(tmp_path / "o", "eval").claim()
+    (od.path / "table.md").write_text("the user's table")  # put there after qtalign claimed the folder
+    with pytest.raises(QtalignError, match="table.md: exists and was not written by qtalign"):
+        od.record("table.md")
+    assert (od.path / "table.md").read_text() == "the user's table" and not od.is_ours("table.md")
+
+
+def test_yaml_words_that_are_language_codes_stay_strings(tmp_path):
+    """YAML 1.1 reads `no` (Norwegian) as False and `on` as True; qtalign's configs and overrides read them as words."""
+    from qtalign.experiment.config import load_experiment
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: t\nstages: [eval]\nmodel: m\neval:\n  tasks: [emotion]\n  langs: [en, no, sv]\n  data_files: demo\n")
+    e = load_experiment([str(cfg)], overrides=["geometry.langs=[en,no]"])
+    assert e.eval.langs == ["en", "no", "sv"] and e.geometry.langs == ["en", "no"] and e.model.name == "m"
+
+
+def test_train_settings_transformers_would_reject_fail_before_anything_is_written(tmp_path, tiny_llama_dir):
+    assert cli(["build-data", "--task", "emotion", "--sources", "zh", "--data-files", "demo", "--items", "60:70",
+                "--out", tmp_path / "qt"])[0] == 0
+    data = next((tmp_path / "qt").glob("*.jsonl"))
+    for opt, val, msg in (("--optim", "adamw_nope", "unknown optim 'adamw_nope'"),
+                          ("--per-device-batch-size", "3", "not a multiple of per_device_batch_size 3")):
+        rc, err, _ = cli(["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", data, opt, val,
+                          "--out", tmp_path / "t"])
+        assert rc == 2 and len(err) == 1 and msg in err[0], (opt, err)
+        assert not (tmp_path / "t").exists()
+
+
+def test_an_adapter_is_identified_by_its_weights_not_its_readme(tmp_path, tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from qtalign.engine.models import ModelConfig, adapter_sha256, load_model
+
+    lm = load_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32"))
+    get_peft_model(lm.model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adp")
+    a = adapter_sha256(tmp_path / "adp")
+    (tmp_path / "adp" / "README.md").write_text("edited notes")
+    assert adapter_sha256(tmp_path / "adp") == a
+    w = tmp_path / "adp" / "adapter_model.safetensors"
+    data = bytearray(w.read_bytes())
+    data[-1] ^= 1
+    w.write_bytes(bytes(data))
+    assert adapter_sha256(tmp_path / "adp") != a
+
+
+def test_clusters_are_recorded_and_widen_the_bootstrap(tmp_path, tiny_llama_dir):
+    """SNLI items come in premise triples: the evaluation records each item's cluster, and the paired bootstrap
+    resamples whole clusters; with perfectly correlated items inside a cluster its interval is wider than the
+    item-level one (the item-level one overstates the evidence)."""
+    from qtalign.eval.config import EvalConfig
+    from qtalign.eval.run import evaluate
+    from qtalign.engine.models import ModelConfig
+    from qtalign.report.paired import compare
+
+    premises = [f"Premise number {k}." for k in range(4)]
+    en = [{"premise": p, "hypothesis": h, "answer": a} for p in premises
+          for h, a in (("A thing.", "entailment"), ("Maybe.", "neutral"), ("No thing.", "contradiction"))]
+    (tmp_path / "d" / "snli").mkdir(parents=True)
+    (tmp_path / "d" / "snli" / "snli_en600_test.json").write_text(json.dumps(en))
+    cfg = EvalConfig(model=ModelConfig(name=str(tiny_llama_dir), dtype="fp32"), tasks=["snli"], langs=["en"],
+                     variants=["enout"], data_dir=str(tmp_path / "d"), store=False, batch_size=4)
+    res = evaluate(cfg, tmp_path / "o", progress=False)
+    assert res["clusters"] == {"snli": {k: k // 3 for k in range(12)}}
+    # the report's unit: clusters of items, from what eval recorded
+    base = {f"snli/en/{k}": {"task": "snli", "variant": "enout", "lang": "en", "index": k, "gold": "entailment",
+                             "correct": False, "scores": {"entailment": .2, "neutral": .4, "contradiction": .4}}
+            for k in range(12)}
+    tuned = {key: {**r, "correct": r["index"] // 3 in (0, 1)} for key, r in base.items()}
+    by_item = compare(base, tuned, {"en": "high"}, set())[0]
+    by_cluster = compare(base, tuned, {"en": "high"}, set(), res["clusters"])[0]
+    assert by_item.units() != by_cluster.units() and len(by_cluster.units()) == 4
+    (_, lo_i, hi_i), (_, lo_c, hi_c) = by_item.boot("raw", 2000), by_cluster.boot("raw", 2000)
+    assert hi_c - lo_c > hi_i - lo_i
+
+
+# ------------------------------------------------------------------------------------------------------------------
 # the fuzz-style sweep
 
 

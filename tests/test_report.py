@@ -173,6 +173,21 @@ def test_auc_known_values_and_brute_force():
     assert abs(class_auc(p3, [0, 1, 2, 0], 3) - want) < 1e-12
 
 
+def test_metrics_auc_ranks_by_the_unrounded_scores():
+    """Confident items whose stored probabilities round to 1.0 are still ranked by their first-token masses (or
+    sequence log-likelihoods): the AUC in results.json equals the brute force over the exact scores."""
+    from qtalign.eval.metrics import class_log_scores, record_auc
+
+    masses = [(1e-3, 1e-12), (1e-3, 1e-10), (1e-3, 1e-11), (1e-3, 1e-9)]  # rounded: all {"a": 1.0, "b": 0.0}
+    recs = [{"gold": g, "scores": {"a": 1.0, "b": 0.0}, "mass": {"a": ma, "b": mb}}
+            for g, (ma, mb) in zip(["a", "b", "a", "b"], masses)]
+    exact = [ma / (ma + mb) for ma, mb in masses]
+    assert record_auc(recs, ["a", "b"]) == _auc_brute(exact, [True, False, True, False]) == 1.0
+    assert record_auc([{**r, "mass": None} for r in recs], ["a", "b"]) == 0.5  # the rounded scores alone: all ties
+    seq = {"gold": "a", "scores": {"a": 1.0, "b": 0.0}, "logprobs": {"a": -1.0, "b": -40.0}}
+    assert abs(class_log_scores(seq)[1] - (-39.0 - math.log1p(math.exp(-39.0)))) < 1e-12
+
+
 def test_paired_bootstrap_interval_covers_a_known_change():
     import random
 
@@ -193,3 +208,33 @@ def test_paired_bootstrap_interval_covers_a_known_change():
     _, lo_i, hi_i = paired_bootstrap(mean, clustered_base, clustered_tuned, n_boot=500)
     _, lo_c, hi_c = paired_bootstrap(mean, clustered_base, clustered_tuned, n_boot=500, clusters=cl)
     assert (hi_c - lo_c) > 1.5 * (hi_i - lo_i)
+
+
+def test_compare_runs_matches_each_runs_own_metrics(tmp_path, tiny_llama_dir):
+    """`qtalign compare` shows, per run, the macro averages that run's own evaluation computed (accuracy, calibrated
+    accuracy, AUC), and two runs of one model get distinct labels (no column silently replaces another)."""
+    import json
+
+    from qtalign.cli import main
+
+    from test_experiment import tiny_dict
+
+    runs = []
+    for name, items in (("a", "0:6"), ("b", "0:4")):
+        d = tiny_dict(tiny_llama_dir, tmp_path / name)
+        d["stages"] = ["eval", "report"]
+        d["eval"]["items"] = items
+        Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+        runs.append(tmp_path / name)
+    assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
+    got = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    labels = list(got["runs"])
+    assert len(labels) == 2 and labels[0] != labels[1] and all(r.name in lb for r, lb in zip(runs, labels))
+    for r, lb in zip(runs, labels):
+        own = json.loads((r / "eval" / "base" / "results.json").read_text())["metrics"]["emotion"]["enout"]["avg"]
+        for g in ("all", "high", "low"):
+            c = got["tasks"]["emotion/enout"][lb][g]
+            assert c["n_langs"] == own[g]["n_langs"]
+            for k in ("acc", "cal_acc", "auc"):
+                assert abs(c[k] - own[g][k]) < 1e-9, (lb, g, k)
+    assert (tmp_path / "cmp" / "compare.html").read_text().count("<img") >= 1

@@ -104,7 +104,23 @@ def repair_jsonl_tail(path: str | Path) -> None:
         return
     data = p.read_bytes()
     if data and not data.endswith(b"\n"):
-        p.write_bytes(data[: data.rfind(b"\n") + 1])
+        os.truncate(p, data.rfind(b"\n") + 1)  # in place: a kill here loses nothing but the cut line
+
+
+def yaml_load(text: str):
+    """YAML with only true/false as booleans (YAML 1.2): `no` is Norwegian, `on` a word, not False and True."""
+    import re
+
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.yaml_implicit_resolvers = {k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:bool"]
+                                      for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                 list("tTfF"))
+    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 def read_config(path: str | Path) -> dict:
@@ -115,7 +131,7 @@ def read_config(path: str | Path) -> dict:
     if not p.is_file():
         raise QtalignError(f"{p}: config file not found")
     try:
-        d = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        d = yaml_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise QtalignError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
     except UnicodeDecodeError:
@@ -161,7 +177,7 @@ def file_sha256(path: str | Path) -> str:
     p = Path(path).resolve()
     st = p.stat()
     key = str(p)
-    stamp = [st.st_size, st.st_mtime_ns]
+    stamp = [st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns]
     cache = read_json(_hash_cache_path(), {}) or {}
     hit = cache.get(key)
     if hit and hit.get("stamp") == stamp:
@@ -215,12 +231,26 @@ def fingerprint(config: Any, data: Any = None, model: Any = None, numerics: str 
 # output directories owned through a marker
 
 
+def _is_legacy_file(path: Path) -> bool:
+    """Whether a file is one qtalign itself wrote before markers existed: a JSON document with qtalign's own keys (a
+    user's results.json is not)."""
+    d = read_json(path)
+    if not isinstance(d, dict):
+        return False
+    keys = {"stage.json": {"stage", "fingerprint"}, "run.json": {"fingerprint", "config"},
+            "experiment.json": {"config", "environment"}, "train_config.json": {"fingerprint", "config"},
+            "summary.json": {"stage", "timing_s"}, "results.json": {"fingerprint", "metrics", "config"}}[path.name]
+    return keys <= set(d)
+
+
 class OutputDir:
     """A folder qtalign writes into, owned through its marker ``.qtalign.json`` = {"tool", "kind", "entries"}.
 
     ``entries`` lists the top-level names qtalign created there; only those are ever removed or overwritten. A folder
     that exists, is not empty and has no marker is refused, unless it holds files qtalign itself wrote before markers
-    existed (``LEGACY_FILES``): such a run dir is adopted, and its existing entries are kept as they are.
+    existed (``LEGACY_FILES`` with qtalign's content): such a folder is adopted, and only the names its writer declares
+    (``adopt``) become qtalign's. A folder written by another kind of qtalign command (an experiment's run dir given to
+    ``merge``) is refused too.
     """
 
     def __init__(self, path: str | Path, kind: str = "output", option: str = "--out"):
@@ -231,8 +261,8 @@ class OutputDir:
 
     # -- claiming -------------------------------------------------------------------------------------------------
     def check(self) -> "OutputDir":
-        """Refuse (one line, nothing written) a path that qtalign cannot own: a file, an unwritable place, or a
-        folder with other people's files."""
+        """Refuse (one line, nothing written) a path that qtalign cannot own: a file, an unwritable place, a folder of
+        other people's files, or one another kind of qtalign output owns."""
         p = self.path
         if p.exists() and not p.is_dir():
             raise QtalignError(f"{self.option} {p}: is a file, not a folder")
@@ -246,10 +276,17 @@ class OutputDir:
         if p.is_dir() and not self.owned() and any(p.iterdir()):
             raise QtalignError(f"{self.option} {p}: the folder exists and was not written by qtalign (no {MARKER}); "
                                "choose another folder: qtalign never deletes or overwrites files it did not write")
+        kind = self._load().get("kind")
+        if kind and kind != self.kind:
+            raise QtalignError(f"{self.option} {p}: holds a qtalign {kind} output, not a {self.kind} one; choose another "
+                               "folder")
         return self
 
+    def legacy(self) -> bool:
+        return not (self.path / MARKER).is_file() and any(_is_legacy_file(self.path / n) for n in LEGACY_FILES)
+
     def owned(self) -> bool:
-        return (self.path / MARKER).is_file() or any((self.path / n).is_file() for n in LEGACY_FILES)
+        return (self.path / MARKER).is_file() or self.legacy()
 
     def claim(self, adopt: Iterable[str] = ()) -> "OutputDir":
         """Create the folder (or adopt it) and write its marker. A folder made by qtalign before markers existed is
@@ -259,7 +296,7 @@ class OutputDir:
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / MARKER).is_file():
-                legacy = any((self.path / n).is_file() for n in LEGACY_FILES)
+                legacy = self.legacy()
                 names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
                 self._save(names, adopted=legacy)
         except OSError as e:
@@ -284,9 +321,18 @@ class OutputDir:
             self._entries = set(self._load().get("entries", []))
         return set(self._entries)
 
+    def adopted(self) -> bool:
+        return bool(self._load().get("adopted"))
+
     def record(self, *names: str) -> None:
-        """Register top-level names as written by qtalign (before writing them)."""
-        new = {n.split("/", 1)[0] for n in names} - self.entries()
+        """Register top-level names as qtalign's, before writing them; a name that exists and is not qtalign's is
+        refused (nothing of someone else's ever becomes qtalign's by being written over)."""
+        tops = {n.split("/", 1)[0] for n in names}
+        for top in sorted(tops):
+            if (self.path / top).exists() and not self.is_ours(top):
+                raise QtalignError(f"{self.path / top}: exists and was not written by qtalign; move it away or choose "
+                                   "another folder")
+        new = tops - self.entries()
         if new:
             self._save(self.entries() | new)
 
@@ -296,7 +342,8 @@ class OutputDir:
         return self.path / name
 
     def is_ours(self, name: str) -> bool:
-        """Whether a top-level name is one qtalign wrote (entries may be patterns, e.g. 'lens_*.png')."""
+        """Whether a top-level name is one qtalign wrote (entries may be patterns of the names it writes, e.g.
+        'lens_*.png')."""
         import fnmatch
 
         top = name.split("/", 1)[0]

@@ -38,10 +38,15 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def analysis_summary(stage: str, cfg: AnalysisConfig, models: dict, t0: float, **fields) -> dict:
-    """The summary.json record every analysis stage writes (docs/architecture.md), with stage-specific `fields`."""
+    """The summary.json record every analysis stage writes (docs/architecture.md), with stage-specific `fields`; its
+    fingerprint covers the config, the models' identities and the engine's numerics (the data is recorded by the
+    experiment's unit, which reads it before the stage runs)."""
+    from qtalign.engine.forward import NUMERICS_VERSION
     from qtalign.io import fingerprint
 
-    return {"stage": stage, "fingerprint": fingerprint(cfg.result_config()), "config": cfg.model_dump(mode="json"),
+    ids = {n: lm.info.get("identity") for n, lm in models.items()}
+    return {"stage": stage, "fingerprint": fingerprint(cfg.result_config(), model=ids, numerics=NUMERICS_VERSION),
+            "config": cfg.model_dump(mode="json"),
             "models": {n: lm.info for n, lm in models.items()}, **fields, "timing_s": round(time.time() - t0, 2)}
 
 

@@ -37,6 +37,7 @@ from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - 
 from qtalign.engine.forward import Engine, Prompt, encode_prompts, lcp, pad_id
 from qtalign.engine.models import LoadedModel
 from qtalign.errors import QtalignError
+from qtalign.tasks.items import cluster_ids
 
 OUR_FILES = ("geometry_*.npz", "geom_*.png", "summary.json")
 
@@ -148,13 +149,9 @@ def retrieval_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray |
 
 
 def item_clusters(task, items: list) -> np.ndarray | None:
-    """Cluster ids of parallel items (from the reference language's items), by the task's ``cluster_field`` (SNLI:
-    the premise a triple shares); None when the task declares none (every item is its own cluster)."""
-    if not task.cluster_field:
-        return None
-    vals = [it.fields.get(task.cluster_field) for it in items]
-    ids = {v: k for k, v in enumerate(dict.fromkeys(vals))}
-    return np.array([ids[v] for v in vals])
+    """Cluster ids of parallel items (from the reference language's items; tasks.items.cluster_ids)."""
+    ids = cluster_ids(task, items)
+    return None if ids is None else np.array(ids)
 
 
 def layer_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:

@@ -21,6 +21,8 @@ from qtalign.errors import QtalignError, validation_message
 # deprecated flag -> the field it sets (kept working; a warning names the new flag)
 DEPRECATED: dict[str, str] = {"--lr": "learning_rate", "--micro-batch-size": "per_device_batch_size", "--variant": "variants"}
 MODEL_FLAG_NAMES = {"name": "--model"}
+# keys an experiment config sets once at the top level for all its sections
+SHARED_TOP_LEVEL = ("model", "seed", "data_dir", "prompts", "report_to")
 
 
 class _Deprecated(argparse.Action):
@@ -145,11 +147,13 @@ def build_config(cls: type[BaseModel], args, section: str | None = None, skip: s
     d = load_config_file(path)
     where = path or "command line"
     if section and isinstance(d.get(section), dict):
-        d = dict(d[section])
+        top = {k: v for k, v in d.items() if k in cls.model_fields and k in SHARED_TOP_LEVEL}  # an experiment's shared keys
+        d = {**top, **d[section]}
         where = f"{path}: section '{section}'"
     d.update(given(args, cls, skip | {"model"}))
     if "model" in cls.model_fields:
-        d["model"] = {**(d.get("model") or {}), **model_values(args)}
+        m = d.get("model") or {}
+        d["model"] = {**({"name": m} if isinstance(m, str) else m), **model_values(args)}
     d.update(extra or {})
     try:
         return cls.model_validate(d)

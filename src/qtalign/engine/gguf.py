@@ -3,7 +3,7 @@ conversion to a bf16 Hugging Face folder in the cache, keyed by the file's conte
 
 Cache layout (``$QTALIGN_CACHE/models/``):
 
-    gguf-<sha256[:16]>-bf16/      the converted folder (config, safetensors, tokenizer) + qtalign_source.json
+    gguf-<sha256[:16]>-v<converter>-bf16/   the converted folder (config, safetensors, tokenizer) + qtalign_source.json
     .tmp-<sha256[:16]>-<pid>/     a conversion in progress; left behind by a killed one and removed by the next
 """
 
@@ -50,7 +50,8 @@ def check_gguf(path: Path) -> None:
 
 
 def converted_dir(sha256: str) -> Path:
-    return cache_root() / "models" / f"gguf-{sha256[:16]}-bf16"
+    """Keyed by the GGUF file's content and the converter's version (a changed conversion never reuses old weights)."""
+    return cache_root() / "models" / f"gguf-{sha256[:16]}-v{CONVERTER_VERSION}-bf16"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -113,7 +114,8 @@ def _convert(gguf: Path, out_dir: Path, sha256: str, label: str) -> None:
             cfg.dtype = "bfloat16"
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
             missing, unexpected = model.load_state_dict(src.state_dict(), strict=False)
-            missing = [m for m in missing if "lm_head" not in m]  # tied to the embeddings
+            if getattr(cfg, "tie_word_embeddings", False):
+                missing = [m for m in missing if "lm_head" not in m]  # tied to the embeddings
             if missing or unexpected:
                 raise QtalignError(f"{gguf}: GGUF conversion mismatch: missing {missing[:3]}, unexpected {unexpected[:3]}")
             model.save_pretrained(tmp)

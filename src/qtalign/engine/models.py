@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qtalign.engine.gguf import CONVERTER_VERSION, check_gguf, converted_dir, ensure_converted
 from qtalign.engine.registry import embedded, embedded_names
@@ -53,6 +53,11 @@ class ModelConfig(BaseModel):
                           "torch.compile: faster inference after a warm-up of 10-30 s, scores within bf16 rounding of the "
                           "eager ones (a different model identity: results are stored apart)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _from_name(cls, v):
+        return {"name": v} if isinstance(v, str) else v  # `model: gemma-3-270m` is the model's name
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:
@@ -67,6 +72,11 @@ class ModelConfig(BaseModel):
         if not v.strip():
             raise ValueError("empty model name")
         return v
+
+
+def device_type(name: str) -> str:
+    """'cpu' or 'cuda': what decides the numerics of a result (part of the store's keys)."""
+    return _device(name).split(":")[0]
 
 
 def _device(name: str) -> str:
@@ -176,14 +186,24 @@ def model_identity(cfg: ModelConfig) -> dict:
     elif p.is_dir():
         ident = {"kind": "dir", "sha256": dir_sha256(p), "gguf_file": cfg.gguf_file}
     else:
-        ident = {"kind": "hub", "id": cfg.name, "revision": cfg.revision, "gguf_file": cfg.gguf_file}
+        ident = {"kind": "hub", "id": cfg.name, "revision": _hub_commit(cfg.name, cfg.revision), "gguf_file": cfg.gguf_file}
     ident.update(dtype=cfg.dtype, load_in_4bit=cfg.load_in_4bit)
     if cfg.compile:
         ident["compiled"] = True
     if cfg.adapter:
-        ident["adapter"] = {"sha256": dir_sha256(cfg.adapter) if Path(cfg.adapter).is_dir() else None,
-                            "merged": cfg.merge_adapter}
+        ident["adapter"] = {"sha256": adapter_sha256(cfg.adapter), "merged": cfg.merge_adapter}
     return ident
+
+
+def _hub_commit(repo: str, revision: str | None) -> str | None:
+    """The commit a hub id resolves to in the local cache (a moving 'main' then still names fixed weights); the
+    revision as given when nothing is cached."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(repo, revision=revision, local_files_only=True)).name
+    except Exception:  # noqa: BLE001 - not cached, no hub library, an odd id: the revision as given
+        return revision
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -209,6 +229,17 @@ def load_tokenizer(source: str, gguf_file: str | None = None, trust_remote_code:
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     return tok
+
+
+def adapter_sha256(adapter_dir: str | Path) -> str | None:
+    """The identity of a LoRA adapter: its config and its weights (not the README or training arguments beside them)."""
+    p = Path(adapter_dir)
+    files = [p / "adapter_config.json", *[p / w for w in ADAPTER_WEIGHTS if (p / w).is_file()]]
+    if not all(f.is_file() for f in files[:1]):
+        return None
+    from qtalign.io import text_sha256
+
+    return text_sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files))
 
 
 def check_adapter_dir(adapter_dir: str | Path) -> None:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError
 from qtalign.tasks.groups import Group
-from qtalign.tasks.items import DataSource, comma_list, parse_range, select_items
+from qtalign.tasks.items import DataSource, comma_list, parse_indices, parse_range, select_items
 from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
 from qtalign.tracking import parse_trackers
 
@@ -66,9 +66,19 @@ class TaskSelection(BaseModel):
     def _split(cls, v):
         return comma_list(v)
 
+    @field_validator("exclude_items", mode="before")
+    @classmethod
+    def _indices(cls, v):
+        try:
+            return parse_indices(v, "exclude_items")
+        except QtalignError as e:
+            raise ValueError(str(e)) from None
+
     @field_validator("items", mode="before")
     @classmethod
     def _items(cls, v):
+        if v is not None and not isinstance(v, (str, dict)):
+            raise ValueError(f"expected 'START:END' or a mapping {{task: 'START:END'}}, got {v!r}")
         v = parse_items(v)
         for rng in ([v] if isinstance(v, str) else (v or {}).values()):
             try:
@@ -102,7 +112,7 @@ class TaskSelection(BaseModel):
         if unknown:
             raise QtalignError(f"items: ranges for tasks that are not evaluated: {', '.join(unknown)} (tasks: {', '.join(self.tasks)})")
         groups, skipped = [], []
-        explicit = self.langs not in (["all"], ["high"], ["low"])
+        explicit = not set(self.langs) <= {"all", "high", "low"}
         for t in self.tasks:
             task = specs.task(t)
             for lang in specs.resolve_langs(self.langs, t):

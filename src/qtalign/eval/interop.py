@@ -115,14 +115,19 @@ def write_lm_eval(out: Path, results: dict, records: list[dict], n_shot: dict[st
     from qtalign.io import write_json, write_jsonl
 
     date = datetime.fromtimestamp(results.get("finished") or time.time()).isoformat().replace(":", "-")
+    from qtalign.io import read_json
+
     folder = out / "lm_eval" / _model_name(results)
     folder.mkdir(parents=True, exist_ok=True)
-    for old in [*folder.glob("results_*.json"), *folder.glob("samples_*.jsonl")]:
-        old.unlink()
+    manifest = folder / ".qtalign-files.json"
+    for name in read_json(manifest, []) or []:  # the files an earlier evaluation wrote here, and nothing else
+        (folder / name).unlink(missing_ok=True)
     samples = lm_eval_samples(records, items, prompts)
     agg = lm_eval_results(results, records, n_shot, date)
     agg["task_hashes"] = {n: _hash("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in ss)) for n, ss in samples.items()}
-    write_json(folder / f"results_{date}.json", agg, indent=2)
+    names = [f"results_{date}.json", *[f"samples_{name}_{date}.jsonl" for name in samples]]
+    write_json(manifest, names)
+    write_json(folder / names[0], agg, indent=2)
     for name, ss in samples.items():
         write_jsonl(folder / f"samples_{name}_{date}.jsonl", ss)
     return folder

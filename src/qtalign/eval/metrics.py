@@ -9,6 +9,7 @@ more: a class-prior-free measure of what the model knows). Averages over all / h
 from __future__ import annotations
 
 import csv
+import math
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -16,9 +17,30 @@ from qtalign.io import write_text
 from qtalign.stats import class_auc, mean, wilson
 
 
+def class_log_scores(r: dict) -> list[float]:
+    """Per-class log probabilities of a record, normalised over the classes, from its least-rounded numbers (the
+    first-token masses or the sequence log-likelihoods; the rounded probabilities only as a fallback): AUC needs the
+    ranking of confident items too."""
+    classes = list(r["scores"])
+    if isinstance(r.get("mass"), dict):
+        m = [max(float(r["mass"][c]), 1e-300) for c in classes]
+        z = math.log(sum(m))
+        return [math.log(x) - z for x in m]
+    if isinstance(r.get("logprobs"), dict):
+        lp = [float(r["logprobs"][c]) for c in classes]
+        top = max(lp)
+        z = top + math.log(sum(math.exp(x - top) for x in lp))
+        return [x - z for x in lp]
+    return [math.log(max(float(r["scores"][c]), 1e-300)) for c in classes]
+
+
 def record_auc(rs: list[dict], classes: list[str]) -> float:
-    probs = [[r["scores"][c] for c in classes] for r in rs]
-    return class_auc(probs, [classes.index(r["gold"]) for r in rs], len(classes))
+    """One-vs-rest macro AUC of the records' per-class scores (their least-rounded form: class_log_scores)."""
+    scores = []
+    for r in rs:
+        lp = dict(zip(r["scores"], class_log_scores(r)))
+        scores.append([lp[c] for c in classes])
+    return class_auc(scores, [classes.index(r["gold"]) for r in rs], len(classes))
 
 
 def compute_metrics(recs: list[dict], classes: dict[str, list[str]], resource: dict[str, str],

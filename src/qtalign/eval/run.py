@@ -20,16 +20,16 @@ from pathlib import Path
 from typing import Callable
 
 from qtalign.engine.forward import NUMERICS_VERSION
-from qtalign.engine.models import LoadedModel, check_model, load_model, load_tokenizer, model_identity, resolve_source
+from qtalign.engine.models import LoadedModel, check_model, device_type, load_model, load_tokenizer, model_identity, resolve_source
 from qtalign.errors import QtalignError
 from qtalign.eval.config import EvalConfig
 from qtalign.eval.metrics import compute_metrics, write_tables
-from qtalign.eval.store import Store, group_fingerprint
-from qtalign.io import OutputDir, fingerprint, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
+from qtalign.eval.store import RECORD_VERSION, Store, group_fingerprint, spec_digest
+from qtalign.io import OutputDir, files_sha256, fingerprint, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
 from qtalign.scoring.faithful import official_correct, special_case
 from qtalign.scoring.scorer import ScoreRequest, Scorer, argmax, calibrate, content_free_requests, mean_probs
 from qtalign.tasks.groups import Group
-from qtalign.tasks.items import data_hashes
+from qtalign.tasks.items import cluster_ids, data_hashes
 from qtalign.tasks.specs import SpecSet, load_specs
 from qtalign.tracking import check_available, eval_scalars, log_metrics
 
@@ -87,8 +87,11 @@ class Plan:
                 self.data[tl] = data_hashes(task, g.lang, source)
             self.items[g] = cfg.select(task, g.lang, source)
         self.model_id = model_id
-        self.fingerprint = fingerprint(cfg.result_config(), data=self.data, model=model_id, numerics=NUMERICS_VERSION)
-        scoring = {"method": cfg.method, "calibrate": cfg.calibrate}
+        self.specs_digest = {f"{g.task}/{g.lang}": spec_digest(self.specs.task(g.task), g.lang) for g in self.groups}
+        content = {"items": self.data, "prompts": files_sha256(cfg.prompts), "specs": self.specs_digest}
+        self.fingerprint = fingerprint(cfg.result_config(), data=content, model=model_id, numerics=NUMERICS_VERSION)
+        scoring = {"method": cfg.method, "calibrate": cfg.calibrate, "device": device_type(cfg.model.device),
+                   "records": RECORD_VERSION}
         if cfg.method == "sequence":
             scoring["length_norm"] = cfg.length_norm
         if cfg.method == "faithful":
@@ -99,6 +102,19 @@ class Plan:
     def keys(self) -> set[str]:
         return {g.key(it.index) for g, its in self.items.items() for it in its}
 
+    def clusters(self) -> dict[str, dict[int, int]]:
+        """task -> item index -> cluster id, for tasks whose items come in clusters (SNLI's premise triples): read
+        from the English items where they are evaluated (parallel items share an index), else the first language's."""
+        out = {}
+        for t in self.cfg.tasks:
+            groups = sorted((g for g in self.items if g.task == t), key=lambda g: g.lang != "en")
+            if groups:
+                its = self.items[groups[0]]
+                ids = cluster_ids(self.specs.task(t), its)
+                if ids is not None:
+                    out[t] = {it.index: c for it, c in zip(its, ids)}
+        return out
+
     def resource(self) -> dict[str, str]:
         return {c: lang.resource_group for c, lang in self.specs.languages.items()}
 
@@ -108,30 +124,39 @@ class Plan:
                 "numerics": NUMERICS_VERSION}
 
 
-def _claim(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
-    """Own the output dir for this fingerprint (refusing a folder of someone else's files, or another evaluation
-    without --overwrite). Returns the finished results when they are already there."""
+def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
+    """What to do with the output dir, read-only (every process decides the same): the finished results when they are
+    already there; None to (re)start; one clear error for a folder that holds something else."""
     out.check()
     prev = read_json(out.path / "run.json")
+    finished = read_json(out.path / "results.json")
     same = prev is not None and prev.get("fingerprint") == plan.fingerprint
-    finished = read_json(out.path / "results.json") is not None
-    if prev is not None and not same and finished and not overwrite:
+    if same and finished is not None and finished.get("fingerprint") == plan.fingerprint and not overwrite:
+        return finished
+    if overwrite:
+        return None
+    if prev is not None and not same and finished is not None:
         raise QtalignError(f"{out.path}: holds an evaluation with a different config, data or model (fingerprint "
                            f"{prev.get('fingerprint')} != {plan.fingerprint}); use another --out or --overwrite")
-    if prev is not None and not same and not finished:  # an unfinished run of another config (e.g. one that failed)
+    if prev is None and any((out.path / n).exists() for n in OUR_FILES):
+        raise QtalignError(f"{out.path}: holds evaluation files of an unknown run (no run.json); use another --out or "
+                           "--overwrite")
+    return None
+
+
+def _start(out: OutputDir, plan: Plan, overwrite: bool) -> None:
+    """Own the output dir for this fingerprint (main process): an unfinished run of another config, or everything
+    with --overwrite, is replaced; only what qtalign wrote is removed."""
+    prev = read_json(out.path / "run.json")
+    if prev is not None and prev.get("fingerprint") != plan.fingerprint and not overwrite:
         print(f"qtalign: {out.path}: replacing an unfinished evaluation of another config", file=sys.stderr)
-    if same and not overwrite:
-        res = read_json(out.path / "results.json")
-        if res is not None and res.get("fingerprint") == plan.fingerprint:
-            return res
     out.claim(adopt=OUR_FILES)
-    if overwrite or not same:  # another evaluation's files: only what qtalign wrote is removed
+    if overwrite or (prev is not None and prev.get("fingerprint") != plan.fingerprint):
         out.remove(*[n for n in OUR_FILES if out.is_ours(n)],
                    *[p.name for p in out.path.glob("predictions.rank*.jsonl") if out.is_ours(p.name)])
     out.record(*OUR_FILES)
     write_json(out.path / "run.json", {"fingerprint": plan.fingerprint, "covers": plan.covers(),
                                        "config": plan.cfg.model_dump(mode="json"), "started": time.time()})
-    return None
 
 
 def _done(out: Path, plan: Plan, store: Store | None) -> tuple[dict[str, dict], int]:
@@ -216,14 +241,15 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     plan = Plan(cfg, model_id)  # all data read and checked here, before any model or output
     state = distributed_state()
     out_dir = OutputDir(out, "eval")
+    finished = _decide(out_dir, plan, overwrite)  # every process reads the same files and decides the same
+    if finished is not None:
+        return finished if state.is_main_process else {}
     if state.is_main_process:
-        finished = _claim(out_dir, plan, overwrite)
-        if finished is not None:
-            return finished
+        _start(out_dir, plan, overwrite)
     state.wait_for_everyone()
     seed_everything(cfg.seed)
     store = Store() if cfg.store else None
-    done, n_store = _done(out_dir.path, plan, store)
+    done, n_store = _done(out_dir.path, plan, None if overwrite else store)  # --overwrite recomputes everything
     rank, world = state.process_index, state.num_processes
     todo = {g: [it for k, it in enumerate(its) if k % world == rank and g.key(it.index) not in done]
             for g, its in plan.items.items()}
@@ -285,6 +311,7 @@ def _finish(plan: Plan, out_dir: OutputDir, store, lm, done: dict, n_store: int,
         "timing": {"model_load_s": round(t_load, 2), "groups_s": timings, "items_scored_this_run": total,
                    "items_from_store": n_store, "eval_s": round(sum(timings.values()), 2)},
         "metrics": metrics,
+        "clusters": plan.clusters(),
     }
     write_tables(metrics, plan.resource(), out)
     _write_lm_eval(plan, out, results, recs)

@@ -21,9 +21,13 @@ import os
 import time
 from pathlib import Path
 
-from qtalign.io import cache_root, canonical, file_lock, fingerprint, read_json, read_jsonl, text_sha256, write_json
+from qtalign.io import cache_root, canonical, file_lock, fingerprint, read_json, read_jsonl, repair_jsonl_tail, text_sha256, write_json
 from qtalign.tasks.groups import Group
 from qtalign.tasks.specs import TaskSpec
+
+
+# the layout of a per-item record; bump when a record's fields change meaning (records of another version are not mixed)
+RECORD_VERSION = "1"
 
 
 def store_root() -> Path:
@@ -62,6 +66,7 @@ class Store:
         try:
             d.mkdir(parents=True, exist_ok=True)
             with file_lock(d / ".lock"):
+                repair_jsonl_tail(d / "records.jsonl")  # a writer killed mid-line: the next record starts on its own line
                 have = set(self.records(fp))
                 new = [r for r in records if r["index"] not in have]
                 if not (d / "meta.json").exists():

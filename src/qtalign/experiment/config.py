@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 from qtalign.analysis.config import GeometryConfig, LensConfig
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError, validation_message
-from qtalign.io import read_config
+from qtalign.io import read_config, yaml_load
 from qtalign.eval.config import EvalConfig
 from qtalign.qtdata.config import QTDataConfig
 from qtalign.tasks.items import comma_list
@@ -133,6 +133,9 @@ class ExperimentConfig(BaseModel):
             self.stages = order
         if "train" in self.stages and "data" not in self.stages:
             raise ValueError("stage 'train' needs stage 'data' (its training rows)")
+        if "train" in self.stages and self.model.adapter:
+            raise ValueError("model.adapter: the tuned model is the base model + train/adapter, so a base adapter would be "
+                             "lost; merge it into the base first (qtalign merge) and use the merged folder as model.name")
         return self
 
     @property
@@ -199,7 +202,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if not sep or not key.strip():
         raise QtalignError(f"bad override {text!r}: use dotted.key=value (e.g. train.epochs=1, eval.langs=en,zh)")
     try:
-        v = yaml.safe_load(value) if value.strip() else None
+        v = yaml_load(value) if value.strip() else None
     except yaml.YAMLError:
         v = value
     return key.strip().split("."), v

@@ -129,7 +129,7 @@ class Experiment:
         """What a run dir made before ownership markers holds of qtalign's own: its run files, and the stage folders
         that have qtalign's stage.json (a folder merely named like a stage is the user's)."""
         rd = self.run_dir
-        names = [n for n in RUN_FILES if (rd / n).is_file()]
+        names = [n for n in RUN_FILES if (rd / n).exists()]
         for name in STAGES:
             inside = [rd / name / "stage.json", *(rd / name).glob("*/stage.json")] if (rd / name).is_dir() else []
             if any(p.is_file() for p in inside):
@@ -154,7 +154,7 @@ class Experiment:
         sj = read_json(self.run_dir / u.folder / "stage.json")
         if sj is None:
             return "stale" if (self.run_dir / u.folder).exists() else "missing"
-        if sj.get("fingerprint") != u.fingerprint:
+        if sj.get("fingerprint") != u.fingerprint or sj.get("status") == "stale":  # another config, or a withdrawn result
             return "stale"
         if sj.get("status") == "done" and (self.run_dir / u.marker).exists():
             return "done"
@@ -202,6 +202,10 @@ class Experiment:
         from qtalign.environment import environment, hardware
 
         write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
+        d = read_json(self.run_dir / "experiment.json") or {}
+        for k in ("finished", "last_run", "stale_stages", "stages"):  # facts of an earlier run: never left looking current
+            d.pop(k, None)
+        write_json(self.run_dir / "experiment.json", d)
         self._write_experiment({"config": self.cfg.model_dump(mode="json"), "config_defaults": config_defaults(),
                                 "seen_langs": seen, "overlap": self.overlap,
                                 "environment": {**environment(), **hardware()}, "started": time.time()})
@@ -255,6 +259,7 @@ class Experiment:
         self.claim()
         self._start(seen)
         self._withdraw_reruns(units, states, only, force)
+        states = {u.folder: self.state(u) for u in units if u.stage != "report"}  # withdrawn units now rerun
         done: dict[str, str] = {}
         outcome: dict[str, str] = {}
         for u in units:

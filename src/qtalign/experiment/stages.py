@@ -44,6 +44,7 @@ class Unit:
 
 def selection_hashes(cfg) -> dict:
     """Content hashes of the data an evaluation-type stage reads (every planned task x language, the prompt files)."""
+    from qtalign.eval.store import spec_digest
     from qtalign.tasks.items import data_hashes
     from qtalign.tasks.specs import load_specs
 
@@ -54,7 +55,7 @@ def selection_hashes(cfg) -> dict:
     for g in groups:
         key = f"{g.task}/{g.lang}"
         if key not in out:
-            out[key] = data_hashes(specs.task(g.task), g.lang, source)
+            out[key] = {"data": data_hashes(specs.task(g.task), g.lang, source), "spec": spec_digest(specs.task(g.task), g.lang)}
     out["prompts"] = files_sha256(cfg.prompts)
     return out
 
@@ -64,7 +65,8 @@ def qtdata_hashes(dc) -> dict:
     from qtalign.tasks.items import data_hashes
     from qtalign.tasks.specs import load_specs
 
-    out = {"question_files": files_sha256(dc.question_files), "prompts": files_sha256(dc.prompts)}
+    out = {"question_files": files_sha256(dc.question_files), "prompts": files_sha256(dc.prompts),
+           "exclude_file": files_sha256([dc.exclude_file] if dc.exclude_file else [])}
     if dc.task and dc.sources:
         specs = load_specs(dc.prompts)
         task = specs.task(dc.task)

@@ -59,7 +59,12 @@ class QTDataConfig(BaseModel):
     @field_validator("exclude_items", mode="before")
     @classmethod
     def _indices(cls, v):
-        return parse_indices(v, "exclude_items")
+        from qtalign.errors import QtalignError
+
+        try:
+            return parse_indices(v, "exclude_items")
+        except QtalignError as e:
+            raise ValueError(str(e)) from None
 
     def source(self) -> DataSource:
         return DataSource.from_options(self.data_dir, self.data_files, self.split)

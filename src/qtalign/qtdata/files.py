@@ -72,9 +72,12 @@ def read_exclusions(path: str | Path, task: str | None = None) -> set[int]:
     """Item indices from a text file (integers / START:END, '#' comments), a JSON list of integers or records with
     'index', or an evaluation predictions.jsonl (only records of `task` when they name a task)."""
     path = Path(path)
-    if not path.exists():
+    if not path.is_file():
         raise QtalignError(f"{path}: exclusion file not found")
-    text = path.read_text(encoding="utf-8-sig")
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise data_error(path, "not UTF-8 text") from None
     head = text.lstrip()[:1]
     out: set[int] = set()
     if head in ("{", "["):

@@ -8,6 +8,7 @@ language or task missing from a run is shown as '—'.
 
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 from qtalign.errors import QtalignError
@@ -52,6 +53,20 @@ def _rows(run: Run, which: str) -> list[LangRow]:
     return compare(preds, {}, run.resource, run.seen)
 
 
+def _unique_labels(cols: list[tuple[str, Run, str]]) -> list[tuple[str, Run, str]]:
+    """Every column its own label: two runs of one model get their folder names, then a number, added."""
+    counts = Counter(label for label, _, _ in cols)
+    out, seen = [], set()
+    for label, run, w in cols:
+        name = f"{label} [{run.dir.name}]" if counts[label] > 1 else label
+        k, base = 2, name
+        while name in seen:
+            name, k = f"{base} #{k}", k + 1
+        seen.add(name)
+        out.append((name, run, w))
+    return out
+
+
 def compare_runs(runs: list[str], out: str | Path, title: str | None = None, which: str = "base") -> Path:
     cols: list[tuple[str, Run, str]] = []
     for spec in runs:
@@ -69,6 +84,7 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
             cols.append((_label(run, label) + (f" ({w})" if which == "both" else ""), run, w))
     if not cols:
         raise QtalignError("compare: no evaluations to compare")
+    cols = _unique_labels(cols)
     od = OutputDir(out, "compare").claim(adopt=("compare.md", "compare.html", "compare.json", "compare.png"))
     od.record("compare.md", "compare.html", "compare.json", "compare.png")
     od.record("compare_training.png")

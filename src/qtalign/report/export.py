@@ -16,7 +16,7 @@ UNITS = ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report
 SMALL = ["report.md", "report.html", "config.yaml", "experiment.json", "train/summary.json", "train/trainer_log.jsonl",
          "train/train_config.json", "lens/summary.json", "lens/lens_means.csv", "geometry/summary.json", "data/stats.json",
          "data/summary.json"]
-EVAL_FILES = ("run.json", "results.json", "table.md", "table.csv", "labels.md", "labels.json", "results_lm_eval.json")
+EVAL_FILES = ("run.json", "results.json", "table.md", "table.csv", "labels.md", "labels.json")
 
 
 def export_files(run_dir: Path) -> list[str]:
@@ -26,6 +26,8 @@ def export_files(run_dir: Path) -> list[str]:
     if md.exists():
         keep += [m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text(encoding="utf-8")) if not m.startswith("data:")]
     keep += [f"eval/{w}/{n}" for w in ("base", "tuned") for n in EVAL_FILES]
+    keep += [p.relative_to(run_dir).as_posix() for w in ("base", "tuned") for p in (run_dir / "eval" / w / "lm_eval").rglob("*")
+             if p.is_file() and not p.name.startswith(".")]  # the lm-evaluation-harness layouts
     keep += [f"{u}/stage.json" for u in UNITS]
     return [k for k in dict.fromkeys(keep) if (run_dir / k).is_file()]
 

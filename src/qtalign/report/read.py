@@ -56,12 +56,34 @@ class Run:
     def stage(self, folder: str) -> dict | None:
         return read_json(self.dir / folder / "stage.json")
 
-    def classes(self, task: str) -> list[str]:
-        """A task's classes in order (from the records' per-class scores)."""
-        for r in self.base_preds.values():
-            if r["task"] == task:
-                return list(r["scores"])
-        return []
+    @property
+    def clusters(self) -> dict[str, dict[int, int]]:
+        """task -> item index -> cluster (items sharing e.g. an SNLI premise), as the evaluation recorded them; for
+        evaluations made before they were recorded, derived from the evaluated data when it is still at hand."""
+        if self.base is None:
+            return {}
+        if "clusters" in self.base:
+            return {t: {int(i): c for i, c in d.items()} for t, d in self.base["clusters"].items()}
+        return _derive_clusters(self.base.get("config") or {})
+
+
+def _derive_clusters(config: dict) -> dict[str, dict[int, int]]:
+    """Clusters of an evaluation that did not record them, from its config's data (empty when that is gone)."""
+    from qtalign.eval.config import EvalConfig
+    from qtalign.tasks.items import cluster_ids
+    from qtalign.tasks.specs import load_specs
+
+    try:
+        cfg = EvalConfig.model_validate(config)
+        specs, source, out = load_specs(cfg.prompts), cfg.source(), {}
+        for t in cfg.tasks:
+            task = specs.task(t)
+            if task.cluster_field and source.exists(task, "en"):
+                its = cfg.select(task, "en", source)
+                out[t] = dict(zip((it.index for it in its), cluster_ids(task, its)))
+        return out
+    except Exception:  # noqa: BLE001 - the data moved or the config is of an older version: items stay single units
+        return {}
 
 
 def _language_info(results: dict | None) -> tuple[dict[str, dict], list[str]]:

@@ -21,6 +21,15 @@ class Ctx:
     run: Run
     rows: list[LangRow]
     tasks: dict[tuple[str, str], list[LangRow]] = field(default_factory=dict)
+    _summaries: dict = field(default_factory=dict)
+
+    def summary(self, rows: list[LangRow], name: str, boot: bool = True) -> dict | None:
+        """group_summary with bootstrap intervals (when there is a tuned run), computed once per rows and group."""
+        n = N_BOOT if boot and self.has_tuned else 0
+        key = (tuple(id(r) for r in rows), name, n)
+        if key not in self._summaries:
+            self._summaries[key] = group_summary(rows, name, n_boot=n)
+        return self._summaries[key]
 
     @property
     def has_tuned(self) -> bool:
@@ -35,7 +44,8 @@ class Ctx:
 
 
 def context(run: Run) -> Ctx:
-    rows = compare(run.base_preds, run.tuned_preds if run.tuned else {}, run.resource, run.seen) if run.base else []
+    rows = (compare(run.base_preds, run.tuned_preds if run.tuned else {}, run.resource, run.seen, run.clusters)
+            if run.base else [])
     order = {c: i for i, c in enumerate(run.order)}
     rows.sort(key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
     tasks: dict[tuple[str, str], list[LangRow]] = {}
@@ -76,6 +86,10 @@ def header(doc: Doc, ctx: Ctx) -> None:
     doc.h(1, (cfg.get("report") or {}).get("title") or f"qtalign experiment: {cfg.get('name') or ctx.run.dir.name}")
     if (cfg.get("report") or {}).get("notes"):
         doc.md(cfg["report"]["notes"])
+    b, t = (ctx.run.base or {}).get("covers", {}), (ctx.run.tuned or {}).get("covers", {})
+    if b and t and b.get("data_sha256") != t.get("data_sha256"):
+        doc.md("**Warning:** the base and the tuned evaluation read different data files (their content hashes differ): "
+               "items are paired by task, language and index only.")
     if exp.get("stale_stages"):
         doc.md(f"**Warning:** the outputs of {', '.join(exp['stale_stages'])} in this run dir were not produced with the "
                "configuration below (they were not rerun after it changed); rerun them for a consistent report.")
@@ -92,7 +106,7 @@ def header(doc: Doc, ctx: Ctx) -> None:
         return
     hl = []
     for (t, v), rs in ctx.tasks.items():
-        s = group_summary(rs, "all", n_boot=N_BOOT if ctx.has_tuned else 0)
+        s = ctx.summary(rs, "all")
         raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
         tuned = ctx.has_tuned
         hl.append([f"{t} ({v})", s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
@@ -204,7 +218,7 @@ def summaries(doc: Doc, ctx: Ctx) -> None:
     for (t, v), rs in ctx.tasks.items():
         body = []
         for g in GROUPS:
-            s = group_summary(rs, g, n_boot=N_BOOT if tuned else 0)
+            s = ctx.summary(rs, g)
             if s is None:
                 continue
             raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
@@ -243,10 +257,12 @@ def retention(doc: Doc, ctx: Ctx) -> None:
         for scope, sel in (("English", [en] if en else []), ("all languages", rs)):
             if not sel:
                 continue
-            s = group_summary(sel, "all", n_boot=N_BOOT)
+            s = ctx.summary(sel, "all")
             raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+            # a loss: the bootstrap interval (items, or clusters, with all their languages) lies below 0; for English
+            # alone the exact McNemar test is valid too
             lost = [k for k, d in (("raw", raw), ("cal", cal), ("AUC", auc)) if d and d.get("ci_high", 1) < 0]
-            if raw.get("p", 1) < 0.05 and raw.get("delta", 0) < 0 and "raw" not in lost:
+            if scope == "English" and raw.get("p", 1) < 0.05 and raw.get("delta", 0) < 0 and "raw" not in lost:
                 lost.append("raw")
             flag = f"⚠ loss ({', '.join(lost)})" if lost else ""
             if lost:
@@ -262,21 +278,28 @@ def retention(doc: Doc, ctx: Ctx) -> None:
                      "base AUC", "tuned AUC", "Δ AUC [95 % CI]", ""], body, "lll" + "r" * 10 + "l"))
 
 
+def _sign(d: dict) -> int:
+    """+1 / -1 when the bootstrap interval of a change lies above / below 0, 0 when it covers 0 or is missing."""
+    lo, hi = d.get("ci_low"), d.get("ci_high")
+    if lo is None or hi is None or lo != lo or hi != hi:
+        return 0
+    return 1 if lo > 0 else (-1 if hi < 0 else 0)
+
+
 def _verdict(raw: dict, cal: dict, auc: dict) -> str:
-    sig_raw = raw.get("p", 1) < 0.05
-    auc_up = auc.get("ci_low", -1) > 0
-    auc_down = auc.get("ci_high", 1) < 0
-    cal_up = cal.get("ci_low", -1) > 0
-    if auc_up:
+    r, c, a = _sign(raw), _sign(cal), _sign(auc)
+    if not auc:
+        return "no AUC (records without class scores): " + ("accuracy changed" if r else "no detectable change")
+    if a > 0:
         return "the tuned model ranks the classes better (AUC up, interval above 0): a gain in what it knows, not only in its label prior"
-    if auc_down:
-        return "the tuned model ranks the classes worse (AUC down): a real loss"
-    if sig_raw and not cal_up:
-        return ("raw accuracy moved but AUC and calibrated accuracy did not: consistent with a shift of the label prior, "
-                "not with better alignment")
-    if cal_up:
-        return "calibrated accuracy rose while AUC did not change detectably: weak evidence of a gain"
-    return "no detectable change"
+    if a < 0:
+        return "the tuned model ranks the classes worse (AUC down, interval below 0): a loss in what it knows"
+    if r != 0 and c == 0:
+        return (f"raw accuracy {'rose' if r > 0 else 'fell'} but neither AUC nor calibrated accuracy moved detectably: a shift "
+                "of the label prior, not a change in alignment")
+    if c != 0:
+        return f"calibrated accuracy {'rose' if c > 0 else 'fell'} while AUC did not change detectably: weak evidence"
+    return "no detectable change (every interval covers 0)"
 
 
 def alignment(doc: Doc, ctx: Ctx) -> None:
@@ -286,18 +309,18 @@ def alignment(doc: Doc, ctx: Ctx) -> None:
         return
     body = []
     for (t, v), rs in ctx.tasks.items():
-        s = group_summary(rs, "all", n_boot=N_BOOT)
+        s = ctx.summary(rs, "all")
         raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
         maj_b = sum(r.majority.get("base", math.nan) for r in rs) / len(rs)
         maj_t = sum(r.majority.get("tuned", math.nan) for r in rs) / len(rs)
-        body.append([f"{t} ({v})", f"{signed(raw.get('delta'))} (p {pval(raw.get('p'))})",
+        body.append([f"{t} ({v})", interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")),
                      interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")),
                      interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
                      f"{pct(maj_b)} → {pct(maj_t)}", _verdict(raw, cal, auc)])
     doc.md("A gain in raw accuracy can come from a better grasp of the task in the other languages (alignment) or only from "
            "answering one class more often (a label-prior shift). Calibration removes the prior the prompt induces, and AUC "
            "ignores the prior altogether; the share of the most frequent prediction shows a model collapsing onto one class.")
-    doc.md(md_table(["task", "Δ raw (McNemar)", "Δ calibrated [95 % CI]", "Δ AUC [95 % CI]", "majority-prediction share %",
+    doc.md(md_table(["task", "Δ raw [95 % CI]", "Δ calibrated [95 % CI]", "Δ AUC [95 % CI]", "majority-prediction share %",
                      "reading"], body, "lrrrrl"))
 
 
@@ -353,6 +376,9 @@ def _retrieval_task(doc: Doc, ctx: Ctx, tv: str, rec: dict) -> None:
     models = [k for k in rec if isinstance(rec[k], dict)]
     pool = "query" if "query" in rec[models[0]] else next(iter(rec[models[0]]))
     langs = [lang for lang in rec[models[0]][pool]["retrieval_to"] if lang != ref]
+    if not langs:
+        doc.md(f"_{tv}: no language besides the reference {ref}._")
+        return
     n_layers = len(rec[models[0]][pool]["retrieval_to"][langs[0]])
     curves = {}
     for m in models:

@@ -5,7 +5,8 @@ Differences from ``first-token`` (see docs/scoring.md):
   SentencePiece ``▁``, plus the byte-fallback token of the label's first UTF-8 byte for non-ASCII labels, plus (for
   byte-level BPE tokenizers, the official 'Qwen' rule) the first token of every prefix tokenised alone. Tokens
   shared by two classes are kept in both sets;
-- ties between classes are broken at random (seeded), and in an exact three-way tie neutral cannot win;
+- ties between classes are broken at random (seeded per item, so that the outcome of an item does not depend on
+  which other items a run scores), and in an exact three-way tie neutral cannot win;
 - a task's declared special case (Thai native emotion) appends ``tokenizer(prefix)`` with the default special
   tokens (a BOS in mid-sequence for tokenizers that add one) and scores the label remainders;
 - correctness is the scripts' string comparison with the stored gold word (see :func:`official_correct`).
@@ -78,14 +79,13 @@ def faithful_scores(scorer, reqs, progress=None) -> Iterator[ItemScore]:
         extra = tok(r.forced, add_special_tokens=True)["input_ids"] if r.forced else []
         prompts.append(Prompt(r.key, r.group, r.prefix, r.prefix + r.question, append_ids=extra))
     by_key = {r.key: r for r in reqs}
-    rngs: dict[str, random.Random] = {}
     enc = encode_prompts(tok, prompts)
     with torch.inference_mode():
         for b in scorer.engine.run(enc, progress=progress):
             probs = torch.softmax(scorer.engine.parts.unembed(b.last_hidden), dim=-1)
             for row, key in enumerate(b.keys):
                 r = by_key[key]
-                rng = rngs.setdefault(r.group, random.Random(scorer.seed))
+                rng = random.Random(f"{scorer.seed}:{key}")
                 mass = [float(probs[row, cands(w)].sum()) if cands(w) else 0.0 for w in r.words]
                 yield ItemScore(key, mass, normalise(mass), official_decision(mass, rng), {"forced_prefix": r.forced} if r.forced else {})
 

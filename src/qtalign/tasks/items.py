@@ -334,6 +334,17 @@ def select_items(task: TaskSpec, lang: str, source: DataSource, rng: slice | Non
     return items[:limit] if limit else items
 
 
+def cluster_ids(task: TaskSpec, items: list[Item]) -> list[int] | None:
+    """Cluster ids of parallel items, by the task's ``cluster_field`` (SNLI: the premise a triple of hypotheses
+    shares), numbered in order of first appearance; None when the task declares none (each item its own cluster).
+    Items resampled together by every bootstrap and counted together by retrieval."""
+    if not task.cluster_field:
+        return None
+    vals = [it.fields.get(task.cluster_field) for it in items]
+    ids = {v: k for k, v in enumerate(dict.fromkeys(vals))}
+    return [ids[v] for v in vals]
+
+
 def data_hashes(task: TaskSpec, lang: str, source: DataSource, english_gold: bool = True) -> dict[str, str]:
     """Content hashes of what loading a task x language reads: its file and (for the gold) the English file; for
     hf: datasets, a hash of the records. Part of every result's fingerprint."""

@@ -184,6 +184,10 @@ def _read_json(path: Path) -> dict:
             doc = json.load(f)
     except FileNotFoundError:
         raise QtalignError(f"{path}: spec file not found") from None
+    except IsADirectoryError:
+        raise QtalignError(f"{path}: is a folder, not a spec file") from None
+    except UnicodeDecodeError:
+        raise QtalignError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as e:
         raise QtalignError(f"{path}: invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
     if not isinstance(doc, dict):

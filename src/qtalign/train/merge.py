@@ -22,7 +22,7 @@ def merge(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, 
 
     if dtype not in DTYPE_NAMES:
         raise QtalignError(f"merge: unknown dtype '{dtype}' (bf16, fp32, fp16)")
-    out = OutputDir(out_dir, "merge").check()
+    out = OutputDir(Path(out_dir).resolve(), "merge").check()
     check_adapter_dir(adapter_dir)
     base_cfg = model_cfg.model_copy(update={"dtype": "fp32", "adapter": None, "merge_adapter": False, "device": "cpu"})
     check_model(base_cfg)

@@ -106,6 +106,19 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
     )
 
 
+def _check_settings(cfg: TrainConfig) -> None:
+    """Settings only transformers can judge, checked before the model is loaded or a file is written."""
+    from transformers.training_args import OptimizerNames
+
+    _, world = _world()
+    if cfg.batch_size % (cfg.per_device_batch_size * world):
+        raise QtalignError(f"train: batch_size {cfg.batch_size} is not a multiple of per_device_batch_size "
+                           f"{cfg.per_device_batch_size} x {world} process(es)")
+    names = [o.value for o in OptimizerNames]
+    if cfg.optim not in names:
+        raise QtalignError(f"train: unknown optim {cfg.optim!r} (e.g. {', '.join(names[:6])}, ...)")
+
+
 def _data_files(cfg: TrainConfig, data_path) -> list[str]:
     files = [str(p) for p in ([data_path] if isinstance(data_path, (str, Path)) else (data_path or cfg.data))]
     if not files:
@@ -131,6 +144,9 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
                                f"!= {fp}); use another --out or --overwrite")
         if not stale and finished is not None:
             return finished
+    if prev is None and not overwrite and any((out.path / n).exists() for n in OUR_FILES):
+        raise QtalignError(f"{out.path}: holds training files of an unknown run (no train_config.json); use another --out "
+                           "or --overwrite")
     if main:
         out.claim(adopt=OUR_FILES)
         if overwrite or stale:  # --overwrite, or an unfinished run of another config: only qtalign's files go
@@ -163,10 +179,10 @@ def _tracking_env(cfg: TrainConfig, out: Path) -> None:
     if "tensorboard" in cfg.report_to:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(d / "tensorboard")
     if "wandb" in cfg.report_to:
-        os.environ.setdefault("WANDB_MODE", "offline")
-        os.environ.setdefault("WANDB_DIR", str(d))
+        os.environ["WANDB_MODE"] = os.environ.get("QTALIGN_WANDB_MODE", "offline")
+        os.environ["WANDB_DIR"] = str(d)
     if "mlflow" in cfg.report_to:
-        os.environ.setdefault("MLFLOW_TRACKING_URI", (d / "mlruns").resolve().as_uri())
+        os.environ["MLFLOW_TRACKING_URI"] = (d / "mlruns").resolve().as_uri()
 
 
 def _with_lora(model, cfg: TrainConfig):
@@ -267,6 +283,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     if loaded is None:
         check_model(cfg.model)
     cfg = cfg.model_copy(update={"data": files})
+    _check_settings(cfg)
     fp = cfg.fingerprint(files)
     rank, world = _world()
     finished = _claim(out, fp, cfg, overwrite, rank == 0)
