@@ -299,6 +299,13 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     assert not (exported / "train" / "adapter").exists()
     for link in __import__("re").findall(r"!\[[^\]]*\]\(([^)]+)\)", (exported / "report.md").read_text()):
         assert (exported / link).exists(), link
+    # the report again from the run's artifacts, exported without rerunning anything; the export alone rebuilds it
+    assert main(["report", str(out), "--export", str(tmp_path / "again")]) == 0
+    again = tmp_path / "again"
+    assert (again / "eval" / "base" / "predictions.jsonl.gz").is_file()
+    first = (again / "report.md").read_text()
+    assert main(["report", str(again)]) == 0
+    assert (again / "report.md").read_text() == first
     assert main(["run", str(p), "train.lora_r=0"]) == 2
     assert "train.lora_r" in capsys.readouterr().err
     assert main(["run", "--list"]) == 0 and "paper/zhde_en" in capsys.readouterr().out

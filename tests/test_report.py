@@ -4,6 +4,7 @@ headless Chromium when it is installed)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import shutil
@@ -44,7 +45,17 @@ def test_paired_statistics_and_groups():
     assert sw.raw.n == 9 and sw.raw.mcnemar()[:2] == (2, 1) and sw.seen is False and en.seen is True
     allg = group_summary(list(rows.values()), "all")
     assert allg["raw"]["n_items"] == 19 and (allg["raw"]["b"], allg["raw"]["c"]) == (2, 4)
-    assert allg["raw"]["p"] == mcnemar(2, 4)
+    # the pooled test flips each item index with all its languages: brute force over the 2^k sign patterns
+    contrib = {}
+    for lang, r in rows.items():
+        for i, (b_, t_) in enumerate(zip(r.raw.base, r.raw.tuned)):
+            contrib[i] = contrib.get(i, 0.0) + (t_ - b_) / (r.raw.n * 2)
+    w = [x for x in contrib.values() if x]
+    obs = abs(sum(w))
+    exact = sum(abs(sum(s * x for s, x in zip(signs, w))) >= obs - 1e-12
+                for signs in itertools.product((1, -1), repeat=len(w))) / 2 ** len(w)
+    assert abs(allg["raw"]["p"] - exact) < 0.02  # Monte Carlo (10,000 permutations) against the exact enumeration
+    assert abs(en.p("raw") - mcnemar(0, 3)) < 1e-12  # one item per cluster, one language: McNemar's exact test
     assert abs(allg["raw"]["base"] - (0.6 + 5 / 9) / 2) < 1e-12  # macro average over languages
     assert group_summary(list(rows.values()), "seen")["langs"] == ["en"]
     assert group_summary(list(rows.values()), "low")["langs"] == ["sw"]
@@ -238,3 +249,35 @@ def test_compare_runs_matches_each_runs_own_metrics(tmp_path, tiny_llama_dir):
             for k in ("acc", "cal_acc", "auc"):
                 assert abs(c[k] - own[g][k]) < 1e-9, (lb, g, k)
     assert (tmp_path / "cmp" / "compare.html").read_text().count("<img") >= 1
+
+
+def test_sign_flip_test_is_mcnemar_without_clusters_and_wider_with_them():
+    """The permutation test reduces to McNemar's exact test for independent items, and clustered items (perfectly
+    correlated within a cluster) give a larger p than the same items treated as independent."""
+    from qtalign.stats import sign_flip_p
+
+    for b, c in ((0, 3), (2, 9), (5, 5), (1, 12)):
+        contrib = [-1.0] * b + [1.0] * c + [0.0] * 7
+        assert abs(sign_flip_p(contrib, n_perm=20000) - mcnemar(b, c)) < 0.015, (b, c)
+    independent = sign_flip_p([1.0] * 12)
+    clustered = sign_flip_p([3.0] * 4)  # the same 12 gains, in 4 clusters of 3
+    assert independent < 0.001 and clustered > 0.1
+
+
+def test_class_order_is_matched_by_name_and_unpaired_items_are_counted():
+    from qtalign.errors import QtalignError
+    from qtalign.report.paired import unpaired
+
+    def rec(i, gold, scores, **kw):
+        return {"key": f"t/enout/en/{i}", "task": "t", "variant": "enout", "lang": "en", "index": i, "gold": gold,
+                "correct": True, "scores": scores, **kw}
+
+    base = {f"t/enout/en/{i}": rec(i, g, {"a": p, "b": 1 - p}) for i, (g, p) in enumerate([("a", .9), ("b", .2), ("a", .7), ("b", .4)])}
+    tuned = {k: rec(r["index"], r["gold"], {"b": r["scores"]["b"], "a": r["scores"]["a"]}) for k, r in base.items()}  # keys reordered
+    row = compare(base, tuned, {"en": "high"}, set())[0]
+    assert row.auc("base") == row.auc("tuned") == 1.0
+    bad = {k: {**r, "scores": {"a": .5, "c": .5}} for k, r in tuned.items()}
+    with pytest.raises(QtalignError, match="differ"):
+        compare(base, bad, {"en": "high"}, set())
+    del tuned["t/enout/en/3"]
+    assert unpaired(base, tuned) == {"t/enout/en": 1} and compare(base, tuned, {"en": "high"}, set())[0].raw.n == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 import subprocess
+import sys
 from pathlib import Path
 
 from qtalign import __version__
@@ -35,7 +36,50 @@ def environment() -> dict:
         "processor": platform.processor() or platform.machine(),
         "cpus": os.cpu_count(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "allocator": allocator_in_use(),
     }
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# the memory allocator: glibc's malloc fragments over long CPU runs (benchmarks/allocator.py); jemalloc does not
+
+ALLOCATOR_LIBS = {"jemalloc": ("libjemalloc.so.2", "libjemalloc.so"),
+                  "tcmalloc": ("libtcmalloc.so.4", "libtcmalloc_minimal.so.4")}
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def allocator_in_use() -> str:
+    """'jemalloc', 'tcmalloc' or 'glibc': the malloc this process runs with (from its mapped libraries)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return "unknown"
+    return next((name for name in ALLOCATOR_LIBS if f"lib{name}" in maps), "glibc")
+
+
+def find_allocator() -> str | None:
+    """The path of an installed jemalloc (or tcmalloc), or QTALIGN_ALLOCATOR when that names a library file."""
+    given = os.environ.get("QTALIGN_ALLOCATOR", "auto")
+    if given not in ("auto", "system"):
+        return given if Path(given).is_file() else None
+    dirs = [Path(sys.prefix) / "lib", *map(Path, LIB_DIRS)]
+    return next((str(d / n) for names in ALLOCATOR_LIBS.values() for n in names for d in dirs if (d / n).is_file()), None)
+
+
+def allocator_reexec() -> tuple[list[str], dict] | None:
+    """(argv, env) that restart this process with jemalloc preloaded, or None where that does not apply: not Linux,
+    QTALIGN_ALLOCATOR=system, already restarted or already running a better allocator, or none installed."""
+    if not sys.platform.startswith("linux") or os.environ.get("QTALIGN_ALLOCATOR") == "system":
+        return None
+    if allocator_in_use() != "glibc":
+        return None
+    lib = find_allocator()
+    if lib is None:
+        return None
+    before = os.environ.get("LD_PRELOAD", "")
+    env = {**os.environ, "QTALIGN_REEXEC": "1", "QTALIGN_PRELOAD_BEFORE": before,
+           "LD_PRELOAD": " ".join(x for x in (lib, before) if x)}
+    return [sys.executable, *sys.orig_argv[1:]], env
 
 
 def hardware() -> dict:

@@ -63,10 +63,13 @@ def class_auc(probs: list[list[float]], gold: list[int], n_classes: int) -> floa
     return sum(per) / len(per) if per else float("nan")
 
 
-def bootstrap_change(stat, units: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+def bootstrap_change(stat, units: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
+                     min_usable: float = 0.95) -> tuple[float, float, float]:
     """(observed change, lo, hi): ``stat(which, draw)`` for which in 'base' | 'tuned' computes a statistic over a list
     of units (items, or clusters of items); the change is stat(tuned) - stat(base), and the percentile interval comes
-    from ``n_boot`` draws of the units with replacement, the same draw for base and tuned (the data are paired)."""
+    from ``n_boot`` draws of the units with replacement, the same draw for base and tuned (the data are paired).
+    A draw whose statistic is undefined (an AUC of a resample with one class) is left out; when fewer than
+    ``min_usable`` of the draws are usable, the interval is NaN (shown as "—") rather than one of a biased subset."""
     import numpy as np
 
     if not units:
@@ -79,10 +82,32 @@ def bootstrap_change(stat, units: list, n_boot: int = 2000, seed: int = 0, alpha
         d = stat("tuned", draw) - stat("base", draw)
         if not math.isnan(d):
             diffs.append(d)
-    if not diffs:
+    if not diffs or len(diffs) < min_usable * n_boot:
         return obs, float("nan"), float("nan")
     lo, hi = np.quantile(diffs, [alpha / 2, 1 - alpha / 2])
     return obs, float(lo), float(hi)
+
+
+def sign_flip_p(contributions: list[float], n_perm: int = 10000, seed: int = 0) -> float:
+    """Two-sided p of a paired permutation test of a change that is a sum of per-unit contributions (a unit's tuned
+    minus base, weighted as the statistic weights it). Under the null hypothesis a unit's base and tuned outcomes are
+    exchangeable, so each contribution's sign is flipped at random; units are clusters (an item with its translations,
+    or an SNLI premise triple), so correlated items are flipped together. With one item per unit and unit weights this
+    is McNemar's exact test, by Monte Carlo. p = (1 + #{|Δ*| >= |Δ|}) / (1 + n_perm)."""
+    import numpy as np
+
+    w = np.asarray([c for c in contributions if c != 0], dtype=float)  # a zero contribution's sign changes nothing
+    if not len(w):
+        return 1.0
+    obs = abs(w.sum()) * (1 - 1e-12)
+    rng = np.random.default_rng(seed)
+    hits, done = 0, 0
+    while done < n_perm:
+        k = min(4096, n_perm - done)
+        signs = rng.integers(0, 2, (k, len(w)), dtype=np.int8) * 2 - 1
+        hits += int((np.abs(signs @ w) >= obs).sum())
+        done += k
+    return (1 + hits) / (1 + n_perm)
 
 
 def paired_bootstrap(stat, base: list, tuned: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,

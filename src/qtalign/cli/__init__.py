@@ -49,12 +49,41 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]):
     return args
 
 
+# commands that run a model: long CPU jobs, which glibc's malloc slows down as its heap fragments
+HEAVY = {"eval", "labels", "lens", "geometry", "train", "merge", "run"}
+
+
+def _with_allocator(argv: list[str]) -> None:
+    """Restart a heavy command under jemalloc when it is installed and not in use (as `python -m qtalign` or the
+    `qtalign` script only, never for an in-process main(argv)); QTALIGN_ALLOCATOR=system keeps glibc's malloc."""
+    if os.environ.pop("QTALIGN_REEXEC", None):  # restarted: children (a report's browser, accelerate's workers) get
+        before = os.environ.pop("QTALIGN_PRELOAD_BEFORE", "")  # the environment as the user set it
+        if before:
+            os.environ["LD_PRELOAD"] = before
+        else:
+            os.environ.pop("LD_PRELOAD", None)
+        return
+    command = argv[0] if argv else "run"  # `qtalign` alone runs the demo
+    if command not in HEAVY or "-h" in argv or "--help" in argv:
+        return
+    from qtalign.environment import allocator_reexec
+
+    plan = allocator_reexec()
+    if plan is not None:
+        try:
+            os.execve(plan[0][0], plan[0], plan[1])
+        except OSError:  # cannot restart: carry on with glibc's malloc
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     """The entry point. User errors end stderr with one line and exit 2; an interrupted command exits 130."""
     from pydantic import ValidationError
 
     from qtalign.errors import QtalignError, validation_message
 
+    if argv is None:
+        _with_allocator(sys.argv[1:])
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not argv:

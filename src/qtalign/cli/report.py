@@ -7,6 +7,8 @@ from __future__ import annotations
 def configure_parser(p, name: str) -> None:
     if name == "report":
         p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir of `qtalign run`, or an export of one")
+        p.add_argument("--export", metavar="DIR", help="then copy the report, its figures, the small result files and "
+                       "the per-item predictions (compressed) to DIR, as `qtalign run --export` does")
         return
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs (or exports) to compare; LABEL=RUN names a column")
     p.add_argument("--out", required=True, help="folder for compare.md, compare.html, compare.json and the figure")
@@ -28,6 +30,10 @@ def run_cli(args) -> int:
             raise QtalignError(f"{rd}: not a run dir (no experiment.json and no eval/base/results.json)")
         md, html = write_report(rd)
         print(f"wrote {md} and {html}")
+        if args.export:
+            from qtalign.report.export import export_run
+
+            print(f"exported to {export_run(rd, args.export)}")
         return 0
     from qtalign.report.compare import compare_runs
 

@@ -163,7 +163,8 @@ def _task_section(doc: Doc, tv: tuple[str, str], per_run: dict) -> dict:
     body, nums = [], {}
     for label, d in per_run.items():
         rs = d.get(tv, [])
-        row = [label, len(rs), rs[0].raw.n if rs else DASH]
+        ns = sorted({r.raw.n for r in rs})
+        row = [label, len(rs), (str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if rs else DASH]
         nums[label] = {}
         for g in ("all", "high", "low"):
             s = group_summary(rs, g) if rs else None

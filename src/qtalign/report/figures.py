@@ -54,7 +54,7 @@ def headline_figure(tasks: dict[tuple[str, str], list[LangRow]], path: Path, has
             for j, (kind, colour) in enumerate((("raw", "#1f77b4"), ("cal", "#ff7f0e"))):
                 if kind == "cal" and any(r.cal is None for r in rows):
                     continue
-                b = [r.boot(kind, n_boot=300) for r in rows]
+                b = [r.boot(kind) for r in rows]  # the tables' N_BOOT resamples: one interval per number
                 d = np.array([x_[0] for x_ in b]) * 100
                 err = np.clip(np.array([[x_[0] - x_[1], x_[2] - x_[0]] for x_ in b]).T * 100, 0, None)
                 ax.bar(x + (j - 0.5) * 0.4, d, 0.4, yerr=np.nan_to_num(err), color=colour, capsize=2,

@@ -75,18 +75,17 @@ def flatten(d, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def display_path(p, run_dir: Path | None = None, data_dir: str | None = None) -> str:
+def display_path(p, run_dir: Path | list | None = None, data_dir: str | None = None) -> str:
     """A path as a reader should see it: relative to the run dir, '{data_dir}/…', '$QTALIGN_CACHE/…', 'qtalign/…'
-    (package resources) or '~/…', never the machine's absolute layout."""
+    (package resources) or '~/…', never the machine's absolute layout. ``run_dir`` may be several paths that all are
+    the run dir (where it is now, and the `out` it was run with: an export shows the same report as its run)."""
     from qtalign.io import cache_root
 
     s = str(p)
     if not s or "/" not in s:
         return s
     path = Path(s)
-    anchors = []
-    if run_dir is not None:
-        anchors.append((Path(run_dir), "."))
+    anchors = [(Path(d), ".") for d in (run_dir if isinstance(run_dir, list) else [run_dir]) if d]
     if data_dir:
         anchors.append((Path(data_dir), "{data_dir}"))
     anchors += [(cache_root(), "$QTALIGN_CACHE"), (Path(__file__).resolve().parents[1], "qtalign"), (Path.home(), "~")]
@@ -100,7 +99,7 @@ def display_path(p, run_dir: Path | None = None, data_dir: str | None = None) ->
     return s
 
 
-def display_paths(obj, run_dir: Path | None = None, data_dir: str | None = None):
+def display_paths(obj, run_dir: Path | list | None = None, data_dir: str | None = None):
     """Every string that looks like an absolute path, inside a nested config, shown with display_path."""
     if isinstance(obj, dict):
         return {k: display_paths(v, run_dir, data_dir) for k, v in obj.items()}

@@ -1,11 +1,15 @@
 """Base vs tuned on the same items: paired per-item statistics.
 
-Per task x variant x language and per group of languages: accuracy (Wilson 95 % intervals), its change with the
-exact McNemar test on the discordant pairs, calibrated accuracy, and the AUC of the raw class scores (binary AUC for
-two classes, macro one-vs-rest for more, from the per-class log probabilities), with paired bootstrap 95 % intervals
-of the changes. The bootstrap resamples clusters of items: an item, or (where the evaluation recorded them, e.g. SNLI's
-premise triples) all items sharing a premise; a pooled interval resamples a cluster with all its languages at once (a
-translation is not an independent item). Pooled accuracies are macro averages over languages.
+Per task x variant x language and per group of languages: accuracy (Wilson 95 % intervals), its change with a paired
+test, calibrated accuracy, and the AUC of the raw class scores (binary AUC for two classes, macro one-vs-rest for
+more, from the per-class log probabilities), with paired bootstrap 95 % intervals of the changes.
+
+The unit of every test and interval is a cluster of items: an item, or (where the evaluation recorded them, e.g.
+SNLI's premise triples) all items sharing a premise; a pooled statistic treats an item index with all its
+translations as one cluster (a translation is not an independent item). Per language, p is McNemar's exact test when
+every item is its own cluster and the paired sign-flip permutation test over clusters otherwise (the same test,
+made robust to clustering); pooled over languages, p is the sign-flip test over clusters of item indices. Pooled
+accuracies are macro averages over languages.
 """
 
 from __future__ import annotations
@@ -14,10 +18,12 @@ import math
 from dataclasses import dataclass, field
 
 from qtalign.eval.metrics import class_log_scores
-from qtalign.stats import bootstrap_change, class_auc, mcnemar, paired_counts, wilson
+from qtalign.errors import QtalignError
+from qtalign.stats import bootstrap_change, class_auc, mcnemar, paired_counts, sign_flip_p, wilson
 
 GROUPS = ("all", "seen", "unseen", "high", "low")
 N_BOOT = 1000
+N_PERM = 10000
 
 
 @dataclass
@@ -49,13 +55,11 @@ class Cell:
 
 @dataclass
 class Scores:
-    """Per item, aligned with the Cells: the gold class, the item index, its cluster, and the per-class log scores of
-    base and tuned (None for a record without scores)."""
+    """Per item, aligned with the Cells: the gold class and the per-class log scores of base and tuned (None for a
+    record without scores), in the order of ``classes``."""
 
-    n_classes: int = 0
+    classes: list[str] = field(default_factory=list)
     gold: list[int] = field(default_factory=list)
-    index: list[int] = field(default_factory=list)
-    cluster: list = field(default_factory=list)
     base: list[list[float] | None] = field(default_factory=list)
     tuned: list[list[float] | None] = field(default_factory=list)
 
@@ -64,9 +68,9 @@ class Scores:
         if not probs or len(probs) != len(self.gold):
             return float("nan")
         rows = [i for i in (range(len(self.gold)) if rows is None else rows) if probs[i] is not None]
-        if not rows or not self.n_classes:
+        if not rows or not self.classes:
             return float("nan")
-        return class_auc([probs[i] for i in rows], [self.gold[i] for i in rows], self.n_classes)
+        return class_auc([probs[i] for i in rows], [self.gold[i] for i in rows], len(self.classes))
 
 
 @dataclass
@@ -80,6 +84,7 @@ class LangRow:
     cal: Cell | None
     scores: Scores | None = None
     majority: dict = field(default_factory=dict)  # which -> share of the most frequent prediction
+    clusters: list = field(default_factory=list)  # per row: its cluster (the item itself when none was recorded)
 
     @property
     def delta(self) -> float:
@@ -91,9 +96,21 @@ class LangRow:
     def units(self) -> list[list[int]]:
         """Rows grouped by cluster (each item its own cluster when none were recorded): the bootstrap's units."""
         by: dict = {}
-        for k, c in enumerate(self.scores.cluster if self.scores else range(self.raw.n)):
+        for k, c in enumerate(self.clusters or range(self.raw.n)):
             by.setdefault(c, []).append(k)
         return list(by.values())
+
+    def p(self, kind: str = "raw", n_perm: int = N_PERM, seed: int = 0) -> float:
+        """Paired test of the change in raw or calibrated accuracy: McNemar's exact test when each item is its own
+        cluster, else the sign-flip permutation test over the clusters."""
+        cell = self.raw if kind == "raw" else self.cal
+        if cell is None or not cell.tuned:
+            return float("nan")
+        units = self.units()
+        if all(len(u) == 1 for u in units):
+            return cell.mcnemar()[2]
+        n = cell.n
+        return sign_flip_p([sum(cell.tuned[k] - cell.base[k] for k in u) / n for u in units], n_perm, seed)
 
     def stat(self, kind: str):
         """stat(which, units) -> the statistic of 'raw' | 'cal' | 'auc' over the rows of the drawn units."""
@@ -127,55 +144,96 @@ def _share(recs: list[dict]) -> float:
 
 def compare(base: dict[str, dict], tuned: dict[str, dict], groups: dict[str, str], seen: set[str],
             clusters: dict[str, dict[int, int]] | None = None) -> list[LangRow]:
-    """Per (task, variant, lang) rows from per-item records; with a tuned run only items present in both count.
-    ``clusters``: task -> item index -> cluster id (items resampled together)."""
-    cells: dict[tuple[str, str, str], dict] = {}
+    """Per (task, variant, lang) rows from per-item records; with a tuned run only items present in both count
+    (unpaired() says which were left out). ``clusters``: task -> item index -> cluster id (items tested together)."""
+    cells: dict[tuple[str, str, str], list[tuple[dict, dict | None]]] = {}
     for key, rb in base.items():
         rt = tuned.get(key) if tuned else None
         if tuned and rt is None:
             continue
-        g = (rb["task"], rb["variant"], rb["lang"])
-        has_cal = "cal_correct" in rb and (rt is None or "cal_correct" in rt)
-        c = cells.setdefault(g, {"raw": Cell(), "cal": Cell() if has_cal else None, "sc": Scores(), "b": [], "t": []})
-        c["raw"].base.append(bool(rb["correct"]))
-        c["b"].append(rb)
+        cells.setdefault((rb["task"], rb["variant"], rb["lang"]), []).append((rb, rt))
+    return [_row(g, pairs, groups, seen, (clusters or {}).get(g[0], {})) for g, pairs in cells.items()]
+
+
+def unpaired(base: dict[str, dict], tuned: dict[str, dict]) -> dict[str, int]:
+    """'task/variant/lang' -> how many of its base items have no tuned record (left out of every paired statistic)."""
+    out: dict[str, int] = {}
+    if tuned:
+        for key, rb in base.items():
+            if key not in tuned:
+                g = f"{rb['task']}/{rb['variant']}/{rb['lang']}"
+                out[g] = out.get(g, 0) + 1
+    return out
+
+
+def _row(g: tuple[str, str, str], pairs: list[tuple[dict, dict | None]], groups: dict[str, str], seen: set[str],
+         clusters: dict[int, int]) -> LangRow:
+    t, v, lang = g
+    has_tuned = pairs[0][1] is not None
+    raw = Cell([bool(rb["correct"]) for rb, _ in pairs], [bool(rt["correct"]) for _, rt in pairs] if has_tuned else [])
+    recs = [r for pair in pairs for r in pair if r is not None]
+    cal = None
+    if all("cal_correct" in r for r in recs):  # calibration only where every record of the cell has it
+        cal = Cell([bool(rb["cal_correct"]) for rb, _ in pairs], [bool(rt["cal_correct"]) for _, rt in pairs] if has_tuned else [])
+    idx = [rb.get("index", k) for k, (rb, _) in enumerate(pairs)]
+    return LangRow(t, v, lang, groups.get(lang, "?"), lang in seen, raw, cal, _scores(g, pairs),
+                   {"base": _share([rb for rb, _ in pairs]), "tuned": _share([rt for _, rt in pairs]) if has_tuned else float("nan")},
+                   [clusters.get(i, ("item", i)) for i in idx])
+
+
+def _scores(g: tuple, pairs: list[tuple[dict, dict | None]]) -> Scores | None:
+    """Per-class log scores in one class order (the first base record's), matched by class name; None when the
+    records carry no scores. Records of one cell with different class sets are an error, not a silent mismatch."""
+    first = next((rb for rb, _ in pairs if "scores" in rb and "gold" in rb), None)
+    if first is None:
+        return None
+    sc = Scores(classes=list(first["scores"]))
+    want = set(sc.classes)
+
+    def ordered(r: dict | None) -> list[float] | None:
+        if r is None or "scores" not in r:
+            return None
+        if set(r["scores"]) != want:
+            raise QtalignError(f"{'/'.join(g)}: item {r.get('index')}: its classes {sorted(r['scores'])} differ from "
+                               f"{sorted(want)} (base and tuned evaluated different label sets)")
+        return [dict(zip(r["scores"], class_log_scores(r)))[c] for c in sc.classes]
+
+    for rb, rt in pairs:
+        sc.gold.append(sc.classes.index(rb["gold"]) if rb.get("gold") in want else -1)
+        sc.base.append(ordered(rb))
         if rt is not None:
-            c["raw"].tuned.append(bool(rt["correct"]))
-            c["t"].append(rt)
-        if c["cal"] is not None:
-            c["cal"].base.append(bool(rb["cal_correct"]))
-            if rt is not None:
-                c["cal"].tuned.append(bool(rt["cal_correct"]))
-        _add_scores(c["sc"], rb, rt, (clusters or {}).get(rb["task"], {}))
-    rows = []
-    for (t, v, lang), c in cells.items():
-        sc = c["sc"] if c["sc"].n_classes else None
-        rows.append(LangRow(t, v, lang, groups.get(lang, "?"), lang in seen, c["raw"], c["cal"], sc,
-                            {"base": _share(c["b"]), "tuned": _share(c["t"]) if c["t"] else float("nan")}))
-    return rows
-
-
-def _add_scores(sc: Scores, rb: dict, rt: dict | None, clusters: dict[int, int]) -> None:
-    """One entry per record (so that the scores stay aligned with the Cells), None where a record has no scores."""
-    idx = rb.get("index", len(sc.index))
-    sc.index.append(idx)
-    sc.cluster.append(clusters.get(idx, ("item", idx)))
-    if "scores" in rb and "gold" in rb:
-        classes = list(rb["scores"])
-        sc.n_classes = len(classes)
-        sc.gold.append(classes.index(rb["gold"]))
-        sc.base.append(class_log_scores(rb))
-    else:
-        sc.gold.append(-1)
-        sc.base.append(None)
-    if rt is not None:
-        sc.tuned.append(class_log_scores(rt) if "scores" in rt else None)
+            sc.tuned.append(ordered(rt))
+    return sc
 
 
 def _select(rows: list[LangRow], name: str) -> list[LangRow]:
     sel = {"all": lambda r: True, "seen": lambda r: r.seen, "unseen": lambda r: not r.seen,
            "high": lambda r: r.group == "high", "low": lambda r: r.group == "low"}[name]
     return [r for r in rows if sel(r)]
+
+
+def _per_lang_clusters(rs: list[LangRow]) -> list[dict]:
+    """Per language: cluster -> its rows (a cluster id names the same items in every language)."""
+    out = []
+    for r in rs:
+        d: dict = {}
+        for k, c in enumerate(r.clusters or range(r.raw.n)):
+            d.setdefault(c, []).append(k)
+        out.append(d)
+    return out
+
+
+def _pooled_p(rs: list[LangRow], kind: str, n_perm: int = N_PERM, seed: int = 0) -> float:
+    """The sign-flip permutation test of the macro-average change: a cluster of item indices (with all its languages)
+    contributes its languages' tuned − base, each weighted 1 / (languages x that language's items)."""
+    cells = [getattr(r, kind) for r in rs]
+    if not rs or any(c is None or not c.tuned for c in cells):
+        return float("nan")
+    contrib: dict = {}
+    for cell, d in zip(cells, _per_lang_clusters(rs)):
+        for c, ks in d.items():
+            contrib[c] = contrib.get(c, 0.0) + sum(cell.tuned[k] - cell.base[k] for k in ks) / (cell.n * len(rs))
+    return sign_flip_p(list(contrib.values()), n_perm, seed)
 
 
 def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[float, float, float]:
@@ -186,12 +244,7 @@ def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[
         return nan
     if kind == "cal" and any(r.cal is None for r in rs):
         return nan
-    per_lang = []  # per language: cluster -> its rows
-    for r in rs:
-        d: dict = {}
-        for k, c in enumerate(r.scores.cluster if r.scores else range(r.raw.n)):
-            d.setdefault(c, []).append(k)
-        per_lang.append(d)
+    per_lang = _per_lang_clusters(rs)
     universe = sorted(set().union(*[set(d) for d in per_lang]), key=str)
     stats = [r.stat(kind) for r in rs]
 
@@ -203,8 +256,9 @@ def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[
 
 
 def group_summary(rows: list[LangRow], name: str, n_boot: int = 0, seed: int = 0) -> dict | None:
-    """Macro-average accuracies (raw, calibrated) and AUC over the languages of a group, a pooled McNemar test over all
-    their items (approximate: translations are not independent), and (n_boot > 0) bootstrap intervals of the changes."""
+    """Macro-average accuracies (raw, calibrated) and AUC over the languages of a group, the paired test of each change
+    (one language: LangRow.p; several: the sign-flip test over clusters of item indices with all their languages) and,
+    with n_boot > 0, bootstrap intervals of the changes."""
     rs = _select(rows, name)
     out = None
     if rs:
@@ -214,9 +268,10 @@ def group_summary(rows: list[LangRow], name: str, n_boot: int = 0, seed: int = 0
             if any(c is None for c in cells):
                 continue
             pooled = Cell([x for c in cells for x in c.base], [x for c in cells for x in c.tuned])
-            b, c, p = pooled.mcnemar()
+            b, c = paired_counts(pooled.base, pooled.tuned) if pooled.tuned else (0, 0)
             base, tuned = _mean(c.acc("base") for c in cells), _mean(c.acc("tuned") for c in cells)
-            out[kind] = {"n_items": pooled.n, "base": base, "tuned": tuned, "delta": tuned - base, "b": b, "c": c, "p": p}
+            out[kind] = {"n_items": pooled.n, "base": base, "tuned": tuned, "delta": tuned - base, "b": b, "c": c,
+                         "p": rs[0].p(kind) if len(rs) == 1 else _pooled_p(rs, kind)}
         if all(r.scores for r in rs):
             base, tuned = _mean(r.auc("base") for r in rs), _mean(r.auc("tuned") for r in rs)
             out["auc"] = {"base": base, "tuned": tuned, "delta": tuned - base}

@@ -12,7 +12,7 @@ from qtalign.report.format import (
     DASH, display_path, display_paths, flatten, interval, md_table, num, pct, pval, signed, signed_num,
 )
 from qtalign.report.html import Doc
-from qtalign.report.paired import GROUPS, N_BOOT, LangRow, compare, group_summary
+from qtalign.report.paired import GROUPS, N_BOOT, N_PERM, LangRow, compare, group_summary, unpaired
 from qtalign.report.read import Run
 
 
@@ -21,6 +21,7 @@ class Ctx:
     run: Run
     rows: list[LangRow]
     tasks: dict[tuple[str, str], list[LangRow]] = field(default_factory=dict)
+    unpaired: dict[str, int] = field(default_factory=dict)  # task/variant/lang -> base items without a tuned record
     _summaries: dict = field(default_factory=dict)
 
     def summary(self, rows: list[LangRow], name: str, boot: bool = True) -> dict | None:
@@ -40,7 +41,7 @@ class Ctx:
         return self.run.dir / "report"
 
     def path(self, p) -> str:
-        return display_path(p, self.run.dir, self.run.config.get("data_dir"))
+        return display_path(p, [self.run.dir, self.run.config.get("out")], self.run.config.get("data_dir"))
 
 
 def context(run: Run) -> Ctx:
@@ -51,7 +52,8 @@ def context(run: Run) -> Ctx:
     tasks: dict[tuple[str, str], list[LangRow]] = {}
     for r in rows:
         tasks.setdefault((r.task, r.variant), []).append(r)
-    return Ctx(run, rows, tasks)
+    left = unpaired(run.base_preds, run.tuned_preds) if run.base and run.tuned else {}
+    return Ctx(run, rows, tasks, unpaired=left)
 
 
 def _summary_figures(doc: Doc, folder: Path, name: str, skip: set[str] = frozenset()) -> bool:
@@ -90,6 +92,10 @@ def header(doc: Doc, ctx: Ctx) -> None:
     if b and t and b.get("data_sha256") != t.get("data_sha256"):
         doc.md("**Warning:** the base and the tuned evaluation read different data files (their content hashes differ): "
                "items are paired by task, language and index only.")
+    if ctx.unpaired:
+        doc.md(f"**Note:** {sum(ctx.unpaired.values())} base items have no tuned record and are left out of every paired "
+               "number below (" + ", ".join(f"{k}: {n}" for k, n in sorted(ctx.unpaired.items())) + "); the base "
+               "evaluation's own averages (eval/base/results.json) include them.")
     if exp.get("stale_stages"):
         doc.md(f"**Warning:** the outputs of {', '.join(exp['stale_stages'])} in this run dir were not produced with the "
                "configuration below (they were not rerun after it changed); rerun them for a consistent report.")
@@ -97,10 +103,11 @@ def header(doc: Doc, ctx: Ctx) -> None:
     if exp.get("seen_langs"):
         intro.append(f"Languages seen in question-translation training: {', '.join(exp['seen_langs'])} (marked * below).")
     intro.append("Accuracy uses the paper's decision rule (raw, the headline); contextual-calibrated accuracy and the AUC of "
-                 "the raw class scores (class-prior free) are shown beside it. Δ = tuned − base in points (AUC: in AUC units); "
-                 "p = exact McNemar test on per-item paired correctness (* p < 0.05, uncorrected); [lo, hi] = paired "
-                 f"bootstrap 95 % interval ({N_BOOT} resamples of item indices, all languages of an item together; * = "
-                 "excludes 0); accuracy intervals are Wilson 95 %.")
+                 "the raw class scores (class-prior free) are shown beside it. Δ = tuned − base in points (AUC: in AUC units). "
+                 "Tests and intervals are paired and resample clusters: an item (or an SNLI premise triple) with all its "
+                 f"translations. [lo, hi] = bootstrap 95 % interval ({N_BOOT} resamples of clusters; * = excludes 0); p = "
+                 f"sign-flip permutation test over the same clusters ({N_PERM} permutations; per language without "
+                 "clusters it is McNemar's exact test; * p < 0.05, uncorrected); accuracy intervals are Wilson 95 %.")
     doc.md(" ".join(intro))
     if not ctx.tasks:
         return
@@ -110,13 +117,14 @@ def header(doc: Doc, ctx: Ctx) -> None:
         raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
         tuned = ctx.has_tuned
         hl.append([f"{t} ({v})", s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
-                   signed(raw.get("delta")) if tuned else DASH, pval(raw.get("p")), pct(cal.get("base")),
+                   interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) if tuned else DASH,
+                   pval(raw.get("p")) if tuned else DASH, pct(cal.get("base")),
                    pct(cal.get("tuned")) if tuned else DASH,
                    interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH,
                    num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
                    interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
     doc.md("**Headline (macro average over languages)**\n\n" + md_table(
-        ["task (labels)", "langs", "items", "base %", "tuned %", "Δ", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
+        ["task (labels)", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
          "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], hl))
     from qtalign.report.figures import headline_figure
 
@@ -131,7 +139,8 @@ def header(doc: Doc, ctx: Ctx) -> None:
 
 def configuration(doc: Doc, ctx: Ctx) -> None:
     cfg = ctx.run.config
-    shown = display_paths(non_default(cfg, ctx.run.exp.get("config_defaults")), ctx.run.dir, cfg.get("data_dir")) if cfg else None
+    shown = (display_paths(non_default(cfg, ctx.run.exp.get("config_defaults")), [ctx.run.dir, cfg.get("out")],
+                           cfg.get("data_dir")) if cfg else None)
     doc.md("```yaml\n" + (yaml.safe_dump(shown, sort_keys=False, allow_unicode=True, default_flow_style=None) if cfg
                           else "# experiment.json not found\n") + "```")
     doc.md("Settings that differ from the defaults (paths relative to the run dir, `{data_dir}`, `$QTALIGN_CACHE` or "
@@ -175,18 +184,19 @@ def overlap(doc: Doc, ctx: Ctx) -> None:
 # accuracy
 
 
-def _lang_line(r: LangRow, has_tuned: bool) -> list:
-    b, c, p = r.raw.mcnemar()
+def _lang_line(r: LangRow, has_tuned: bool, with_cal: bool, with_auc: bool) -> list:
+    b, c, _ = r.raw.mcnemar()
     line = [r.lang + (" *" if r.seen else ""), r.group, r.raw.n,
             f"{pct(r.raw.acc('base'))} [{pct(r.raw.ci('base')[0])}–{pct(r.raw.ci('base')[1])}]"]
     if has_tuned:
         line += [f"{pct(r.raw.acc('tuned'))} [{pct(r.raw.ci('tuned')[0])}–{pct(r.raw.ci('tuned')[1])}]",
-                 signed(r.delta), f"{b}/{c}", pval(p)]
-    if r.cal is not None:
-        line += [pct(r.cal.acc("base"))]
+                 signed(r.delta), f"{b}/{c}", pval(r.p("raw"))]
+    if with_cal:  # a language without calibration keeps its columns, as "—"
+        line += [pct(r.cal.acc("base")) if r.cal else DASH]
         if has_tuned:
-            line += [pct(r.cal.acc("tuned")), signed(r.cal.acc("tuned") - r.cal.acc("base")), pval(r.cal.mcnemar()[2])]
-    if r.scores is not None:
+            line += ([pct(r.cal.acc("tuned")), signed(r.cal.acc("tuned") - r.cal.acc("base")), pval(r.p("cal"))] if r.cal
+                     else [DASH] * 3)
+    if with_auc:
         line += [num(r.auc("base"))]
         if has_tuned:
             line += [num(r.auc("tuned")), interval(*r.boot("auc"), scale=1, digits=3)]
@@ -202,15 +212,17 @@ def accuracy(doc: Doc, ctx: Ctx) -> None:
         head = ["lang", "resource", "n", "base % [95 % CI]"]
         if tuned:
             head += ["tuned % [95 % CI]", "Δ", "b/c", "p"]
-        if rs[0].cal is not None:
+        with_cal, with_auc = any(r.cal is not None for r in rs), any(r.scores is not None for r in rs)
+        if with_cal:
             head += ["base cal %"] + (["tuned cal %", "Δ cal", "p cal"] if tuned else [])
-        if rs[0].scores is not None:
+        if with_auc:
             head += ["base AUC"] + (["tuned AUC", "Δ AUC [95 % CI]"] if tuned else [])
-        doc.md(md_table(head, [_lang_line(r, tuned) for r in rs], "ll" + "r" * (len(head) - 2)))
+        doc.md(md_table(head, [_lang_line(r, tuned, with_cal, with_auc) for r in rs], "ll" + "r" * (len(head) - 2)))
     if ctx.rows and tuned:
-        doc.md("b/c = items right only in base / right only in tuned (the discordant pairs McNemar tests). AUC: of the raw "
-               "class scores (binary for two classes, macro one-vs-rest for more); its interval is the paired bootstrap over "
-               "the language's items.")
+        doc.md("b/c = items right only in base / right only in tuned (the discordant pairs). p: McNemar's exact test; for "
+               "a task whose items come in clusters (SNLI's premise triples) the sign-flip permutation test over the "
+               "clusters. AUC: of the raw class scores (binary for two classes, macro one-vs-rest for more); its interval "
+               "is the paired bootstrap over the language's clusters of items.")
 
 
 def summaries(doc: Doc, ctx: Ctx) -> None:
@@ -223,19 +235,20 @@ def summaries(doc: Doc, ctx: Ctx) -> None:
                 continue
             raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
             body.append([g, s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
-                         signed(raw.get("delta")) if tuned else DASH, pval(raw.get("p")), pct(cal.get("base")),
+                         interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) if tuned else DASH,
+                         pval(raw.get("p")), pct(cal.get("base")),
                          pct(cal.get("tuned")) if tuned else DASH,
                          interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH, pval(cal.get("p")),
                          num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
                          interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
         doc.h(3, f"{t} ({v} labels)")
-        doc.md(md_table(["languages", "langs", "items", "base %", "tuned %", "Δ", "pooled p", "base cal %", "tuned cal %",
-                         "Δ cal [95 % CI]", "pooled p cal", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], body))
+        doc.md(md_table(["languages", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "base cal %", "tuned cal %",
+                         "Δ cal [95 % CI]", "p cal", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], body))
     if ctx.tasks:
-        doc.md("Accuracies and AUCs are macro averages over the group's languages; the pooled p pools the group's items into one "
-               "McNemar test (translations of the same items are not independent, so treat it as approximate; the bootstrap "
-               "intervals resample item indices with all their languages together and do account for it). seen = languages in "
-               "the question-translation data (sources and target).")
+        doc.md("Accuracies and AUCs are macro averages over the group's languages. p is the sign-flip permutation test of "
+               "the macro change over clusters of item indices (an item with all its translations flips together; "
+               "translations are not independent items), and the intervals resample the same clusters. seen = languages "
+               "in the question-translation data (sources and target).")
     else:
         doc.md("_No evaluation results._")
 
@@ -259,22 +272,22 @@ def retention(doc: Doc, ctx: Ctx) -> None:
                 continue
             s = ctx.summary(sel, "all")
             raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
-            # a loss: the bootstrap interval (items, or clusters, with all their languages) lies below 0; for English
-            # alone the exact McNemar test is valid too
-            lost = [k for k, d in (("raw", raw), ("cal", cal), ("AUC", auc)) if d and d.get("ci_high", 1) < 0]
-            if scope == "English" and raw.get("p", 1) < 0.05 and raw.get("delta", 0) < 0 and "raw" not in lost:
-                lost.append("raw")
+            # a loss: the bootstrap interval of the change (over clusters, with all their languages) lies below 0, or
+            # its paired test rejects no change with the change negative
+            lost = [k for k, d in (("raw", raw), ("cal", cal), ("AUC", auc))
+                    if d and (d.get("ci_high", 1) < 0 or (d.get("p", 1) < 0.05 and d.get("delta", 0) < 0))]
             flag = f"⚠ loss ({', '.join(lost)})" if lost else ""
             if lost:
                 losses.append(f"{t} {scope}: {', '.join(lost)}")
-            body.append([f"{t} ({v})", role, scope, pct(raw.get("base")), pct(raw.get("tuned")), signed(raw.get("delta")),
+            body.append([f"{t} ({v})", role, scope, pct(raw.get("base")), pct(raw.get("tuned")),
+                         interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")),
                          pval(raw.get("p")), pct(cal.get("base")), pct(cal.get("tuned")),
                          interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")), num(auc.get("base")),
                          num(auc.get("tuned")), interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
                          flag])
     doc.md(("**Losses:** " + "; ".join(losses) + "." if losses else "No significant loss on English or on the other task.")
            + f" Tuned task: {trained or 'none recorded'}.")
-    doc.md(md_table(["task", "role", "scope", "base %", "tuned %", "Δ", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
+    doc.md(md_table(["task", "role", "scope", "base %", "tuned %", "Δ [95 % CI]", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
                      "base AUC", "tuned AUC", "Δ AUC [95 % CI]", ""], body, "lll" + "r" * 10 + "l"))
 
 
@@ -287,17 +300,23 @@ def _sign(d: dict) -> int:
 
 
 def _verdict(raw: dict, cal: dict, auc: dict) -> str:
+    """What the intervals support; a change whose interval covers 0 is 'no detectable change', never evidence of
+    its absence."""
     r, c, a = _sign(raw), _sign(cal), _sign(auc)
+    moved = f"raw accuracy {'rose' if r > 0 else 'fell'}" if r else "raw accuracy did not change detectably"
     if not auc:
-        return "no AUC (records without class scores): " + ("accuracy changed" if r else "no detectable change")
+        return f"{moved}; no AUC (the records carry no class scores)"
     if a > 0:
-        return "the tuned model ranks the classes better (AUC up, interval above 0): a gain in what it knows, not only in its label prior"
+        return "the tuned model ranks the classes better (AUC interval above 0): a gain in what it knows, not only in its label prior"
     if a < 0:
-        return "the tuned model ranks the classes worse (AUC down, interval below 0): a loss in what it knows"
-    if r != 0 and c == 0:
-        return (f"raw accuracy {'rose' if r > 0 else 'fell'} but neither AUC nor calibrated accuracy moved detectably: a shift "
-                "of the label prior, not a change in alignment")
-    if c != 0:
+        return "the tuned model ranks the classes worse (AUC interval below 0): a loss in what it knows"
+    if not cal:
+        return (f"{moved}; AUC did not change detectably (no calibrated accuracy to tell a prior shift apart)" if r
+                else "no detectable change (every interval covers 0)")
+    if r and not c:
+        return (f"{moved} while neither AUC nor calibrated accuracy changed detectably: consistent with a shift of the "
+                "label prior rather than a change in what the model knows")
+    if c:
         return f"calibrated accuracy {'rose' if c > 0 else 'fell'} while AUC did not change detectably: weak evidence"
     return "no detectable change (every interval covers 0)"
 
