@@ -38,6 +38,7 @@ def test_restart_under_jemalloc_and_children_see_the_users_environment():
         assert out.stdout.split()[0] == "glibc", argv
 
 
+@pytest.mark.slow  # two `python -m qtalign eval` processes
 def test_an_evaluation_records_its_allocator(tmp_path, tiny_llama_dir):
     for setting, want in (("auto", "jemalloc"), ("system", "glibc")):
         out = tmp_path / setting

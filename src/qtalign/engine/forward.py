@@ -218,9 +218,11 @@ class Engine:
 
     @staticmethod
     def _expand(cache: DynamicCache, b: int) -> DynamicCache:
+        """The group's prefix cache for a batch of b rows, as stride-0 views: the suffix's cache update (a concat)
+        writes the one copy each row needs, instead of a copy of the prefix and then another of prefix + suffix."""
         new = DynamicCache()
         for i, layer in enumerate(cache.layers):
-            new.update(layer.keys.expand(b, -1, -1, -1).contiguous(), layer.values.expand(b, -1, -1, -1).contiguous(), i)
+            new.update(layer.keys.expand(b, -1, -1, -1), layer.values.expand(b, -1, -1, -1), i)
         return new
 
     def order(self, encoded: list[Encoded]) -> list[list[Encoded]]:
