@@ -5,6 +5,7 @@ headless Chromium when it is installed)."""
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import re
 import shutil
@@ -112,6 +113,11 @@ def test_report_has_every_section_and_the_right_numbers(run_dir):
     assert "no overlap" in md and "training items 6" in md  # the overlap check and its ranges
     assert "| torch |" in md and "| seed | 0 |" in md and "| train | done |" in md  # environment and timings
     assert "| emotion | enout | zh |" in md  # the label-tokenisation table
+    tn = json.loads((run_dir / "train" / "summary.json").read_text())["numbers"]
+    assert f"| this run | {tn['train_rows']} | {tn['steps']} | {tn['steps'] * 4 / tn['train_rows']:.2f} | {tn['train_tokens']:,} |" in md
+    stats = json.loads((run_dir / "data" / "stats.json").read_text())
+    p_rows = int(sum(d["available"] for d in stats["per_source"].values()) * 0.95)
+    assert f"| the paper | {p_rows} | {-(-p_rows // 16) * 3} | 3 |" in md
 
 
 def test_html_is_self_contained(run_dir):

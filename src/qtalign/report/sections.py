@@ -357,10 +357,40 @@ def per_language(doc: Doc, ctx: Ctx) -> None:
 # training, analyses
 
 
+# the paper's tuning (LLaMA-Factory SFT, docs/notes_research.md §3): every row of the question files, 5 % held out
+PAPER_TUNING = {"epochs": 3, "batch_size": 16, "learning_rate": 5e-5, "val_size": 0.05}
+
+
+def _budget(doc: Doc, ctx: Ctx) -> None:
+    """This run's training budget beside the paper's on the same question files (all their rows, 3 epochs)."""
+    from qtalign.io import read_json
+
+    s, stats = ctx.run.summary("train"), read_json(ctx.run.dir / "data" / "stats.json")
+    if not s:
+        return
+    n, cfg = s.get("numbers", {}), s.get("config", {})
+    rows, steps, tokens = n.get("train_rows") or 0, n.get("steps") or 0, n.get("train_tokens") or 0
+    epochs = steps * cfg.get("batch_size", 16) / rows if rows else float("nan")
+    ours = [rows, steps, f"{epochs:.2f}", f"{tokens:,}", cfg.get("learning_rate"), cfg.get("batch_size")]
+    available = sum(d.get("available", 0) for d in ((stats or {}).get("per_source") or {}).values())
+    if available:
+        p_rows = int(available * (1 - PAPER_TUNING["val_size"]))
+        p_steps = -(-p_rows // PAPER_TUNING["batch_size"]) * PAPER_TUNING["epochs"]
+        p_tokens = f"≈ {round(tokens / max(steps, 1) * p_steps, -4):,.0f}" if tokens else DASH
+        paper = [p_rows, p_steps, PAPER_TUNING["epochs"], p_tokens, PAPER_TUNING["learning_rate"], PAPER_TUNING["batch_size"]]
+    else:
+        paper = [DASH] * 6
+    doc.md("**Training budget** (the paper's: every row of the same question files, 5 % held out, 3 epochs; its tokens "
+           "estimated at this run's mean tokens per step)\n\n" + md_table(
+               ["", "training rows", "optimizer steps", "epochs", "training tokens", "learning rate", "batch"],
+               [["this run", *ours], ["the paper", *paper]], "l" + "r" * 6))
+
+
 def training(doc: Doc, ctx: Ctx) -> None:
     from qtalign.io import read_json
 
     tdir = ctx.run.dir / "train"
+    _budget(doc, ctx)
     listed = {f["path"] for f in (read_json(tdir / "summary.json") or {}).get("figures", [])}
     if (tdir / "loss.png").exists() and "loss.png" not in listed:
         doc.img(tdir / "loss.png", "training loss")
