@@ -289,10 +289,10 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
     }
 
 
-def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, peak: float) -> dict:
+def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, peak: float, cached=OURS) -> dict:
     """Needed FLOPs (benchmarks/flops.py) of the items each method scored, achieved FLOP/s and its fraction of the
     machine's bf16 matmul peak measured in the same run: prefix-cached methods compute each group's prefix once and
-    every suffix; the official method and lm-eval compute every full prompt."""
+    every suffix (the methods in ``cached``); the official method and lm-eval compute every full prompt."""
     from qtalign.engine.forward import encode_prompts
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -310,13 +310,13 @@ def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, p
             prefix_once[g.name] = prompt_flops(shape, 0, p, 0)
     out = {"peak_gflops": peak, "threads": threads, "shape": shape.__dict__, "methods": {}}
     for c, keys in res["predictions"].items():
-        cached = c in OURS
+        cached_here = c in cached
         tot = 0.0
         seen_groups = set()
         for k in keys:
             gname, _, idx = k.rpartition("/")
-            tot += per_item[gname, int(idx)]["cached" if cached else "full"]
-            if cached and gname not in seen_groups:
+            tot += per_item[gname, int(idx)]["cached" if cached_here else "full"]
+            if cached_here and gname not in seen_groups:
                 seen_groups.add(gname)
                 tot += prefix_once[gname]
         gflops = tot / res["seconds"][c] / 1e9 if res["seconds"][c] else float("nan")

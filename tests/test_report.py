@@ -255,6 +255,8 @@ def test_compare_runs_matches_each_runs_own_metrics(tmp_path, tiny_llama_dir):
             for k in ("acc", "cal_acc", "auc"):
                 assert abs(c[k] - own[g][k]) < 1e-9, (lb, g, k)
     assert (tmp_path / "cmp" / "compare.html").read_text().count("<img") >= 1
+    md = (tmp_path / "cmp" / "compare.md").read_text()  # a model folder outside the runs: its name, not the machine's path
+    assert str(tiny_llama_dir) not in md and f"| {Path(tiny_llama_dir).name} |" in md
 
 
 def test_sign_flip_test_is_mcnemar_without_clusters_and_wider_with_them():
@@ -287,3 +289,19 @@ def test_class_order_is_matched_by_name_and_unpaired_items_are_counted():
         compare(base, bad, {"en": "high"}, set())
     del tuned["t/enout/en/3"]
     assert unpaired(base, tuned) == {"t/enout/en": 1} and compare(base, tuned, {"en": "high"}, set())[0].raw.n == 3
+
+
+def test_display_path_never_shows_the_machines_layout(tmp_path, monkeypatch):
+    """Paths in reports: relative to the run dir, under {data_dir} (also a file beside it, as configs name the
+    paper's prompts: {data_dir}/../paper_prompts.json), $QTALIGN_CACHE, the package; elsewhere left as they are."""
+    from qtalign.report.format import display_path
+
+    monkeypatch.setenv("QTALIGN_CACHE", str(tmp_path / "cache"))
+    run, data = tmp_path / "run", tmp_path / "shared" / "data" / "official"
+    assert display_path(run / "eval" / "base", run) == "eval/base"
+    assert display_path(data / "snli" / "en.json", run, str(data)) == "{data_dir}/snli/en.json"
+    assert display_path(f"{data}/../paper_prompts.json", run, str(data)) == "{data_dir}/../paper_prompts.json"
+    assert display_path(tmp_path / "cache" / "models" / "x", run) == "$QTALIGN_CACHE/models/x"
+    far = tmp_path / "shared" / "elsewhere.json"  # two levels up from the data dir: not shown relative to it
+    assert display_path(far, run, str(data)) == str(far)
+    assert display_path("qwen2.5-coder-0.5b", run) == "qwen2.5-coder-0.5b"

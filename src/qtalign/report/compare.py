@@ -13,7 +13,7 @@ from pathlib import Path
 
 from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, write_json, write_text
-from qtalign.report.format import DASH, md_table, num, pct
+from qtalign.report.format import DASH, display_path, md_table, num, pct
 from qtalign.report.html import Doc, md_to_html
 from qtalign.report.paired import LangRow, compare, group_summary
 from qtalign.report.read import Run, read_run
@@ -32,7 +32,10 @@ def _model_facts(run: Run) -> dict:
     m = (run.base or {}).get("model", {})
     name = m.get("name") or run.config.get("model", {}).get("name", "")
     entry = embedded(name)
-    return {"model": name, "params": entry.params if entry else (f"{m['num_parameters'] / 1e6:.0f}M" if m.get("num_parameters") else DASH),
+    shown = display_path(name, run.dir) if name.startswith("/") else name  # a hub id stays as it is
+    if shown.startswith("/"):  # a model file outside the run dir, the cache and home: its name, not the machine's layout
+        shown = Path(shown).name
+    return {"model": shown, "params": entry.params if entry else (f"{m['num_parameters'] / 1e6:.0f}M" if m.get("num_parameters") else DASH),
             "kind": ("instruct" if entry.instruct else "base") if entry else DASH, "dtype": m.get("dtype", DASH),
             "trained on": ", ".join(run.exp.get("seen_langs") or []) or DASH}
 

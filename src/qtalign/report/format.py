@@ -96,6 +96,8 @@ def display_path(p, run_dir: Path | list | None = None, data_dir: str | None = N
             continue
         if not rel.startswith(".."):
             return label if rel == "." else (rel if label == "." else f"{label}/{rel}")
+        if label == "{data_dir}" and rel.startswith("../") and not rel.startswith("../.."):
+            return f"{label}/{rel}"  # beside the data dir, as configs write it: {data_dir}/../paper_prompts.json
     return s
 
 
