@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError
 from qtalign.tasks.groups import Group
-from qtalign.tasks.items import DataSource, comma_list, parse_indices, parse_range, select_items
+from qtalign.tasks.items import DataSource, comma_list, indices_field, parse_range, select_items
 from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
 from qtalign.tracking import parse_trackers
 
@@ -69,10 +69,7 @@ class TaskSelection(BaseModel):
     @field_validator("exclude_items", mode="before")
     @classmethod
     def _indices(cls, v):
-        try:
-            return parse_indices(v, "exclude_items")
-        except QtalignError as e:
-            raise ValueError(str(e)) from None
+        return indices_field(v)
 
     @field_validator("items", mode="before")
     @classmethod

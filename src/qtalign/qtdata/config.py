@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from qtalign.tasks.items import DataSource, comma_list, parse_indices
+from qtalign.tasks.items import DataSource, comma_list, indices_field
 
 KEYWORDS = ("all", "high", "low")
 
@@ -59,12 +59,7 @@ class QTDataConfig(BaseModel):
     @field_validator("exclude_items", mode="before")
     @classmethod
     def _indices(cls, v):
-        from qtalign.errors import QtalignError
-
-        try:
-            return parse_indices(v, "exclude_items")
-        except QtalignError as e:
-            raise ValueError(str(e)) from None
+        return indices_field(v)
 
     def source(self) -> DataSource:
         return DataSource.from_options(self.data_dir, self.data_files, self.split)

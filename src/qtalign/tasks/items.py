@@ -315,6 +315,15 @@ def parse_indices(v, what: str = "item indices") -> list[int]:
     return out
 
 
+
+def indices_field(v, what: str = "exclude_items") -> list[int]:
+    """parse_indices for a pydantic field validator: the error as a ValueError, which pydantic reports with the field."""
+    try:
+        return parse_indices(v, what)
+    except QtalignError as e:
+        raise ValueError(str(e)) from None
+
+
 def apply_range(items: list, rng: slice | None, where: str, what: str = "item range") -> list:
     """items[rng], with one clear error when the range starts or ends past the end of the file."""
     if rng is None:
