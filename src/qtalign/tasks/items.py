@@ -315,7 +315,6 @@ def parse_indices(v, what: str = "item indices") -> list[int]:
     return out
 
 
-
 def indices_field(v, what: str = "exclude_items") -> list[int]:
     """parse_indices for a pydantic field validator: the error as a ValueError, which pydantic reports with the field."""
     try:
