@@ -192,6 +192,24 @@ def test_pooling_matches_hf_hidden_states(tiny, data):
     assert not np.allclose(raw["last"][prompts[0].key][-1], got["last"][prompts[0].key][-1])
 
 
+def test_pooled_vectors_hold_only_their_own_memory(tiny, data):
+    """Each stored vector owns (or is the whole of) its buffer: a view into a batch's stacked states would keep every
+    batch alive (the 'last' pool once did: a study's geometry stage grew to 24 GB and was killed)."""
+    model, tok = tiny
+    task = load_specs(data["spec"]).task("emotion")
+    prompts = _prompts(task, ["en", "zh"], DataSource(data_dir=data["data_dir"], files=data["files"]))
+    got = pooled_states(LoadedModel(model, tok, {}), prompts, ["prompt", "query", "last"], batch_size=3)
+
+    def held(a):
+        while getattr(a, "base", None) is not None:
+            a = a.base
+        return a.untyped_storage().nbytes() if isinstance(a, torch.Tensor) else a.nbytes
+
+    for pool, vecs in got.items():
+        for k, v in vecs.items():
+            assert held(v) == v.nbytes, (pool, k, held(v), v.nbytes)
+
+
 def test_pooling_independent_of_batch_size(spm_tokenizer, data):
     lm = LoadedModel(tiny_model("gemma3", spm_tokenizer), spm_tokenizer, {})
     task = load_specs(data["spec"]).task("emotion")
