@@ -78,3 +78,65 @@ def test_export_is_a_datasets_parquet_dataset(eval_dir, tmp_path, capsys):
     (foreign / "mine.txt").write_text("x")
     assert main(["export", str(eval_dir), "--out", str(foreign)]) == 2
     assert (foreign / "mine.txt").read_text() == "x" and not (foreign / "eval.parquet").exists()
+
+
+def _lm_eval_write(eval_dir: Path, out: Path, finished: float) -> Path:
+    from qtalign.eval.interop import write_lm_eval
+
+    results = {**json.loads((eval_dir / "results.json").read_text(encoding="utf-8")), "finished": finished}
+    return write_lm_eval(out, results, _preds(eval_dir), {"emotion": 2}, {}, {})
+
+
+def test_lm_eval_folder_replaces_only_its_own_files(eval_dir, tmp_path):
+    from qtalign.io import MARKER
+
+    folder = _lm_eval_write(eval_dir, tmp_path, 1.7e9)
+    first = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    assert len(first) == 5 and sum(n.startswith("results_") for n in first) == 1
+    (folder / "notes.txt").write_text("mine")
+    _lm_eval_write(eval_dir, tmp_path, 1.8e9)  # another date: other file names
+    second = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, "notes.txt"))
+    assert len(second) == 5 and not set(first) & set(second)  # the earlier files are gone, not left beside
+    assert (folder / "notes.txt").read_text() == "mine"
+    assert sorted(json.loads((folder / MARKER).read_text())["entries"]) == second
+
+
+def test_lm_eval_folder_of_an_earlier_version_is_adopted_by_its_list(eval_dir, tmp_path):
+    from qtalign.eval.interop import lm_eval_dir
+    from qtalign.io import LEGACY_MANIFEST, MARKER
+
+    folder = lm_eval_dir(tmp_path, json.loads((eval_dir / "results.json").read_text())["model"]["name"]).path
+    folder.mkdir(parents=True)
+    for name in ("results_old.json", "samples_emotion_en_enout_old.jsonl", "mine.json"):
+        (folder / name).write_text("{}")
+    (folder / LEGACY_MANIFEST).write_text(json.dumps(["results_old.json", "samples_emotion_en_enout_old.jsonl", "../x"]))
+    (tmp_path / "x").write_text("outside")
+    _lm_eval_write(eval_dir, tmp_path, 1.7e9)
+    names = {p.name for p in folder.iterdir()}
+    assert "results_old.json" not in names and "samples_emotion_en_enout_old.jsonl" not in names
+    assert LEGACY_MANIFEST not in names and (folder / "mine.json").read_text() == "{}"
+    assert (tmp_path / "x").read_text() == "outside"  # a listed path outside the folder is never taken
+    assert json.loads((folder / MARKER).read_text())["adopted"] is True
+
+
+def test_a_foreign_lm_eval_folder_is_refused_before_scoring(tiny_llama_dir, tmp_path):
+    import shutil
+
+    from qtalign.errors import QtalignError
+
+    model = ModelConfig(name=str(tiny_llama_dir), dtype="fp32")
+    cfg = EvalConfig(model=model, tasks=["emotion"], langs=["en"], variants=["enout"], data_files="demo", limit=2)
+    out = tmp_path / "eval"
+    evaluate(cfg, out, loaded=load_model(model), progress=False)
+    folder = out / "lm_eval" / str(tiny_llama_dir).replace("/", "__")
+    shutil.rmtree(folder)  # the user puts a folder of their own in its place
+    folder.mkdir()
+    (folder / "mine.txt").write_text("x")
+    before = (out / "predictions.jsonl").read_bytes()
+
+    def no_model():
+        raise AssertionError("the model must not be loaded")
+
+    with pytest.raises(QtalignError, match="lm_eval folder.*not written by qtalign"):
+        evaluate(cfg, out, loaded=no_model, overwrite=True, progress=False)
+    assert (folder / "mine.txt").read_text() == "x" and (out / "predictions.jsonl").read_bytes() == before

@@ -29,6 +29,9 @@ from qtalign.errors import QtalignError
 MARKER = ".qtalign.json"
 # files that qtalign wrote before output dirs had a marker: a folder holding one of them is adopted, never refused
 LEGACY_FILES = ("stage.json", "run.json", "experiment.json", "train_config.json", "summary.json", "results.json")
+# the list of written files that lm_eval/<model>/ folders kept before they were OutputDirs: a folder holding it is
+# adopted with exactly the names it lists
+LEGACY_MANIFEST = ".qtalign-files.json"
 
 
 def cache_root() -> Path:
@@ -283,20 +286,32 @@ class OutputDir:
         return self
 
     def legacy(self) -> bool:
-        return not (self.path / MARKER).is_file() and any(_is_legacy_file(self.path / n) for n in LEGACY_FILES)
+        if (self.path / MARKER).is_file():
+            return False
+        return bool(self._legacy_manifest()) or any(_is_legacy_file(self.path / n) for n in LEGACY_FILES)
+
+    def _legacy_manifest(self) -> list[str]:
+        """The plain names an earlier qtalign listed in LEGACY_MANIFEST as the files it wrote here (none if absent)."""
+        names = read_json(self.path / LEGACY_MANIFEST)
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            return []
+        return [n for n in names if n and "/" not in n and "\\" not in n and n not in (".", "..")]
 
     def owned(self) -> bool:
         return (self.path / MARKER).is_file() or self.legacy()
 
     def claim(self, adopt: Iterable[str] = ()) -> "OutputDir":
         """Create the folder (or adopt it) and write its marker. A folder made by qtalign before markers existed is
-        adopted: of its entries, only those named in ``adopt`` (what the caller itself writes) become qtalign's; every
-        other file there stays untouchable."""
+        adopted: of its entries, only those named in ``adopt`` (what the caller itself writes) or listed in its
+        LEGACY_MANIFEST (which is then qtalign's too) become qtalign's; every other file there stays untouchable."""
         self.check()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / MARKER).is_file():
                 legacy = self.legacy()
+                listed = self._legacy_manifest()
+                if listed:
+                    adopt = [*adopt, *listed, LEGACY_MANIFEST]
                 names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
                 self._save(names, adopted=legacy)
         except OSError as e:
@@ -365,6 +380,12 @@ class OutputDir:
                 shutil.rmtree(target)
             else:
                 target.unlink()  # the name stays in the marker: qtalign writes it here again
+
+    def clear(self) -> None:
+        """Remove every entry qtalign wrote here and forget their names (for outputs whose names change from one run
+        to the next, such as dated files); the marker stays, and so does everything that is not qtalign's."""
+        self.remove(*sorted(self.entries()))
+        self._save(set())
 
 
 def safe_name(label: str, what: str) -> str:

@@ -42,6 +42,14 @@ def _model_name(results: dict) -> str:
     return name.replace("/", "__")
 
 
+def lm_eval_dir(out: Path, model_name: str):
+    """The io.OutputDir of an evaluation's lm-eval layout: <out>/lm_eval/<model name, '/' as '__'>."""
+    from qtalign.io import OutputDir
+
+    return OutputDir(Path(out) / "lm_eval" / _model_name({"model": {"name": model_name}}), "lm_eval",
+                     option=f"{out}: lm_eval folder")
+
+
 def lm_eval_results(results: dict, records: list[dict], n_shot: dict[str, int], date: str) -> dict:
     """The aggregated results of an evaluation in lm-evaluation-harness's results layout."""
     from qtalign.eval.metrics import record_auc
@@ -110,27 +118,21 @@ def lm_eval_samples(records: list[dict], items: dict, prompts: dict) -> dict[str
 
 
 def write_lm_eval(out: Path, results: dict, records: list[dict], n_shot: dict[str, int], items: dict, prompts: dict) -> Path:
-    """lm_eval/<model>/results_<date>.json and samples_<task>_<date>.jsonl (earlier files of this layout in that folder,
-    written by qtalign, are replaced)."""
+    """lm_eval/<model>/results_<date>.json and samples_<task>_<date>.jsonl, in a folder owned through io.OutputDir:
+    the files an earlier evaluation wrote there are replaced, anything else in it is left alone (a folder written by
+    a version that kept its own list of files is adopted with the names it lists)."""
     from qtalign.io import write_json, write_jsonl
 
     date = datetime.fromtimestamp(results.get("finished") or time.time()).isoformat().replace(":", "-")
-    from qtalign.io import read_json
-
-    folder = out / "lm_eval" / _model_name(results)
-    folder.mkdir(parents=True, exist_ok=True)
-    manifest = folder / ".qtalign-files.json"
-    for name in read_json(manifest, []) or []:  # the files an earlier evaluation wrote here, and nothing else
-        (folder / name).unlink(missing_ok=True)
+    folder = lm_eval_dir(out, results.get("model", {}).get("name") or "model").claim()
+    folder.clear()
     samples = lm_eval_samples(records, items, prompts)
     agg = lm_eval_results(results, records, n_shot, date)
     agg["task_hashes"] = {n: _hash("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in ss)) for n, ss in samples.items()}
-    names = [f"results_{date}.json", *[f"samples_{name}_{date}.jsonl" for name in samples]]
-    write_json(manifest, names)
-    write_json(folder / names[0], agg, indent=2)
+    write_json(folder.file(f"results_{date}.json"), agg, indent=2)
     for name, ss in samples.items():
-        write_jsonl(folder / f"samples_{name}_{date}.jsonl", ss)
-    return folder
+        write_jsonl(folder.file(f"samples_{name}_{date}.jsonl"), ss)
+    return folder.path
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -127,7 +127,10 @@ class Plan:
 def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     """What to do with the output dir, read-only (every process decides the same): the finished results when they are
     already there; None to (re)start; one clear error for a folder that holds something else."""
+    from qtalign.eval.interop import lm_eval_dir
+
     out.check()
+    lm_eval_dir(out.path, plan.cfg.model.name).check()  # written last: refused now, not after scoring
     prev = read_json(out.path / "run.json")
     finished = read_json(out.path / "results.json")
     same = prev is not None and prev.get("fingerprint") == plan.fingerprint
