@@ -18,7 +18,7 @@ from qtalign.experiment.config import ExperimentConfig
 from qtalign.experiment.runner import Experiment
 from qtalign.report.build import SECTIONS, write_report
 from qtalign.report.paired import compare, group_summary
-from qtalign.report.read import read_predictions
+from qtalign.report.read import read_predictions, read_run
 from qtalign.stats import mcnemar, wilson
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -305,3 +305,42 @@ def test_display_path_never_shows_the_machines_layout(tmp_path, monkeypatch):
     far = tmp_path / "shared" / "elsewhere.json"  # two levels up from the data dir: not shown relative to it
     assert display_path(far, run, str(data)) == str(far)
     assert display_path("qwen2.5-coder-0.5b", run) == "qwen2.5-coder-0.5b"
+
+
+def test_compare_change_is_each_runs_paired_change(run_dir, tmp_path, capsys):
+    """`qtalign compare --which change` (the study summary): per run and task, the macro change tuned − base recomputed
+    by brute force from the per-item predictions, the same interval as the run's own report, and one clear error for a
+    run without a tuned evaluation."""
+    from qtalign.cli import main
+    from qtalign.report.sections import context
+
+    assert main(["compare", "--which", "change", f"x={run_dir}", f"y={run_dir}", "--out", str(tmp_path / "cmp")]) == 0
+    got = json.loads((tmp_path / "cmp" / "compare.json").read_text())["changes"]
+    base = read_predictions(run_dir / "eval" / "base" / "predictions.jsonl")
+    tuned = read_predictions(run_dir / "eval" / "tuned" / "predictions.jsonl")
+    langs = sorted({r["lang"] for r in base.values()})
+
+    def acc(recs, lang, key="correct"):
+        xs = [r[key] for r in recs.values() if r["lang"] == lang]
+        return sum(xs) / len(xs)
+
+    for key, kind in (("correct", "raw"), ("cal_correct", "cal")):
+        want = sum(acc(tuned, lg, key) - acc(base, lg, key) for lg in langs) / len(langs)
+        assert abs(got["x"]["emotion/enout"]["all"][kind]["delta"] - want) < 1e-12
+    seen = got["x"]["emotion/enout"]["seen"]
+    assert seen["langs"] == ["en", "zh"] and got["x"] == got["y"]
+    ctx = context(read_run(run_dir))  # the run's own report: the same interval and test
+    own = ctx.summary(ctx.tasks["emotion", "enout"], "all")
+    for kind in ("raw", "cal", "auc"):
+        for k in ("delta", "ci_low", "ci_high"):
+            assert got["x"]["emotion/enout"]["all"][kind][k] == pytest.approx(own[kind][k], nan_ok=True)
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| x | yes | all | 4 |" in md and "compare.png" in md
+    # a base-only run has no change: one line, exit 2, nothing written
+    base_only = tmp_path / "base_only"
+    (base_only / "eval").mkdir(parents=True)
+    shutil.copytree(run_dir / "eval" / "base", base_only / "eval" / "base")
+    capsys.readouterr()
+    assert main(["compare", "--which", "change", str(base_only), "--out", str(tmp_path / "cmp2")]) == 2
+    assert "no tuned evaluation" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert not (tmp_path / "cmp2").exists()

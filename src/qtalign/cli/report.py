@@ -13,8 +13,9 @@ def configure_parser(p, name: str) -> None:
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs (or exports) to compare; LABEL=RUN names a column")
     p.add_argument("--out", required=True, help="folder for compare.md, compare.html, compare.json and the figure")
     p.add_argument("--title", help="title of the comparison")
-    p.add_argument("--which", choices=["base", "tuned", "both"], default="base",
-                   help="which evaluation of each run to compare (default base; both: base and tuned side by side)")
+    p.add_argument("--which", choices=["base", "tuned", "both", "change"], default="base",
+                   help="which evaluation of each run to compare (default base; both: base and tuned side by side; "
+                   "change: the paired change tuned - base with intervals and tests, per run: the study summary)")
 
 
 def run_cli(args) -> int:

@@ -2,6 +2,10 @@
 per task, the macro averages (all / high / low languages) of raw accuracy, calibrated accuracy and AUC, and per
 language; Markdown, a self-contained HTML page, the numbers as JSON and a figure.
 
+``--which change`` compares what tuning did instead (the study summary): per run with a tuned evaluation and per
+task, the paired change tuned − base of raw accuracy, calibrated accuracy and AUC over all / seen / unseen / high /
+low-resource languages, with the same cluster-bootstrap intervals and sign-flip tests as each run's report.
+
 The same items must have been evaluated for a fair comparison: the table states each run's items per language, and a
 language or task missing from a run is shown as '—'.
 """
@@ -13,9 +17,9 @@ from pathlib import Path
 
 from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, write_json, write_text
-from qtalign.report.format import DASH, display_path, md_table, num, pct
+from qtalign.report.format import DASH, display_path, interval, md_table, num, pct, pval
 from qtalign.report.html import Doc, md_to_html
-from qtalign.report.paired import LangRow, compare, group_summary
+from qtalign.report.paired import GROUPS, N_BOOT, LangRow, compare, group_summary
 from qtalign.report.read import Run, read_run
 
 
@@ -81,6 +85,8 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
         run = read_run(path)
         if run.base is None and run.summary("train") is None:
             raise QtalignError(f"{path}: nothing to compare (no eval/base/results.json and no train/summary.json)")
+        if which == "change" and run.tuned is None:
+            raise QtalignError(f"{path}: no tuned evaluation (eval/tuned/results.json) to take a change from")
         for w in (["base", "tuned"] if which == "both" else [which]):
             if w == "tuned" and run.tuned is None:
                 continue
@@ -91,7 +97,8 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
     od = OutputDir(out, "compare").claim(adopt=("compare.md", "compare.html", "compare.json", "compare.png"))
     od.record("compare.md", "compare.html", "compare.json", "compare.png")
     od.record("compare_training.png")
-    doc, numbers = _document(cols, title or "qtalign comparison", od.path)
+    make = _change_document if which == "change" else _document
+    doc, numbers = make(cols, title or "qtalign comparison", od.path)
     write_text(od.path / "compare.md", doc.render(embed=False))
     write_text(od.path / "compare.html", md_to_html(doc.render(embed=True), doc.title))
     write_json(od.path / "compare.json", numbers)
@@ -121,6 +128,94 @@ def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[
     return doc, numbers
 
 
+def _paired_rows(run: Run) -> list[LangRow]:
+    """Per-language base vs tuned rows of a run (only items both evaluated), in the run's language order."""
+    rows = compare(run.base_preds, run.tuned_preds, run.resource, run.seen, run.clusters)
+    order = {c: i for i, c in enumerate(run.order)}
+    return sorted(rows, key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
+
+
+def change_numbers(run: Run, n_boot: int = N_BOOT) -> dict:
+    """'task/variant' -> language group -> the paired changes of one run (group_summary with intervals)."""
+    out: dict = {}
+    for tv, rs in _by_task(_paired_rows(run)).items():
+        out["/".join(tv)] = {g: s for g in GROUPS if (s := group_summary(rs, g, n_boot=n_boot)) is not None}
+    return out
+
+
+def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
+    doc = Doc(out)
+    doc.h(1, title)
+    facts = {label: {**_model_facts(run), "training": _training_facts(run), "tuned task": run.trained_task or DASH}
+             for label, run, _ in cols}
+    keys = list(next(iter(facts.values())))
+    doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
+    changes = {label: change_numbers(run) for label, run, _ in cols}
+    tasks = sorted({tv for d in changes.values() for tv in d})
+    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": str(run.dir)} for label, run, _ in cols},
+                     "changes": changes}
+    if tasks:
+        fig = _change_figure(changes, tasks, out / "compare.png")
+        doc.img(fig, "Change tuned − base over all languages (macro average): raw accuracy, calibrated accuracy (points) and "
+                "AUC (x100), with cluster-bootstrap 95 % intervals, per run and task.")
+    for tv in tasks:
+        doc.h(2, f"{tv.replace('/', ' (')} labels)")
+        body = []
+        for label in changes:
+            d = changes[label].get(tv, {})
+            tuned_task = facts[label]["tuned task"] == tv.split("/")[0]
+            for g in GROUPS:
+                s = d.get(g)
+                if s is None:
+                    continue
+                raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+                body.append([label if g == "all" else "", "yes" if tuned_task and g == "all" else "", g, s["n_langs"],
+                             pct(raw.get("base")), pct(raw.get("tuned")), interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")),
+                             pval(raw.get("p")), interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")), pval(cal.get("p")),
+                             interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3)])
+        doc.md(md_table(["run", "tuned task", "languages", "langs", "base %", "tuned %", "Δ [95 % CI]", "p",
+                         "Δ cal [95 % CI]", "p cal", "Δ AUC [95 % CI]"], body, "lll" + "r" * 8))
+    trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
+    if trained:
+        numbers["training"] = _training_section(doc, trained, out)
+    doc.md("Δ = tuned − base of the macro average over the group's languages, on the items both evaluations scored. The "
+           "intervals resample clusters of item indices with all their languages (SNLI: premise triples), p is the "
+           "sign-flip permutation test over the same clusters (McNemar's exact test for one language of independent "
+           "items); * marks an interval that excludes 0 or p < 0.05 (not corrected for multiple comparisons). seen = the "
+           "languages of each run's question-translation data.")
+    return doc, numbers
+
+
+def _change_figure(changes: dict, tasks: list[str], path: Path) -> Path:
+    import numpy as np
+
+    from qtalign.plots import pyplot, save
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(tasks), figsize=(4.4 * len(tasks), 0.9 + 0.45 * len(changes) * 3), squeeze=False)
+    kinds = (("raw", "accuracy", 100), ("cal", "calibrated", 100), ("auc", "AUC x100", 100))
+    labels = list(changes)
+    for ax, tv in zip(axes[0], tasks):
+        for j, (kind, name, scale) in enumerate(kinds):
+            ys = np.arange(len(labels)) * (len(kinds) + 1) + j
+            for y, label in zip(ys, labels):
+                s = (changes[label].get(tv, {}).get("all") or {}).get(kind, {})
+                d, lo, hi = (scale * s[k] if s.get(k) is not None else np.nan for k in ("delta", "ci_low", "ci_high"))
+                if np.isnan(d):
+                    continue
+                err = None if np.isnan(lo) else [[d - lo], [hi - d]]
+                ax.errorbar(d, y, xerr=err, fmt="o", ms=4, capsize=2, color=f"C{j}", label=name if y == ys[0] else None)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_yticks(np.arange(len(labels)) * (len(kinds) + 1) + 1, labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("tuned − base (points; AUC x100)")
+        ax.set_title(tv.replace("/", " (") + ")", fontsize=9)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    return save(fig, path, dpi=110, tight=False)
+
+
 def _training_section(doc: Doc, runs: dict[str, Run], out: Path) -> dict:
     """The runs' LoRA tuning side by side: settings, final and best validation loss, and the curves overlaid."""
     from qtalign.io import read_jsonl
@@ -148,7 +243,8 @@ def _training_section(doc: Doc, runs: dict[str, Run], out: Path) -> dict:
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats / response token)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if any(curves.values()):
+        ax.legend(fontsize=8)
     doc.img(save(fig, out / "compare_training.png", dpi=110, tight=False), "Validation loss per evaluation step, each run.")
     return nums
 
