@@ -229,9 +229,8 @@ def test_paired_bootstrap_interval_covers_a_known_change():
 
 def test_compare_runs_matches_each_runs_own_metrics(tmp_path, tiny_llama_dir):
     """`qtalign compare` shows, per run, the macro averages that run's own evaluation computed (accuracy, calibrated
-    accuracy, AUC), and two runs of one model get distinct labels (no column silently replaces another)."""
-    import json
-
+    accuracy, AUC) on the items every run evaluated (a run of items 0-5 beside one of 0-3: both on 0-3), and two runs of
+    one model get distinct labels (no column silently replaces another)."""
     from qtalign.cli import main
 
     from test_experiment import tiny_dict
@@ -247,16 +246,22 @@ def test_compare_runs_matches_each_runs_own_metrics(tmp_path, tiny_llama_dir):
     got = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     labels = list(got["runs"])
     assert len(labels) == 2 and labels[0] != labels[1] and all(r.name in lb for r, lb in zip(runs, labels))
-    for r, lb in zip(runs, labels):
-        own = json.loads((r / "eval" / "base" / "results.json").read_text())["metrics"]["emotion"]["enout"]["avg"]
-        for g in ("all", "high", "low"):
-            c = got["tasks"]["emotion/enout"][lb][g]
-            assert c["n_langs"] == own[g]["n_langs"]
-            for k in ("acc", "cal_acc", "auc"):
-                assert abs(c[k] - own[g][k]) < 1e-9, (lb, g, k)
+    own = json.loads((runs[1] / "eval" / "base" / "results.json").read_text())["metrics"]["emotion"]["enout"]["avg"]
+    for g in ("all", "high", "low"):  # run b evaluated only the common items: its own numbers
+        c = got["tasks"]["emotion/enout"][labels[1]][g]
+        assert c["n_langs"] == own[g]["n_langs"]
+        for k in ("acc", "cal_acc", "auc"):
+            assert abs(c[k] - own[g][k]) < 1e-9, (g, k)
+    preds = read_predictions(runs[0] / "eval" / "base" / "predictions.jsonl")  # run a: recomputed on items 0-3
+    langs = sorted({r["lang"] for r in preds.values()})
+    for key, k in (("correct", "acc"), ("cal_correct", "cal_acc")):
+        per = [[r[key] for r in preds.values() if r["lang"] == lg and r["index"] < 4] for lg in langs]
+        assert all(len(x) == 4 for x in per)
+        assert abs(got["tasks"]["emotion/enout"][labels[0]]["all"][k] - sum(sum(x) / 4 for x in per) / len(per)) < 1e-12
     assert (tmp_path / "cmp" / "compare.html").read_text().count("<img") >= 1
     md = (tmp_path / "cmp" / "compare.md").read_text()  # a model folder outside the runs: its name, not the machine's path
     assert str(tiny_llama_dir) not in md and f"| {Path(tiny_llama_dir).name} |" in md
+    assert "| 4 |" in md  # items per language: the common items
 
 
 def test_sign_flip_test_is_mcnemar_without_clusters_and_wider_with_them():

@@ -52,9 +52,38 @@ def _training_facts(run: Run) -> str:
     return f"{n.get('train_rows')} rows, {n.get('steps')} steps, lr {cfg.get('learning_rate')}"
 
 
-def _rows(run: Run, which: str) -> list[LangRow]:
-    """Per-language rows of one evaluation of a run (as a 'base' column: the comparison is across runs)."""
-    preds = run.base_preds if which == "base" else run.tuned_preds
+def _preds(run: Run, which: str) -> dict[str, dict]:
+    """The per-item records a column compares: one evaluation, or for a change the items both evaluations scored."""
+    if which == "change":
+        return {k: r for k, r in run.base_preds.items() if k in run.tuned_preds}
+    return (run.base_preds if which == "base" else run.tuned_preds) or {}
+
+
+def _group(rec: dict) -> tuple[str, str, str]:
+    return rec["task"], rec["variant"], rec["lang"]
+
+
+def common_items(cols: list[tuple[str, Run, str]]) -> dict[tuple[str, str, str], set[str]]:
+    """Per task x variant x language, the items every column that evaluated it has: the only fair comparison (runs of
+    items 0-99 and 0-59 are compared on 0-59). A group only some columns evaluated is kept for those."""
+    common: dict[tuple[str, str, str], set[str]] = {}
+    for _, run, w in cols:
+        mine: dict[tuple[str, str, str], set[str]] = {}
+        for k, r in _preds(run, w).items():
+            mine.setdefault(_group(r), set()).add(k)
+        for g, keys in mine.items():
+            common[g] = common[g] & keys if g in common else keys
+    return common
+
+
+def _restrict(preds: dict[str, dict], keep: dict | None) -> dict[str, dict]:
+    return preds if keep is None else {k: r for k, r in preds.items() if k in keep.get(_group(r), ())}
+
+
+def _rows(run: Run, which: str, keep: dict | None = None) -> list[LangRow]:
+    """Per-language rows of one evaluation of a run (as a 'base' column: the comparison is across runs), on the
+    ``keep`` items."""
+    preds = _restrict(_preds(run, which), keep)
     if not preds:
         return []
     return compare(preds, {}, run.resource, run.seen)
@@ -111,7 +140,8 @@ def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[
     facts = {label: {**_model_facts(run), "training": _training_facts(run)} for label, run, _ in cols}
     keys = list(next(iter(facts.values())))
     doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
-    per_run = {label: _by_task(_rows(run, w)) for label, run, w in cols}
+    keep = common_items(cols)
+    per_run = {label: _by_task(_rows(run, w, keep)) for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
     numbers: dict = {"runs": {label: {"facts": facts[label], "dir": str(run.dir), "which": w} for label, run, w in cols}, "tasks": {}}
     if tasks:
@@ -123,22 +153,23 @@ def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[
     if trained:
         numbers["training"] = _training_section(doc, trained, out)
     doc.md("Accuracy and AUC are macro averages over the languages each run evaluated (all / high / low-resource); AUC is "
-           "of the raw class scores (binary, or macro one-vs-rest for SNLI). Items per language are shown: compare runs on "
-           "the same items.")
+           "of the raw class scores (binary, or macro one-vs-rest for SNLI). Every run is compared on the items all runs "
+           "evaluated in that task and language (runs of items 0-99 and 0-59 on 0-59); the items per language are shown.")
     return doc, numbers
 
 
-def _paired_rows(run: Run) -> list[LangRow]:
-    """Per-language base vs tuned rows of a run (only items both evaluated), in the run's language order."""
-    rows = compare(run.base_preds, run.tuned_preds, run.resource, run.seen, run.clusters)
+def _paired_rows(run: Run, keep: dict | None = None) -> list[LangRow]:
+    """Per-language base vs tuned rows of a run (only items both evaluated, and of those the ``keep`` items), in the
+    run's language order."""
+    rows = compare(_restrict(run.base_preds, keep), run.tuned_preds, run.resource, run.seen, run.clusters)
     order = {c: i for i, c in enumerate(run.order)}
     return sorted(rows, key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
 
 
-def change_numbers(run: Run, n_boot: int = N_BOOT) -> dict:
+def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None) -> dict:
     """'task/variant' -> language group -> the paired changes of one run (group_summary with intervals)."""
     out: dict = {}
-    for tv, rs in _by_task(_paired_rows(run)).items():
+    for tv, rs in _by_task(_paired_rows(run, keep)).items():
         out["/".join(tv)] = {g: s for g in GROUPS if (s := group_summary(rs, g, n_boot=n_boot)) is not None}
     return out
 
@@ -150,7 +181,8 @@ def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) ->
              for label, run, _ in cols}
     keys = list(next(iter(facts.values())))
     doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
-    changes = {label: change_numbers(run) for label, run, _ in cols}
+    keep = common_items(cols)
+    changes = {label: change_numbers(run, keep=keep) for label, run, _ in cols}
     tasks = sorted({tv for d in changes.values() for tv in d})
     numbers: dict = {"runs": {label: {"facts": facts[label], "dir": str(run.dir)} for label, run, _ in cols},
                      "changes": changes}
@@ -182,7 +214,8 @@ def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) ->
            "intervals resample clusters of item indices with all their languages (SNLI: premise triples), p is the "
            "sign-flip permutation test over the same clusters (McNemar's exact test for one language of independent "
            "items); * marks an interval that excludes 0 or p < 0.05 (not corrected for multiple comparisons). seen = the "
-           "languages of each run's question-translation data.")
+           "languages of each run's question-translation data. Every run is compared on the items all runs evaluated "
+           "(base and tuned) in that task and language.")
     return doc, numbers
 
 

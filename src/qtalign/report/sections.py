@@ -525,6 +525,7 @@ def environment(doc: Doc, ctx: Ctx) -> None:
     for res, name in ((run.base, "base"), (run.tuned, "tuned")):
         if res:
             tm = res.get("timing", {})
-            doc.md(f"eval/{name}: model load {tm.get('model_load_s', '–')} s, scoring {tm.get('eval_s', '–')} s, "
+            cpu = f" ({tm['eval_cpu_s']} s CPU)" if "eval_cpu_s" in tm else ""
+            doc.md(f"eval/{name}: model load {tm.get('model_load_s', '–')} s, scoring {tm.get('eval_s', '–')} s{cpu}, "
                    f"{tm.get('items_scored_this_run', '–')} items scored in the last run, "
                    f"{tm.get('items_from_store', 0)} from the shared result store.")
