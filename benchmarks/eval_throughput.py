@@ -289,10 +289,12 @@ def run_benchmark(model, tokenizer, groups: list[Group], batch_size: int = 8, n_
     }
 
 
-def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, peak: float, cached=OURS) -> dict:
+def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, peak: float, cached=OURS,
+               seconds: str = "seconds") -> dict:
     """Needed FLOPs (benchmarks/flops.py) of the items each method scored, achieved FLOP/s and its fraction of the
     machine's bf16 matmul peak measured in the same run: prefix-cached methods compute each group's prefix once and
-    every suffix (the methods in ``cached``); the official method and lm-eval compute every full prompt."""
+    every suffix (the methods in ``cached``); the official method and lm-eval compute every full prompt. ``seconds``:
+    'seconds' (wall) or 'cpu_seconds' (with a peak measured per CPU second)."""
     from qtalign.engine.forward import encode_prompts
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -308,7 +310,8 @@ def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, p
             p, n = e.prefix_len, len(e.ids)
             per_item[g.name, it.index] = {"cached": prompt_flops(shape, p, n - p, cols), "full": prompt_flops(shape, 0, n, cols)}
             prefix_once[g.name] = prompt_flops(shape, 0, p, 0)
-    out = {"peak_gflops": peak, "threads": threads, "shape": shape.__dict__, "methods": {}}
+    out = {"peak_gflops": peak, "threads": threads, "clock": "cpu" if seconds == "cpu_seconds" else "wall",
+           "shape": shape.__dict__, "methods": {}}
     for c, keys in res["predictions"].items():
         cached_here = c in cached
         tot = 0.0
@@ -319,13 +322,14 @@ def efficiency(model, tokenizer, groups: list[Group], res: dict, threads: int, p
             if cached_here and gname not in seen_groups:
                 seen_groups.add(gname)
                 tot += prefix_once[gname]
-        gflops = tot / res["seconds"][c] / 1e9 if res["seconds"][c] else float("nan")
+        gflops = tot / res[seconds][c] / 1e9 if res[seconds][c] else float("nan")
         out["methods"][c] = {"needed_tflop": tot / 1e12, "achieved_gflops": gflops, "fraction_of_peak": gflops / peak}
     return out
 
 
 def efficiency_table(e: dict) -> str:
-    lines = [f"bf16 matmul peak measured in this run: {e['peak_gflops']:.0f} GFLOP/s at {e['threads']} thread(s)", "",
+    per = " per CPU second" if e.get("clock") == "cpu" else ""
+    lines = [f"bf16 matmul peak measured in this run: {e['peak_gflops']:.0f} GFLOP/s{per} at {e['threads']} thread(s)", "",
              "| method | needed TFLOP | achieved GFLOP/s | fraction of peak |", "|---|---:|---:|---:|"]
     for c, m in e["methods"].items():
         lines.append(f"| {c} | {m['needed_tflop']:.3f} | {m['achieved_gflops']:.0f} | {100 * m['fraction_of_peak']:.1f} % |")
@@ -344,6 +348,10 @@ def format_table(res: dict) -> str:
         lines.append(f"| {c} | {res['items'][c]} | {res['seconds'][c]:.1f} | {res['cpu_seconds'][c]:.1f} | {r:.3g} | "
                      f"{_x(ra.get(f'{c}/official'))} | {_x(ra.get(f'{c}/lm-eval'))} | {res['prompt_tokens_per_s'][c]:.0f} | "
                      f"{_x(rt.get(f'{c}/official'))} | {_x(rt.get(f'{c}/lm-eval'))} |")
+    cr = res.get("cpu_ratios") or {}
+    if cr:
+        lines += ["", "Per CPU second (robust to other jobs on the machine): " + "; ".join(
+            f"{k.replace('/', ' ÷ ')} {v:.1f}×" for k, v in cr.items())]
     if len(res["per_task"]) > 1:
         cols = list(res["items_per_s"])
         lines += ["", "| task | " + " | ".join(f"{c} items/s" for c in cols) + " | ours ÷ official | ours ÷ lm-eval |",
@@ -399,6 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads, the same for every method (default 1: on a shared, loaded 2-core machine "
                         "2 threads ran 5-25x slower and erratically; 0 = torch's default)")
+    g.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                   help="time base of the efficiency figures: wall (a quiet machine) or cpu (this process's CPU seconds, "
+                        "for the peak too: a machine shared with other jobs; default wall). Items/s are given in both")
     g.add_argument("--json", help="write the full results (with per-item predictions) here")
     return p
 
@@ -450,11 +461,12 @@ def main(argv: list[str] | None = None) -> int:
 
     shape = model_shape(loaded.model)
     mm_shapes = [(512, shape.hidden, shape.ffn), (512, shape.ffn, shape.hidden)]
-    peak0 = matmul_peak(torch.get_num_threads(), mm_shapes)
+    peak0 = matmul_peak(torch.get_num_threads(), mm_shapes, clock=args.clock)
     res = run_benchmark(loaded.model, loaded.tokenizer, groups, args.batch_size, args.n_official or None,
                         args.n_lm_eval or None, columns)
-    peak = max(peak0, matmul_peak(torch.get_num_threads(), mm_shapes))  # before and after: the better of the two
-    res["efficiency"] = efficiency(loaded.model, loaded.tokenizer, groups, res, torch.get_num_threads(), peak)
+    peak = max(peak0, matmul_peak(torch.get_num_threads(), mm_shapes, clock=args.clock))  # before and after: the better
+    res["efficiency"] = efficiency(loaded.model, loaded.tokenizer, groups, res, torch.get_num_threads(), peak,
+                                   seconds="cpu_seconds" if args.clock == "cpu" else "seconds")
     res["config"] = {k: v for k, v in vars(args).items() if k != "json"}
     res["model"] = loaded.info
     res["torch_threads"] = torch.get_num_threads()
