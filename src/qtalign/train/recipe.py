@@ -156,6 +156,30 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
     return None
 
 
+def _claim_once(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool) -> dict | None:
+    """`_claim` on the main process only, its outcome (a finished run's summary, or the one-line refusal) shared with
+    the others, which would otherwise read the folder while the main process writes its marker (a race: another rank
+    saw a half-claimed folder as someone else's). The process group set up here is the one the Trainer uses later."""
+    rank, world = _world()
+    if world == 1:
+        return _claim(out, fp, cfg, overwrite, True)
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    PartialState(cpu=cfg.model.device == "cpu")
+    box: list = [None]
+    if rank == 0:
+        try:
+            box[0] = ("ok", _claim(out, fp, cfg, overwrite, True))
+        except QtalignError as e:
+            box[0] = ("error", str(e))
+    dist.broadcast_object_list(box, src=0)
+    outcome, value = box[0]
+    if outcome == "error":
+        raise QtalignError(value)
+    return value
+
+
 def _encode_rows(tok, pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], int]:
     enc = [encode_example(tok, p["prompt"], p["response"], cfg.cutoff_len, cfg.template) for p in pairs]
     return [e for e in enc if e is not None], sum(e is None for e in enc)
@@ -286,7 +310,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     _check_settings(cfg)
     fp = cfg.fingerprint(files)
     rank, world = _world()
-    finished = _claim(out, fp, cfg, overwrite, rank == 0)
+    finished = _claim_once(out, fp, cfg, overwrite)
     if finished is not None:
         return finished
 
