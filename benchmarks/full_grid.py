@@ -12,7 +12,8 @@ another process held the core is counted by neither side. Wall time is recorded 
     python benchmarks/full_grid.py --model gemma-3-270m --compile --out ../runs/full_grid_compiled
 
 A killed run resumes: finished segments are kept (their recorded times are summed); the segment that was cut resumes
-from its predictions, and its time is then that of the resumed part only (flagged as "resumed" in full_grid.json).
+from its predictions, and its time is then that of the resumed part only (flagged as "resumed" in full_grid.json), so
+the rates count the segments timed whole ("items_timed"). Rerunning a finished grid scores only the small set again.
 """
 
 from __future__ import annotations
@@ -121,6 +122,17 @@ def rates(items: int, tflop: float, cpu_s: float, peak: float) -> dict:
     return {"items_per_cpu_s": items / cpu_s, "achieved_gflops_per_cpu_s": gflops, "fraction_of_peak": gflops / peak}
 
 
+def totals(segs: list[dict], peak: float) -> dict:
+    """Items, times and rates of a set of segments. The rates count only segments timed whole: a segment resumed after
+    a kill records the time of its resumed part only, so it would inflate them (its items still count in `items`)."""
+    timed = [s for s in segs if not s["resumed"]]
+    cpu = sum(s["eval_cpu_s"] if s["eval_cpu_s"] is not None else s["eval_s"] for s in timed)
+    tflop = sum(s["needed_tflop"] for s in timed)
+    return {"items": sum(s["items"] for s in segs), "items_timed": sum(s["items"] for s in timed),
+            "scoring_cpu_s": round(cpu, 1), "scoring_wall_s": round(sum(s["eval_s"] for s in timed), 1),
+            "needed_tflop": tflop, **rates(sum(s["items"] for s in timed), tflop, cpu, peak)}
+
+
 def main(argv=None) -> int:
     import torch
     from flops import matmul_peak, model_shape
@@ -147,17 +159,14 @@ def main(argv=None) -> int:
     small.append(small_set(lm, specs, a))
     peaks.append(matmul_peak(threads, mm, clock="cpu"))
     peak = max(peaks)
-    items = sum(s["items"] for s in segs)
-    cpu = sum(s["eval_cpu_s"] if s["eval_cpu_s"] is not None else s["eval_s"] for s in segs)
-    wall = sum(s["eval_s"] for s in segs)
-    tflop = sum(s["needed_tflop"] for s in segs)
-    grid = {"items": items, "scoring_cpu_s": round(cpu, 1), "scoring_wall_s": round(wall, 1), "needed_tflop": tflop,
-            **rates(items, tflop, cpu, peak)}
+    grid = totals(segs, peak)
+    per_task = {t: totals([s for s in segs if s["segment"].startswith(t + "_")], peak) for t in a.tasks.split(",")}
     sm = {"items": small[0]["items"], "cpu_s": [round(s["cpu_s"], 2) for s in small],
           "wall_s": [round(s["wall_s"], 2) for s in small], "needed_tflop": small[0]["needed_tflop"],
           **rates(small[0]["items"], small[0]["needed_tflop"], min(s["cpu_s"] for s in small), peak)}
     summary = {"model": a.model, "dtype": a.dtype, "compile": a.compile, "threads": threads, "batch_size": a.batch_size,
-               "peak_gflops_per_cpu_s": peak, "peaks_before_after": peaks, "grid": grid, "small_set": sm,
+               "peak_gflops_per_cpu_s": peak, "peaks_before_after": peaks, "grid": grid, "per_task": per_task,
+               "small_set": sm,
                "grid_over_small": {"items_per_cpu_s": grid["items_per_cpu_s"] / sm["items_per_cpu_s"],
                                    "fraction_of_peak": grid["fraction_of_peak"] / sm["fraction_of_peak"]},
                "load_avg_1min_at_end": os.getloadavg()[0], "wall_s_this_run": round(time.time() - t_wall, 1),

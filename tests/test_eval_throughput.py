@@ -160,3 +160,20 @@ def test_needed_flops_match_torchs_flop_counter(request, arch):
     rect = F.needed_flops(shape, suffix, [prefix + suffix] * suffix, 3)
     assert counted == pytest.approx(rect, rel=0.02)
     assert F.prompt_flops(shape, prefix, suffix, 3) < rect
+
+
+def test_full_grid_rates_count_only_segments_timed_whole():
+    """A segment resumed after a kill records only its resumed part's time: the grid's rates must leave it out (its
+    items still count), and equal the brute-force rates over the other segments."""
+    spec = importlib.util.spec_from_file_location("full_grid", ROOT / "benchmarks" / "full_grid.py")
+    fg = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fg)
+    rng = random.Random(0)
+    segs = [{"segment": f"emotion_{i}", "items": rng.randint(10, 500), "eval_s": rng.uniform(5, 50),
+             "eval_cpu_s": rng.uniform(5, 40), "needed_tflop": rng.uniform(0.1, 10), "resumed": i == 3} for i in range(6)]
+    whole = [s for s in segs if not s["resumed"]]
+    t = fg.totals(segs, peak=100.0)
+    assert t["items"] == sum(s["items"] for s in segs) and t["items_timed"] == sum(s["items"] for s in whole)
+    cpu = sum(s["eval_cpu_s"] for s in whole)
+    assert t["items_per_cpu_s"] == pytest.approx(t["items_timed"] / cpu)
+    assert t["fraction_of_peak"] == pytest.approx(sum(s["needed_tflop"] for s in whole) * 1e3 / cpu / 100.0)
