@@ -297,6 +297,9 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     exported = tmp_path / "exported"
     assert (exported / "report.html").exists() and (exported / "eval" / "base" / "results.json").exists()
     assert not (exported / "train" / "adapter").exists()
+    lm_eval = sorted(p.name.split("_")[0] for p in (out / "eval" / "base" / "lm_eval").rglob("*.json*"))
+    assert "results" in lm_eval and "samples" in lm_eval  # the run has both; the export only the results
+    assert sorted(p.name.split("_")[0] for p in (exported / "eval" / "base" / "lm_eval").rglob("*.json*")) == ["results"]
     for link in __import__("re").findall(r"!\[[^\]]*\]\(([^)]+)\)", (exported / "report.md").read_text()):
         assert (exported / link).exists(), link
     # the report again from the run's artifacts, exported without rerunning anything; the export alone rebuilds it

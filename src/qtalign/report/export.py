@@ -26,8 +26,10 @@ def export_files(run_dir: Path) -> list[str]:
     if md.exists():
         keep += [m for m in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md.read_text(encoding="utf-8")) if not m.startswith("data:")]
     keep += [f"eval/{w}/{n}" for w in ("base", "tuned") for n in EVAL_FILES]
-    keep += [p.relative_to(run_dir).as_posix() for w in ("base", "tuned") for p in (run_dir / "eval" / w / "lm_eval").rglob("*")
-             if p.is_file() and not p.name.startswith(".")]  # the lm-evaluation-harness layouts
+    # the lm-evaluation-harness layouts' results files; their per-sample files repeat the predictions (28 MB for a
+    # study's 8,100 items, uncompressed), which the export carries compressed
+    keep += [p.relative_to(run_dir).as_posix() for w in ("base", "tuned")
+             for p in (run_dir / "eval" / w / "lm_eval").rglob("results_*.json") if p.is_file()]
     keep += [f"{u}/stage.json" for u in UNITS]
     return [k for k in dict.fromkeys(keep) if (run_dir / k).is_file()]
 
