@@ -212,3 +212,65 @@ def test_changed_gold_in_the_same_out_is_refused_then_recomputed(tmp_path, tiny_
     after = _preds(out)
     assert [a["gold"] for a in after] == [flip[b["gold"]] for b in before]
     assert [a["pred"] for a in after] == [b["pred"] for b in before]  # the prompts did not change, only the gold
+
+
+def test_store_import_verifies_a_published_evaluation_then_serves_it(tmp_path, tiny_llama_dir, tiny_loaded, monkeypatch):
+    """`qtalign store import`: an exported evaluation (predictions gzipped, data moved to another path) seeds the store
+    so that a later run loads no model; changed data, changed numerics or a foreign record are refused, adding nothing."""
+    import gzip
+    import shutil
+
+    from qtalign.cli import main
+    from qtalign.eval.run import import_evaluation
+    from qtalign.eval.store import Store
+
+    data = _copy_demo(tmp_path / "data")
+    cfg = _cfg(tiny_llama_dir, data_files=None, data_dir=str(data / "emotion"), variants=["enout"], langs=["en", "zh"],
+               store=False).model_copy(update={"data_files": "{lang}.jsonl"})
+    ref = evaluate(cfg, tmp_path / "a", loaded=tiny_loaded, progress=False)
+    pub = tmp_path / "published"
+    shutil.copytree(tmp_path / "a", pub)
+    with open(pub / "predictions.jsonl", "rb") as f, gzip.open(pub / "predictions.jsonl.gz", "wb") as g:
+        g.write(f.read())
+    (pub / "predictions.jsonl").unlink()
+    moved = tmp_path / "elsewhere"
+    shutil.move(str(data), moved)
+    store = Store()
+    assert not any(store.root.rglob("records.jsonl"))
+
+    # another engine numerics version: refused, nothing added
+    import qtalign.eval.run as ev
+
+    with monkeypatch.context() as m:
+        m.setattr(ev, "NUMERICS_VERSION", "test-next")
+        with pytest.raises(QtalignError, match="engine numerics"):
+            import_evaluation(pub, data_dir=str(moved / "emotion"))
+    # one zh review changed here: refused, naming the file group
+    p = moved / "emotion" / "zh.jsonl"
+    original = p.read_text(encoding="utf-8")
+    p.write_text(original.replace("。", "！", 1), encoding="utf-8")
+    with pytest.raises(QtalignError, match=r"data files differ here \(emotion/zh\)"):
+        import_evaluation(pub, data_dir=str(moved / "emotion"))
+    p.write_text(original, encoding="utf-8")
+    assert not any(store.root.rglob("records.jsonl"))
+
+    # through the command line (exit 0), then a run at the new path loads no model and equals the original
+    assert main(["store", "import", str(pub), "--data-dir", str(moved / "emotion")]) == 0
+    here = cfg.model_copy(update={"data_dir": str(moved / "emotion"), "store": True, "batch_size": 3})
+    res = evaluate(here, tmp_path / "b", loaded=_no_model, progress=False)
+    assert res["timing"]["items_from_store"] == 24 and res["timing"]["items_scored_this_run"] == 0
+    assert _preds(tmp_path / "b") == _preds(tmp_path / "a")
+    assert json.dumps(res["metrics"]) == json.dumps(ref["metrics"])
+    assert import_evaluation(pub, data_dir=str(moved / "emotion"))["added"] == 0  # idempotent
+
+    # a record that is not an item of the plan: one error naming the file and the record
+    lines = gzip.open(pub / "predictions.jsonl.gz", "rt", encoding="utf-8").read().splitlines()
+    bad = json.loads(lines[3])
+    bad["key"] = "emotion/enout/en/999"
+    with gzip.open(pub / "predictions.jsonl.gz", "wt", encoding="utf-8") as g:
+        g.write("\n".join([*lines[:3], json.dumps(bad), *lines[4:]]) + "\n")
+    with pytest.raises(QtalignError, match=r"predictions.jsonl: record 4: key 'emotion/enout/en/999'"):
+        import_evaluation(pub, data_dir=str(moved / "emotion"))
+    # an unfinished evaluation is not imported
+    (pub / "results.json").unlink()
+    assert main(["store", "import", str(pub)]) == 2

@@ -296,7 +296,17 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     assert main(["run", str(p), "--stages", "report", "--export", str(tmp_path / "exported")]) == 0
     exported = tmp_path / "exported"
     assert (exported / "report.html").exists() and (exported / "eval" / "base" / "results.json").exists()
-    assert not (exported / "train" / "adapter").exists()
+    # the final adapter travels (not its checkpoints): the exported tuned evaluation verifies against it
+    assert sorted(p.name for p in (exported / "train" / "adapter").iterdir()) == ["adapter_config.json",
+                                                                                "adapter_model.safetensors"]
+    assert not (exported / "train" / "checkpoints").exists()
+    from qtalign.eval.run import import_evaluation
+
+    tuned = import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "train" / "adapter"))
+    assert tuned["records"] > 0 and tuned["added"] in (0, tuned["records"])  # (0: the run's own evaluation stored them)
+    assert import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "train" / "adapter"))["added"] == 0
+    with pytest.raises(QtalignError, match="model"):  # the base weights alone are another model
+        import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "train" / "missing"))
     lm_eval = sorted(p.name.split("_")[0] for p in (out / "eval" / "base" / "lm_eval").rglob("*.json*"))
     assert "results" in lm_eval and "samples" in lm_eval  # the run has both; the export only the results
     assert sorted(p.name.split("_")[0] for p in (exported / "eval" / "base" / "lm_eval").rglob("*.json*")) == ["results"]

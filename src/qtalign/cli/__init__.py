@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "report": ("qtalign.cli.report", "write a run dir's report (report.md, report.html) again from its artifacts"),
     "compare": ("qtalign.cli.report", "compare runs side by side (models, sizes, source mixes): Markdown + HTML with a plot"),
     "export": ("qtalign.cli.export", "export a run's per-item predictions as Hugging Face datasets parquet files"),
+    "store": ("qtalign.cli.store", "seed the shared result store with a finished (or published) evaluation, verified against this machine's data and model"),
     "models": ("qtalign.cli.models", "list the embedded models: installed, converted, size, licence"),
 }
 

@@ -359,3 +359,68 @@ def _write_labels(plan: Plan, lm, out: Path) -> None:
 def _tokenizer(cfg: EvalConfig):
     source, gguf = resolve_source(cfg.model)
     return load_tokenizer(source, gguf, cfg.model.trust_remote_code, cfg.model.revision)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# seeding the store from a published evaluation
+
+
+def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: list[str] | None = None,
+                      adapter: str | None = None, store: Store | None = None) -> dict:
+    """Add the per-item records of a finished evaluation folder (a run's ``eval/base``, or its ``--export`` copy with
+    ``predictions.jsonl.gz``) to the shared store, after checking that they were computed under this machine's
+    store keys: the folder's fingerprint is recomputed from its own config with this machine's data and prompt
+    contents, model identity and engine numerics, and must equal the recorded one. ``data_dir`` / ``prompts`` /
+    ``adapter`` say where those files are here when their paths differ from the recorded ones (paths are not
+    results; contents are).
+    Returns {"groups", "records", "added"}; a mismatch is one QtalignError naming the folder and what differs."""
+    from pydantic import ValidationError
+
+    src = Path(src)
+    run = read_json(src / "results.json") or read_json(src / "run.json")
+    if run is None or "fingerprint" not in run or "config" not in run:
+        raise QtalignError(f"{src}: not an evaluation folder written by qtalign (no results.json or run.json)")
+    if read_json(src / "results.json") is None:
+        raise QtalignError(f"{src}: an unfinished evaluation (no results.json); only finished ones are imported")
+    try:
+        recorded = EvalConfig.model_validate(run["config"])
+    except ValidationError as e:
+        raise QtalignError(f"{src / 'results.json'}: config: {e.errors()[0]['msg']}") from None
+    here = recorded.model_copy(update={k: v for k, v in {"data_dir": data_dir, "prompts": prompts}.items() if v})
+    if adapter:
+        here = here.model_copy(update={"model": here.model.model_copy(update={"adapter": adapter})})
+    if here.model.adapter and not Path(here.model.adapter).expanduser().exists():
+        raise QtalignError(f"{src}: its model's adapter {here.model.adapter} is not here; give its path with --adapter")
+    model_id = model_identity(here.model)
+    plan = Plan(here, model_id)
+    content = {"items": plan.data, "prompts": files_sha256(here.prompts), "specs": plan.specs_digest}
+    fp = fingerprint(recorded.result_config(), data=content, model=model_id, numerics=NUMERICS_VERSION)
+    if fp != run["fingerprint"]:
+        covers = run.get("covers", {})
+        if covers.get("numerics") != NUMERICS_VERSION:
+            why = f"engine numerics {covers.get('numerics')} != {NUMERICS_VERSION} here"
+        elif covers.get("model") != model_id:
+            why = f"model {covers.get('model')} != {model_id} here"
+        elif covers.get("data_sha256") != plan.data:
+            bad = sorted(k for k in plan.data if covers.get("data_sha256", {}).get(k) != plan.data[k])
+            why = f"data files differ here ({', '.join(bad[:4])}{' …' if len(bad) > 4 else ''})"
+        else:
+            why = "prompt or task-spec contents differ here"
+        raise QtalignError(f"{src}: its records were computed under another store key ({why}); not imported")
+    want = {g.key(it.index): g for g, its in plan.items.items() for it in its}
+    by_group: dict[Group, list[dict]] = {}
+    for i, r in enumerate(read_jsonl(src / "predictions.jsonl"), 1):
+        g = want.get(r.get("key"))
+        if g is None or r.get("index") is None or g.key(r["index"]) != r["key"]:
+            raise QtalignError(f"{src / 'predictions.jsonl'}: record {i}: key {r.get('key')!r} is not an item of this "
+                               "evaluation's plan")
+        by_group.setdefault(g, []).append(r)
+    n = sum(len(v) for v in by_group.values())
+    if n != len(want):
+        raise QtalignError(f"{src / 'predictions.jsonl'}: {n} records for {len(want)} planned items; not imported")
+    store = store or Store()
+    added = sum(store.add(plan.group_fp[g], recs,
+                          {"group": g.name, "imported_from": str(src),
+                           "covers": {**plan.covers(), "data_sha256": plan.data[f"{g.task}/{g.lang}"]}})
+                for g, recs in by_group.items())
+    return {"groups": len(by_group), "records": n, "added": added}
