@@ -124,7 +124,33 @@ def test_two_processes_give_the_same_results(tmp_path, tiny_llama_dir):
               "--variants", "enout", "--data-files", "demo", "--limit", "10"]
     one = _cli(["eval", *common, "--out", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-2000:]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    # the race CI hit, made certain: the main process holds its marker's temporary file for 3 s before the marker is
+    # in place; the other process, 1.5 s late, read the folder meanwhile and took it for someone else's
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import os, time\n"
+        "from pathlib import Path\n"
+        "if os.environ.get('RANK') == '0':\n"
+        "    from qtalign import io\n"
+        "    _write = io.write_bytes\n"
+        "    def write_bytes(path, data):\n"
+        "        p = Path(path)\n"
+        "        if p.name == '.qtalign.json' and not p.exists():\n"
+        "            p.parent.mkdir(parents=True, exist_ok=True)\n"
+        "            io._tmp_name(p).write_bytes(data)\n"
+        "            time.sleep(3)\n"
+        "        return _write(path, data)\n"
+        "    io.write_bytes = write_bytes\n"
+        "if os.environ.get('RANK') == '1':\n"
+        "    from qtalign import io\n"
+        "    _check = io.OutputDir.check\n"
+        "    def check(self, *a, **k):\n"
+        "        time.sleep(1.5)\n"
+        "        return _check(self, *a, **k)\n"
+        "    io.OutputDir.check = check\n")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])}
     two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
                           "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtalign", "eval", *common,
                           "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env, timeout=600)

@@ -125,8 +125,8 @@ class Plan:
 
 
 def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
-    """What to do with the output dir, read-only (every process decides the same): the finished results when they are
-    already there; None to (re)start; one clear error for a folder that holds something else."""
+    """What to do with the output dir, read-only (on the main process; evaluate shares the outcome): the finished
+    results when they are already there; None to (re)start; one clear error for a folder that holds something else."""
     from qtalign.eval.interop import lm_eval_dir
 
     out.check()
@@ -160,6 +160,14 @@ def _start(out: OutputDir, plan: Plan, overwrite: bool) -> None:
     out.record(*OUR_FILES)
     write_json(out.path / "run.json", {"fingerprint": plan.fingerprint, "covers": plan.covers(),
                                        "config": plan.cfg.model_dump(mode="json"), "started": time.time()})
+
+
+def _decide_and_start(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
+    """The finished results, or None after claiming the folder for this run (main process; the outcome is shared)."""
+    finished = _decide(out, plan, overwrite)
+    if finished is None:
+        _start(out, plan, overwrite)
+    return finished
 
 
 def _done(out: Path, plan: Plan, store: Store | None) -> tuple[dict[str, dict], int]:
@@ -234,7 +242,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
              overwrite: bool = False, progress: bool = True) -> dict:
     """Evaluate ``cfg`` into ``out``; returns the results dict (also results.json). ``loaded``: a loaded model, or a
     function returning one (called only when some item is not already in the run dir or the store)."""
-    from qtalign.engine.parallel import distributed_state
+    from qtalign.engine.parallel import distributed_state, on_main_then_share
     from qtalign.environment import environment, seed_everything
     from qtalign.progress import Progress
 
@@ -247,12 +255,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     plan = Plan(cfg, model_id)  # all data read and checked here, before any model or output
     state = distributed_state()
     out_dir = OutputDir(out, "eval")
-    finished = _decide(out_dir, plan, overwrite)  # every process reads the same files and decides the same
+    finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite))
     if finished is not None:
         return finished if state.is_main_process else {}
-    if state.is_main_process:
-        _start(out_dir, plan, overwrite)
-    state.wait_for_everyone()
     seed_everything(cfg.seed)
     store = Store() if cfg.store else None
     done, n_store = _done(out_dir.path, plan, None if overwrite else store)  # --overwrite recomputes everything

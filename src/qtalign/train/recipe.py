@@ -158,26 +158,15 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
 
 def _claim_once(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool) -> dict | None:
     """`_claim` on the main process only, its outcome (a finished run's summary, or the one-line refusal) shared with
-    the others, which would otherwise read the folder while the main process writes its marker (a race: another rank
-    saw a half-claimed folder as someone else's). The process group set up here is the one the Trainer uses later."""
-    rank, world = _world()
-    if world == 1:
-        return _claim(out, fp, cfg, overwrite, True)
-    import torch.distributed as dist
+    the others. The process group set up here is the one the Trainer uses later."""
     from accelerate import PartialState
 
-    PartialState(cpu=cfg.model.device == "cpu")
-    box: list = [None]
-    if rank == 0:
-        try:
-            box[0] = ("ok", _claim(out, fp, cfg, overwrite, True))
-        except QtalignError as e:
-            box[0] = ("error", str(e))
-    dist.broadcast_object_list(box, src=0)
-    outcome, value = box[0]
-    if outcome == "error":
-        raise QtalignError(value)
-    return value
+    from qtalign.engine.parallel import on_main_then_share
+
+    state = PartialState(cpu=cfg.model.device == "cpu") if _world()[1] > 1 else None
+    if state is None:
+        return _claim(out, fp, cfg, overwrite, True)
+    return on_main_then_share(state, lambda: _claim(out, fp, cfg, overwrite, True))
 
 
 def _encode_rows(tok, pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], int]:
