@@ -296,17 +296,21 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     assert main(["run", str(p), "--stages", "report", "--export", str(tmp_path / "exported")]) == 0
     exported = tmp_path / "exported"
     assert (exported / "report.html").exists() and (exported / "eval" / "base" / "results.json").exists()
-    # the final adapter travels (not its checkpoints): the exported tuned evaluation verifies against it
-    assert sorted(p.name for p in (exported / "train" / "adapter").iterdir()) == ["adapter_config.json",
-                                                                                "adapter_model.safetensors"]
-    assert not (exported / "train" / "checkpoints").exists()
+    assert not (exported / "train" / "adapter").exists()  # weights never go into an export (nor the repository)
+    # the exported tuned evaluation records its adapter's content hash: it verifies against the run's adapter
     from qtalign.eval.run import import_evaluation
 
-    tuned = import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "train" / "adapter"))
+    tuned = import_evaluation(exported / "eval" / "tuned", adapter=str(out / "train" / "adapter"))
     assert tuned["records"] > 0 and tuned["added"] in (0, tuned["records"])  # (0: the run's own evaluation stored them)
-    assert import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "train" / "adapter"))["added"] == 0
-    with pytest.raises(QtalignError, match="model"):  # the base weights alone are another model
+    assert import_evaluation(exported / "eval" / "tuned", adapter=str(out / "train" / "adapter"))["added"] == 0
+    with pytest.raises(QtalignError, match="adapter"):
         import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "train" / "missing"))
+    other = tmp_path / "other_adapter"  # the same files with one weight byte changed: another model, refused
+    __import__("shutil").copytree(out / "train" / "adapter", other)
+    w = other / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1] + bytes([w.read_bytes()[-1] ^ 1]))
+    with pytest.raises(QtalignError, match="another store key \\(model"):
+        import_evaluation(exported / "eval" / "tuned", adapter=str(other))
     lm_eval = sorted(p.name.split("_")[0] for p in (out / "eval" / "base" / "lm_eval").rglob("*.json*"))
     assert "results" in lm_eval and "samples" in lm_eval  # the run has both; the export only the results
     assert sorted(p.name.split("_")[0] for p in (exported / "eval" / "base" / "lm_eval").rglob("*.json*")) == ["results"]

@@ -14,8 +14,8 @@ def configure_parser(p, name: str) -> None:
     imp.add_argument("--data-dir", help="where the recorded config's data_dir is on this machine (contents must match)")
     imp.add_argument("--prompts", action="append", help="where the recorded prompt files are on this machine "
                      "(repeat for several; contents must match)")
-    imp.add_argument("--adapter", help="where the recorded LoRA adapter is on this machine (a tuned evaluation; an "
-                     "export carries it in train/adapter; contents must match)")
+    imp.add_argument("--adapter", help="where the recorded LoRA adapter is on this machine (a tuned evaluation; its "
+                     "content hash is recorded, so only the same weights match)")
 
 
 def run_cli(args) -> int:

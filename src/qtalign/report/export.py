@@ -1,8 +1,6 @@
 """`qtalign run --export DIR`: a run's report, its figures, the small result files and the per-item predictions
-(gzip-compressed), keeping relative paths, and the final LoRA adapter (a few MB for the models here; not its
-checkpoints or arrays). Small enough to commit; everything the report's numbers come from is in it: `qtalign report
-DIR` rebuilds the report from it, and with the adapter anyone can recompute the tuned model's numbers (`qtalign store
-import DIR/eval/tuned --adapter DIR/train/adapter` checks they were made with exactly these weights)."""
+(gzip-compressed), keeping relative paths. Small enough to commit; everything the report's numbers come from is in
+it (no adapters, checkpoints or arrays), and `qtalign report DIR` rebuilds the report from it."""
 
 from __future__ import annotations
 
@@ -17,7 +15,7 @@ from qtalign.io import OutputDir, write_bytes
 UNITS = ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")
 SMALL = ["report.md", "report.html", "config.yaml", "experiment.json", "train/summary.json", "train/trainer_log.jsonl",
          "train/train_config.json", "lens/summary.json", "lens/lens_means.csv", "geometry/summary.json", "data/stats.json",
-         "data/summary.json", "train/adapter/adapter_config.json", "train/adapter/adapter_model.safetensors"]
+         "data/summary.json"]
 EVAL_FILES = ("run.json", "results.json", "table.md", "table.csv", "labels.md", "labels.json")
 
 
