@@ -88,8 +88,8 @@ class Plan:
             self.items[g] = cfg.select(task, g.lang, source)
         self.model_id = model_id
         self.specs_digest = {f"{g.task}/{g.lang}": spec_digest(self.specs.task(g.task), g.lang) for g in self.groups}
-        content = {"items": self.data, "prompts": files_sha256(cfg.prompts), "specs": self.specs_digest}
-        self.fingerprint = fingerprint(cfg.result_config(), data=content, model=model_id, numerics=NUMERICS_VERSION)
+        self.content = {"items": self.data, "prompts": files_sha256(cfg.prompts), "specs": self.specs_digest}
+        self.fingerprint = fingerprint(cfg.result_config(), data=self.content, model=model_id, numerics=NUMERICS_VERSION)
         scoring = {"method": cfg.method, "calibrate": cfg.calibrate, "device": device_type(cfg.model.device),
                    "records": RECORD_VERSION}
         if cfg.method == "sequence":
@@ -382,11 +382,12 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
     from pydantic import ValidationError
 
     src = Path(src)
-    run = read_json(src / "results.json") or read_json(src / "run.json")
-    if run is None or "fingerprint" not in run or "config" not in run:
-        raise QtalignError(f"{src}: not an evaluation folder written by qtalign (no results.json or run.json)")
-    if read_json(src / "results.json") is None:
-        raise QtalignError(f"{src}: an unfinished evaluation (no results.json); only finished ones are imported")
+    run = read_json(src / "results.json")
+    if run is None:
+        what = "an unfinished evaluation" if read_json(src / "run.json") else "not an evaluation folder written by qtalign"
+        raise QtalignError(f"{src}: {what} (no results.json); only finished evaluations are imported")
+    if "fingerprint" not in run or "config" not in run:
+        raise QtalignError(f"{src / 'results.json'}: no fingerprint or config; not written by qtalign")
     try:
         recorded = EvalConfig.model_validate(run["config"])
     except ValidationError as e:
@@ -398,8 +399,8 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
         raise QtalignError(f"{src}: its model's adapter {here.model.adapter} is not here; give its path with --adapter")
     model_id = model_identity(here.model)
     plan = Plan(here, model_id)
-    content = {"items": plan.data, "prompts": files_sha256(here.prompts), "specs": plan.specs_digest}
-    fp = fingerprint(recorded.result_config(), data=content, model=model_id, numerics=NUMERICS_VERSION)
+    # the recorded config (its paths) with this machine's contents, model and numerics
+    fp = fingerprint(recorded.result_config(), data=plan.content, model=model_id, numerics=NUMERICS_VERSION)
     if fp != run["fingerprint"]:
         covers = run.get("covers", {})
         if covers.get("numerics") != NUMERICS_VERSION:
