@@ -316,6 +316,10 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     assert sorted(p.name.split("_")[0] for p in (exported / "eval" / "base" / "lm_eval").rglob("*.json*")) == ["results"]
     for link in __import__("re").findall(r"!\[[^\]]*\]\(([^)]+)\)", (exported / "report.md").read_text()):
         assert (exported / link).exists(), link
+    # the run's report.html embeds its figures; the export's links the copies it carries (not the same bytes twice)
+    srcs = __import__("re").findall(r'<img src="([^"]+)"', (exported / "report.html").read_text())
+    assert srcs and all((exported / src).is_file() for src in srcs)
+    assert "data:image" in (out / "report.html").read_text() and "data:image" not in (exported / "report.html").read_text()
     # the report again from the run's artifacts, exported without rerunning anything; the export alone rebuilds it
     assert main(["report", str(out), "--export", str(tmp_path / "again")]) == 0
     again = tmp_path / "again"

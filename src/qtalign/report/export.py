@@ -1,6 +1,7 @@
 """`qtalign run --export DIR`: a run's report, its figures, the small result files and the per-item predictions
 (gzip-compressed), keeping relative paths. Small enough to commit; everything the report's numbers come from is in
-it (no adapters, checkpoints or arrays), and `qtalign report DIR` rebuilds the report from it."""
+it (no adapters, checkpoints or arrays), and `qtalign report DIR` rebuilds the report from it. The export's
+report.html links the figures it carries beside it instead of embedding them a second time."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import shutil
 from pathlib import Path
 
 from qtalign.errors import QtalignError
-from qtalign.io import OutputDir, write_bytes
+from qtalign.io import OutputDir, write_bytes, write_text
+from qtalign.report.html import md_to_html
 
 UNITS = ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")
 SMALL = ["report.md", "report.html", "config.yaml", "experiment.json", "train/summary.json", "train/trainer_log.jsonl",
@@ -42,10 +44,17 @@ def export_run(run_dir: str | Path, dest: str | Path) -> Path:
     files = export_files(run_dir)
     out.record(*{f.split("/", 1)[0] for f in files}, "eval")
     for rel in files:
+        if rel == "report.html" and (run_dir / "report.md").is_file():
+            continue  # rendered below from report.md, figures linked
         (out.path / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(run_dir / rel, out.path / rel)
     for which in ("base", "tuned"):
         pred = run_dir / "eval" / which / "predictions.jsonl"
         if pred.is_file():
             write_bytes(out.path / "eval" / which / "predictions.jsonl.gz", gzip.compress(pred.read_bytes(), mtime=0))
+    md = run_dir / "report.md"
+    if md.is_file():
+        text = md.read_text(encoding="utf-8")
+        title = next((line[2:] for line in text.splitlines() if line.startswith("# ")), "qtalign report")
+        write_text(out.path / "report.html", md_to_html(text, title))
     return out.path
