@@ -245,6 +245,7 @@ def test_compare_runs_matches_each_runs_own_metrics(tmp_path, tiny_llama_dir):
     assert main(["compare", *map(str, runs), "--out", str(tmp_path / "cmp")]) == 0
     got = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     labels = list(got["runs"])
+    assert [got["runs"][lb]["dir"] for lb in labels] == ["../a", "../b"]  # relative to the comparison, not the machine
     assert len(labels) == 2 and labels[0] != labels[1] and all(r.name in lb for r, lb in zip(runs, labels))
     own = json.loads((runs[1] / "eval" / "base" / "results.json").read_text())["metrics"]["emotion"]["enout"]["avg"]
     for g in ("all", "high", "low"):  # run b evaluated only the common items: its own numbers

@@ -12,6 +12,7 @@ language or task missing from a run is shown as '—'.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from pathlib import Path
 
@@ -50,6 +51,12 @@ def _training_facts(run: Run) -> str:
         return DASH
     n, cfg = s.get("numbers", {}), s.get("config", {})
     return f"{n.get('train_rows')} rows, {n.get('steps')} steps, lr {cfg.get('learning_rate')}"
+
+
+def _where(run: Run, out: Path) -> str:
+    """A compared run's folder relative to the comparison's own folder: a published comparison points at the exports
+    beside it wherever the repository is checked out, not at the machine it was made on."""
+    return Path(os.path.relpath(run.dir.resolve(), out.resolve())).as_posix()
 
 
 def _preds(run: Run, which: str) -> dict[str, dict]:
@@ -143,7 +150,7 @@ def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[
     keep = common_items(cols)
     per_run = {label: _by_task(_rows(run, w, keep)) for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
-    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": str(run.dir), "which": w} for label, run, w in cols}, "tasks": {}}
+    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": _where(run, out), "which": w} for label, run, w in cols}, "tasks": {}}
     if tasks:
         fig = _figure(per_run, tasks, out / "compare.png")
         doc.img(fig, "Macro averages over languages: raw accuracy, calibrated accuracy and AUC (x100) per run and task.")
@@ -184,7 +191,7 @@ def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) ->
     keep = common_items(cols)
     changes = {label: change_numbers(run, keep=keep) for label, run, _ in cols}
     tasks = sorted({tv for d in changes.values() for tv in d})
-    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": str(run.dir)} for label, run, _ in cols},
+    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": _where(run, out)} for label, run, _ in cols},
                      "changes": changes}
     if tasks:
         fig = _change_figure(changes, tasks, out / "compare.png")
