@@ -141,16 +141,24 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
     return od.path
 
 
-def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
+def _head(cols: list[tuple[str, Run, str]], title: str, out: Path, tuned_task: bool = False) -> tuple[Doc, dict, dict]:
+    """The title and the table of what each column is (model, training; the tuned task for a change), the columns'
+    entry of compare.json, and the items every column has."""
     doc = Doc(out)
     doc.h(1, title)
-    facts = {label: {**_model_facts(run), "training": _training_facts(run)} for label, run, _ in cols}
+    facts = {label: {**_model_facts(run), "training": _training_facts(run),
+                     **({"tuned task": run.trained_task or DASH} if tuned_task else {})} for label, run, _ in cols}
     keys = list(next(iter(facts.values())))
     doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
-    keep = common_items(cols)
+    runs = {label: {"facts": facts[label], "dir": _where(run, out), "which": w} for label, run, w in cols}
+    return doc, {"runs": runs}, common_items(cols)
+
+
+def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
+    doc, numbers, keep = _head(cols, title, out)
     per_run = {label: _by_task(_rows(run, w, keep)) for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
-    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": _where(run, out), "which": w} for label, run, w in cols}, "tasks": {}}
+    numbers["tasks"] = {}
     if tasks:
         fig = _figure(per_run, tasks, out / "compare.png")
         doc.img(fig, "Macro averages over languages: raw accuracy, calibrated accuracy and AUC (x100) per run and task.")
@@ -182,17 +190,11 @@ def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None) -> 
 
 
 def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
-    doc = Doc(out)
-    doc.h(1, title)
-    facts = {label: {**_model_facts(run), "training": _training_facts(run), "tuned task": run.trained_task or DASH}
-             for label, run, _ in cols}
-    keys = list(next(iter(facts.values())))
-    doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
-    keep = common_items(cols)
+    doc, numbers, keep = _head(cols, title, out, tuned_task=True)
+    facts = {label: r["facts"] for label, r in numbers["runs"].items()}
     changes = {label: change_numbers(run, keep=keep) for label, run, _ in cols}
     tasks = sorted({tv for d in changes.values() for tv in d})
-    numbers: dict = {"runs": {label: {"facts": facts[label], "dir": _where(run, out)} for label, run, _ in cols},
-                     "changes": changes}
+    numbers["changes"] = changes
     if tasks:
         fig = _change_figure(changes, tasks, out / "compare.png")
         doc.img(fig, "Change tuned − base over all languages (macro average): raw accuracy, calibrated accuracy (points) and "
