@@ -278,6 +278,30 @@ def test_sign_flip_test_is_mcnemar_without_clusters_and_wider_with_them():
     assert independent < 0.001 and clustered > 0.1
 
 
+def test_spearman_is_pearson_of_ranks_and_undefined_without_a_ranking():
+    import random
+    import warnings
+
+    from qtalign.stats import spearman
+
+    def pearson(a, b):
+        ma, mb = sum(a) / len(a), sum(b) / len(b)
+        cov = sum((u - ma) * (v - mb) for u, v in zip(a, b))
+        return cov / (sum((u - ma) ** 2 for u in a) * sum((v - mb) ** 2 for v in b)) ** 0.5
+
+    rng = random.Random(3)
+    x = [rng.random() for _ in range(17)]
+    y = [v + rng.gauss(0, 0.3) for v in x]
+    rank = lambda v: [sorted(v).index(u) for u in v]  # no ties in continuous draws
+    r, p = spearman(x + [None, float("nan")], y + [0.5, 0.5])  # pairs with a missing side are dropped
+    assert r == pytest.approx(pearson(rank(x), rank(y)), abs=1e-12) and 0 < p < 0.05
+    assert spearman(x, [-v for v in x])[0] == pytest.approx(-1.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a layer tuning left untouched: constant change, no ranking, no warning
+        assert all(math.isnan(v) for v in spearman(x, [0.0] * len(x)))
+        assert all(math.isnan(v) for v in spearman(x[:2], y[:2]))
+
+
 def test_class_order_is_matched_by_name_and_unpaired_items_are_counted():
     from qtalign.errors import QtalignError
     from qtalign.report.paired import unpaired

@@ -129,11 +129,12 @@ def paired_bootstrap(stat, base: list, tuned: list, n_boot: int = 2000, seed: in
 
 
 def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
-    """(Spearman rank correlation, two-sided p) over the pairs where both are finite; NaN with fewer than 3."""
+    """(Spearman rank correlation, two-sided p) over the pairs where both are finite; NaN with fewer than 3, or where
+    either side is constant (no ranking to correlate: a layer that tuning leaves untouched, such as the embeddings)."""
     from scipy.stats import spearmanr
 
     pairs = [(a, b) for a, b in zip(x, y) if a is not None and b is not None and math.isfinite(a) and math.isfinite(b)]
-    if len(pairs) < 3:
+    if len(pairs) < 3 or len({a for a, _ in pairs}) < 2 or len({b for _, b in pairs}) < 2:
         return float("nan"), float("nan")
     r = spearmanr([a for a, _ in pairs], [b for _, b in pairs])
     return float(r.statistic), float(r.pvalue)
