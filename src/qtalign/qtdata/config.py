@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from qtalign.tasks.items import DataSource, comma_list, indices_field
@@ -36,6 +38,11 @@ class QTDataConfig(BaseModel):
     paired: bool = Field(False, description="use the same item indices for every source language")
     seed: int = Field(0, description="seed of the sampling and the shuffle")
     dedup: bool = Field(True, description="drop records whose input text repeats an earlier one")
+    control: Literal["none", "copy", "shuffled"] = Field(
+        "none", description="a control set with the same rows and the same responses: copy = each row's input becomes "
+        "its own target-language question (target -> target, e.g. English -> English: no cross-lingual content); "
+        "shuffled = each source question paired with another item's target question (the translation "
+        "correspondence removed); none = the question-translation rows themselves")
     data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
     data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or "
                                    "hf:<dataset>; e.g. snli/snli_{lang}10k_train.json under data_dir")
