@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("qtalign.cli.run", "one-command experiment: data, tuning, evaluation, analyses and report (default: the demo)"),
     "report": ("qtalign.cli.report", "write a run dir's report (report.md, report.html) again from its artifacts"),
     "compare": ("qtalign.cli.report", "compare runs side by side (models, sizes, source mixes): Markdown + HTML with a plot"),
+    "card": ("qtalign.cli.report", "the reproduction card: the paper's claims beside the published measurements, with verdicts"),
     "export": ("qtalign.cli.export", "export a run's per-item predictions as Hugging Face datasets parquet files"),
     "store": ("qtalign.cli.store", "seed the shared result store with a finished (or published) evaluation, verified against this machine's data and model"),
     "models": ("qtalign.cli.models", "list the embedded models: installed, converted, size, licence"),

@@ -66,10 +66,10 @@ def run_cli(args) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from qtalign.experiment.runner import Experiment
+    from qtalign.experiment.runner import run_experiments
 
     t0 = time.time()
-    Experiment(cfg).run(comma_list(args.stages) if args.stages else None, comma_list(args.force) if args.force else None)
+    run_experiments(cfg, comma_list(args.stages) if args.stages else None, comma_list(args.force) if args.force else None)
     rd = cfg.run_dir
     if args.export:
         from qtalign.report.export import export_run

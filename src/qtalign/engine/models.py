@@ -153,7 +153,16 @@ def check_model(cfg: ModelConfig) -> None:
 
         if not torch.cuda.is_available():
             raise QtalignError("load_in_4bit needs CUDA (bitsandbytes NF4); use --dtype bf16 or fp32 on CPU")
-    _device(cfg.device)
+    device = _device(cfg.device)
+    if device == "cpu" and cfg.dtype == "bf16" and "bf16/cpu" not in _WARNED:
+        from qtalign.environment import bf16_native
+
+        if bf16_native() is False:
+            _WARNED.add("bf16/cpu")
+            print("qtalign: warning: this CPU has no bf16 matrix instructions (neither avx512_bf16 nor amx_bf16): "
+                  "bf16 runs on torch's reference path, about 90x slower than fp32 here (it computes the same "
+                  "numbers); a long run belongs on a CPU with them, or in fp32 (another model identity: its results "
+                  "are not shared with bf16 ones)", file=sys.stderr)
     if cfg.trust_remote_code and cfg.name not in _WARNED:
         _WARNED.add(cfg.name)
         print(f"qtalign: warning: trust_remote_code is on: Python code shipped with '{cfg.name}' will run on this "
@@ -242,7 +251,19 @@ def adapter_sha256(adapter_dir: str | Path) -> str | None:
     return text_sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files))
 
 
+ADAPTER_MANIFEST = "qtalign_adapter.json"  # written beside a published adapter: {"sha256": identity, "files": {name: sha256}}
+
+
+def adapter_manifest(adapter_dir: str | Path) -> dict:
+    """The manifest a published adapter carries: each file's sha256 and the adapter's identity (adapter_sha256)."""
+    p = Path(adapter_dir)
+    names = ["adapter_config.json", *[w for w in ADAPTER_WEIGHTS if (p / w).is_file()]]
+    return {"sha256": adapter_sha256(p), "files": {n: file_sha256(p / n) for n in names}}
+
+
 def check_adapter_dir(adapter_dir: str | Path) -> None:
+    """An adapter folder that can be loaded; one that carries a manifest (a published adapter) must match it byte for
+    byte."""
     p = Path(adapter_dir)
     if not p.is_dir():
         raise QtalignError(f"{p}: LoRA adapter folder not found")
@@ -250,6 +271,16 @@ def check_adapter_dir(adapter_dir: str | Path) -> None:
         raise QtalignError(f"{p}: not a LoRA adapter folder (no adapter_config.json)")
     if not any((p / f).is_file() for f in ADAPTER_WEIGHTS):
         raise QtalignError(f"{p}: the adapter folder has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    if (p / ADAPTER_MANIFEST).is_file():
+        from qtalign.io import read_json
+
+        want = (read_json(p / ADAPTER_MANIFEST) or {}).get("files") or {}
+        if not want:
+            raise QtalignError(f"{p / ADAPTER_MANIFEST}: unreadable or lists no files")
+        for name, sha in want.items():
+            if not (p / name).is_file() or file_sha256(p / name) != sha:
+                raise QtalignError(f"{p / name}: does not match the sha256 its manifest {ADAPTER_MANIFEST} records "
+                                   "(the published adapter was changed or cut); restore it from the repository")
 
 
 def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:

@@ -27,7 +27,7 @@ from typing import Callable
 
 from qtalign.engine.models import LoadedModel, ModelConfig
 from qtalign.errors import QtalignError
-from qtalign.experiment.config import STAGES, ExperimentConfig, dump_config
+from qtalign.experiment.config import STAGES, ExperimentConfig, dump_config, expand
 from qtalign.experiment.overlap import check_overlap
 from qtalign.experiment.stages import REGISTRY, Unit
 from qtalign.io import OutputDir, read_json, write_json, write_text
@@ -307,3 +307,36 @@ class Experiment:
                         out[f"experiment/{t}/{v}/tuned_{k}"] = tt
                         out[f"experiment/{t}/{v}/delta_{k}"] = tt - b
         log_metrics(self.cfg.report_to, self.run_dir / "tracking" / "experiment", out, run_name=self.cfg.name)
+
+
+def run_label(label: str) -> str:
+    """A run's label in a comparison: 'copy/seed1' -> 'copy-seed1' (compare labels are plain names)."""
+    return label.replace("/", "-")
+
+
+def run_experiments(cfg: ExperimentConfig, only: list[str] | None = None, force: list[str] | None = None,
+                    log: Callable[[str], None] | None = None) -> list[Path]:
+    """Run an experiment, or each of its arms x seeds (experiment.config.expand) one after the other, each a
+    resumable run of its own; with several, compare them side by side in <out>/compare (the change tuned - base per
+    run, and per arm the mean over seeds with its spread). Returns the run dirs."""
+    log = log or (lambda s: print(s, flush=True))
+    runs = expand(cfg)
+    if not cfg.arms and not cfg.seeds:
+        Experiment(cfg, log).run(only, force)
+        return [cfg.run_dir]
+    top = OutputDir(cfg.run_dir, "experiments", option="out").check()
+    top.claim()
+    top.record(*sorted({label.split("/")[0] for label, _ in runs}), "compare", "config.yaml")
+    write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
+    for label, sub in runs:
+        log(f"=== {label} ({sub.run_dir}) ===")
+        Experiment(sub, log).run(only, force)
+    done = [(label, sub) for label, sub in runs if (sub.run_dir / "eval" / "base" / "results.json").exists()]
+    if len(done) > 1:
+        from qtalign.report.compare import compare_runs
+
+        which = "change" if all("train" in sub.stages for _, sub in done) else "base"
+        compare_runs([f"{run_label(label)}={sub.run_dir}" for label, sub in done], cfg.run_dir / "compare",
+                     title=f"{(cfg.report.title or cfg.name)}: {len(done)} runs (arms x seeds)", which=which)
+        log(f"[compare] {cfg.run_dir / 'compare' / 'compare.md'}")
+    return [sub.run_dir for _, sub in runs]
