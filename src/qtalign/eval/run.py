@@ -130,7 +130,8 @@ def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     from qtalign.eval.interop import lm_eval_dir
 
     out.check()
-    lm_eval_dir(out.path, plan.cfg.model.name).check()  # written last: refused now, not after scoring
+    lm_eval_dir(out.path).check()  # written last: refused now, not after scoring
+    lm_eval_dir(out.path, plan.cfg.model.name).check()
     prev = read_json(out.path / "run.json")
     finished = read_json(out.path / "results.json")
     same = prev is not None and prev.get("fingerprint") == plan.fingerprint
@@ -141,7 +142,7 @@ def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     if prev is not None and not same and finished is not None:
         raise QtalignError(f"{out.path}: holds an evaluation with a different config, data or model (fingerprint "
                            f"{prev.get('fingerprint')} != {plan.fingerprint}); use another --out or --overwrite")
-    if prev is None and any((out.path / n).exists() for n in OUR_FILES):
+    if prev is None and any(out.holds(n) for n in OUR_FILES):
         raise QtalignError(f"{out.path}: holds evaluation files of an unknown run (no run.json); use another --out or "
                            "--overwrite")
     return None

@@ -28,6 +28,7 @@ Output dir layout (``train(cfg, data, out)``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -46,6 +47,8 @@ from qtalign.train.loss import install_response_loss
 from qtalign.train.trainer import LogCallback, ResponseTrainer, StepProgress, peak_rss_mb, plot_loss, read_log, truncate_log
 
 OUR_FILES = ("train_config.json", "checkpoints", "adapter", "trainer_log.jsonl", "loss.png", "summary.json", "tracking")
+CHECKPOINTS = ("checkpoint-*", "tmp-checkpoint-*")  # the folders the Trainer writes (each whole) into checkpoints/
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.bin")
 
 
 def _world() -> tuple[int, int]:
@@ -144,7 +147,7 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
                                f"!= {fp}); use another --out or --overwrite")
         if not stale and finished is not None:
             return finished
-    if prev is None and not overwrite and any((out.path / n).exists() for n in OUR_FILES):
+    if prev is None and not overwrite and any(out.holds(n) for n in OUR_FILES):
         raise QtalignError(f"{out.path}: holds training files of an unknown run (no train_config.json); use another --out "
                            "or --overwrite")
     if main:
@@ -152,6 +155,7 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
         if overwrite or stale:  # --overwrite, or an unfinished run of another config: only qtalign's files go
             out.remove(*[n for n in OUR_FILES if out.is_ours(n)])
         out.record(*OUR_FILES)
+        out.subdir("checkpoints", "checkpoints").record(*CHECKPOINTS)
         write_json(out.path / "train_config.json", {"fingerprint": fp, "world_size": _world()[1], "config": cfg.model_dump(mode="json")})
     return None
 
@@ -240,7 +244,9 @@ def _run_trainer(trainer, out: Path, main: bool) -> tuple[object, int | None]:
         result = trainer.train(resume_from_checkpoint=ckpt)
     finally:
         torch.set_flush_denormal(False)
-    trainer.save_model(str(out / "adapter"))  # writes on the main process only
+    adapter = OutputDir(out, "train").subdir("adapter", "adapter") if main else None
+    with adapter.receiving(ADAPTER_FILES) if main else contextlib.nullcontext():  # what save_model writes is recorded
+        trainer.save_model(str(out / "adapter"))  # writes on the main process only
     trainer.accelerator.wait_for_everyone()
     return result, resumed_from
 
