@@ -301,6 +301,37 @@ def test_config_round_trip_and_cli_errors(tmp_path, toy_file, capsys):
     assert "bad.jsonl" in err and "record 0" in err
 
 
+def test_a_short_run_on_many_rows_validates_a_bounded_share(tiny_llama_dir, tmp_path):
+    """8 steps on 8,000 rows with the default settings: 64 validation rows (not 5 % = 400), one evaluation and one
+    checkpoint at the end (not one per step); what the defaults resolved to is recorded in train_config.json, and the
+    paper's settings (the whole 5 %, an evaluation and checkpoint every 50 steps) stay expressible."""
+    from qtalign.train.data import split_rows
+    from qtalign.train.recipe import training_arguments
+
+    recs = _toy_records(40)
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({**recs[i % 40], "id": f"r{i}"}, ensure_ascii=False) + "\n" for i in range(8000)),
+                   encoding="utf-8")
+    cfg = TrainConfig(model=ModelConfig(name=str(tiny_llama_dir), dtype="fp32", device="cpu"), max_steps=8,
+                      per_device_batch_size=8, cutoff_len=128, learning_rate=5e-3)
+    s = train(cfg, big, tmp_path / "o")
+    assert (s["numbers"]["train_rows"], s["numbers"]["val_rows"]) == (8000 - 64, 64)
+    assert [r["step"] for r in read_log(tmp_path / "o" / "trainer_log.jsonl") if "eval_loss" in r] == [8]
+    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]
+    resolved = json.loads((tmp_path / "o" / "train_config.json").read_text())["resolved"]
+    assert resolved == {"train_rows": 7936, "val_rows": 64, "steps": 8, "eval_steps": 8, "save_steps": 8,
+                        "best_checkpoint": True}
+    paper = cfg.model_copy(update={"val_max_rows": None, "eval_steps": 50, "max_steps": None})
+    assert len(split_rows(8000, paper.val_size, 0, paper.val_max_rows)[1]) == 400
+    args = training_arguments(paper, tmp_path / "p", 7600, 400, "cpu")
+    assert (args.eval_steps, args.save_steps, args.load_best_model_at_end) == (50, 50, True)
+    assert training_arguments(cfg.model_copy(update={"max_steps": 3750}), tmp_path / "p", 7936, 64, "cpu").eval_steps == 375
+    # the settings added since 0.1 enter the fingerprint only where they act: runs made before keep theirs
+    study = TrainConfig(val_data=["held_out.json"], eval_steps=25)
+    assert "val_max_rows" not in study.result_config() and "min_eval_steps" not in study.result_config()
+    assert cfg.result_config()["val_max_rows"] == 64 and cfg.result_config()["min_eval_steps"] == 10
+
+
 # -- multi-process data parallel ------------------------------------------------------------------------------
 
 

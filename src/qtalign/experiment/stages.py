@@ -88,10 +88,8 @@ def data_units(exp: Experiment) -> list[Unit]:
 
 
 def train_units(exp: Experiment) -> list[Unit]:
-    from qtalign.train.config import NOT_FINGERPRINTED
-
     tc = exp.stage_config("train", tracking_dir=str(exp.run_dir / "tracking" / "train"))
-    conf = {**tc.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED) | {"model", "data", "val_data"}), "seed": exp.cfg.seed}
+    conf = {**tc.result_config(), "seed": exp.cfg.seed}
 
     def run():
         from qtalign.train.recipe import train

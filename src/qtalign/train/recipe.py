@@ -55,6 +55,11 @@ def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    """The optimizer steps of a run: max_steps, else the epochs over the training rows."""
+    return cfg.max_steps or math.ceil(max(1, math.ceil(n_train / cfg.batch_size)) * cfg.epochs)
+
+
 def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, device: str):
     """The transformers TrainingArguments for a config (accumulation derived from the effective batch)."""
     from transformers import TrainingArguments
@@ -67,9 +72,8 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
             f" x {world} process(es)"
         )
     accum = cfg.batch_size // per
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
-    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    eval_steps = cfg.eval_steps or max(1, total // 10)
+    total = planned_steps(cfg, n_train)
+    eval_steps = cfg.eval_steps or min(total, max(total // 10, cfg.min_eval_steps))
     has_val = n_val > 0
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -185,7 +189,7 @@ def _split(tok, pairs, val_pairs, cfg: TrainConfig) -> tuple[list[dict], list[di
         raise QtalignError(f"train: no row keeps a response token within cutoff_len {cfg.cutoff_len}")
     if cfg.val_data:
         return rows, _encode_rows(tok, val_pairs, cfg)[0], skipped
-    tr_idx, va_idx = split_rows(len(rows), cfg.val_size, cfg.seed)
+    tr_idx, va_idx = split_rows(len(rows), cfg.val_size, cfg.seed, cfg.val_max_rows)
     return [rows[i] for i in tr_idx], [rows[i] for i in va_idx], skipped
 
 
@@ -200,6 +204,13 @@ def _tracking_env(cfg: TrainConfig, out: Path) -> None:
         os.environ["WANDB_DIR"] = str(d)
     if "mlflow" in cfg.report_to:
         os.environ["MLFLOW_TRACKING_URI"] = (d / "mlruns").resolve().as_uri()
+
+
+def _record_resolved(out: Path, cfg: TrainConfig, args, n_train: int, n_val: int) -> None:
+    """What the defaults resolved to (rows, steps, evaluation and checkpoint interval), beside the config."""
+    write_json(out / "train_config.json", {**read_json(out / "train_config.json"), "resolved": {
+        "train_rows": n_train, "val_rows": n_val, "steps": planned_steps(cfg, n_train), "eval_steps": args.eval_steps,
+        "save_steps": args.save_steps, "best_checkpoint": args.load_best_model_at_end}})
 
 
 def _with_lora(model, cfg: TrainConfig):
@@ -318,6 +329,8 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     device = str(next(model.parameters()).device.type)
     args = training_arguments(cfg, out.path, len(train_rows), len(val_rows), device)  # also sets up the process group
     _tracking_env(cfg, out.path)
+    if rank == 0:
+        _record_resolved(out.path, cfg, args, len(train_rows), len(val_rows))
 
     set_seed(cfg.seed)  # before the adapter is created: same seed -> same adapter
     remove = install_response_loss(model, cfg.loss_chunk_tokens)
