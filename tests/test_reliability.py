@@ -180,27 +180,6 @@ def test_report_is_never_written_into_a_folder_qtalign_does_not_own(tmp_path, ti
     assert (rd / "report" / "accuracy_emotion_enout.png").read_text() == "the user's figure now"
 
 
-def test_legacy_run_dirs_are_adopted_not_deleted(tmp_path, tiny_llama_dir):
-    """A run dir made before ownership markers (stage.json files, no marker) is adopted; files qtalign never wrote
-    stay, even when a stage reruns."""
-    from qtalign.experiment.config import ExperimentConfig
-    from qtalign.experiment.runner import Experiment
-
-    from test_experiment import tiny_dict
-
-    rd = tmp_path / "run"
-    d = tiny_dict(tiny_llama_dir, rd)
-    d["stages"] = ["data", "eval", "report"]
-    Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
-    for m in rd.rglob(".qtalign.json"):
-        m.unlink()  # as an older qtalign left it
-    (rd / "my_notes.md").write_text("notes")
-    d["eval"]["items"] = "0:4"  # eval and the report rerun
-    out = Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
-    assert out["eval/base"] == "ran" and (rd / "my_notes.md").read_text() == "notes"
-    assert json.loads((rd / ".qtalign.json").read_text())["adopted"] is True
-
-
 def test_merge_refuses_a_folder_it_did_not_write(tmp_path, tiny_llama_dir):
     user = tmp_path / "models"
     user.mkdir()
@@ -266,7 +245,7 @@ def test_overlap_is_found_in_a_byte_identical_copy_in_another_folder(tmp_path):
 
 def test_compare_labels_cannot_write_outside_out(tmp_path, tiny_llama_dir):
     rc, err, _ = cli(["lens", "--model", tiny_llama_dir, "--data-files", "demo", "--langs", "en,zh",
-                      "--compare-adapter", f"../../evil={tmp_path}", "--out", tmp_path / "lens"])
+                      "--compare", f"../../evil={tmp_path}", "--out", tmp_path / "lens"])
     assert rc == 2 and "must be a plain name" in err[-1]
     assert not (tmp_path / "lens").exists() and not list(tmp_path.parent.glob("evil*"))
 
@@ -344,8 +323,8 @@ def test_config_errors_name_the_file_and_the_field(tmp_path):
 
 
 def test_a_users_results_json_does_not_make_a_folder_qtaligns(tmp_path, tiny_llama_dir):
-    """Only a file with qtalign's own content marks a folder written by an older qtalign; a user's results.json (or
-    any file of that name) does not, and nothing in the folder is touched."""
+    """A folder without qtalign's marker is not qtalign's, whatever its files are called: a user's results.json
+    and predictions.jsonl there are refused, not taken over, and nothing in the folder is touched."""
     out = tmp_path / "mine"
     out.mkdir()
     (out / "results.json").write_text(json.dumps({"accuracy": 0.9}))

@@ -290,7 +290,7 @@ def test_config_round_trip_and_cli_errors(tmp_path, toy_file, capsys):
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--data", str(toy_file), "--out", str(tmp_path / "o")]) == 2
     assert "lora_rank" in capsys.readouterr().err
     saved = tmp_path / "saved.yaml"
-    assert main(["train", "--data", str(toy_file), "--lr", "1e-4", "--micro-batch-size", "2", "--out", "x",
+    assert main(["train", "--data", str(toy_file), "--learning-rate", "1e-4", "--per-device-batch-size", "2", "--out", "x",
                  "--save-config", str(saved)]) == 0
     back = TrainConfig(**yaml.safe_load(saved.read_text())["train"])
     assert back.learning_rate == 1e-4 and back.per_device_batch_size == 2 and back.data == [str(toy_file)]
@@ -354,8 +354,8 @@ def test_two_processes_match_one(tiny_llama_dir, toy_file, tmp_path):
     run = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(run), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "qtalign", "train",
                           "--model", str(tiny_llama_dir), "--dtype", "fp32", "--device", "cpu", "--data", str(toy_file),
-                          "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "7", "--eval-steps", "3",
-                          "--lr", "5e-2", "--val-size", "8", "--out", str(tmp_path / "two")],
+                          "--batch-size", "8", "--per-device-batch-size", "2", "--max-steps", "7", "--eval-steps", "3",
+                          "--learning-rate", "5e-2", "--val-size", "8", "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())

@@ -27,8 +27,6 @@ from typing import Any, Iterable, Iterator
 from qtalign.errors import QtalignError
 
 MARKER = ".qtalign.json"
-# files that qtalign wrote before output dirs had a marker: a folder holding one of them is adopted, never refused
-LEGACY_FILES = ("stage.json", "run.json", "experiment.json", "train_config.json", "summary.json", "results.json")
 
 
 def cache_root() -> Path:
@@ -235,18 +233,6 @@ def fingerprint(config: Any, data: Any = None, model: Any = None, numerics: str 
 # output directories owned through a marker
 
 
-def _is_legacy_file(path: Path) -> bool:
-    """Whether a file is one qtalign itself wrote before markers existed: a JSON document with qtalign's own keys (a
-    user's results.json is not)."""
-    d = read_json(path)
-    if not isinstance(d, dict):
-        return False
-    keys = {"stage.json": {"stage", "fingerprint"}, "run.json": {"fingerprint", "config"},
-            "experiment.json": {"config", "environment"}, "train_config.json": {"fingerprint", "config"},
-            "summary.json": {"stage", "timing_s"}, "results.json": {"fingerprint", "metrics", "config"}}[path.name]
-    return keys <= set(d)
-
-
 class OutputDir:
     """A folder qtalign writes into, owned through its marker ``.qtalign.json`` = {"tool", "kind", "entries"}.
 
@@ -255,9 +241,8 @@ class OutputDir:
     file: removing it removes what its marker lists, recursively, and leaves every other file and the folders that
     still hold one (a folder of someone else's put in its place, without the marker, is not qtalign's). A folder
     listed as a plain name was written whole by qtalign (a library's output such as a training checkpoint) and is
-    qtalign's whole. A folder that exists, is not empty and is neither marked nor listed by its owner is refused, unless it holds files qtalign itself wrote before markers existed (``LEGACY_FILES`` with
-    qtalign's content): such a folder is adopted, and only the names its writer declares (``adopt``) become qtalign's.
-    A folder written by another kind of qtalign command (an experiment's run dir given to ``merge``) is refused too.
+    qtalign's whole. A folder that exists, is not empty and is neither marked nor listed by its owner is refused, and
+    so is a folder written by another kind of qtalign command (an experiment's run dir given to ``merge``).
     """
 
     def __init__(self, path: str | Path, kind: str = "output", option: str = "--out"):
@@ -289,11 +274,6 @@ class OutputDir:
                                "folder")
         return self
 
-    def legacy(self) -> bool:
-        if (self.path / MARKER).is_file():
-            return False
-        return any(_is_legacy_file(self.path / n) for n in LEGACY_FILES)
-
     def whole(self) -> bool:
         """Whether the folder above is qtalign's and lists this one as written whole (a plain name, not 'name/'): then,
         without a marker of its own, all of it is qtalign's."""
@@ -302,23 +282,17 @@ class OutputDir:
         return (parent.path / MARKER).is_file() and parent.is_ours(name) and not parent.marked(name)
 
     def owned(self) -> bool:
-        return (self.path / MARKER).is_file() or self.whole() or self.legacy()
+        return (self.path / MARKER).is_file() or self.whole()
 
     def claim(self, adopt: Iterable[str] = ()) -> "OutputDir":
-        """Create the folder (or adopt it) and write its marker. A folder its owner lists, without a marker of its
-        own, is qtalign's whole: everything in it is listed. A folder made by qtalign before markers existed is
-        adopted: of its entries, only those named in ``adopt`` (what the caller itself writes) become qtalign's;
-        every other file there stays untouchable."""
+        """Create the folder and write its marker (a folder its owner lists as written whole, without a marker of
+        its own, gets one listing everything in it). ``adopt`` is ignored (report/compare.py still passes it; drop
+        both together)."""
         self.check()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / MARKER).is_file():
-                if self.whole():
-                    self._save({x.name for x in self.path.iterdir()}, adopted=False)
-                    return self
-                legacy = self.legacy()
-                names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
-                self._save(names, adopted=legacy)
+                self._save({x.name for x in self.path.iterdir()} if self.whole() else set())
         except OSError as e:
             raise QtalignError(f"{self.option} {self.path}: cannot write there ({e.strerror or e})") from None
         return self
@@ -339,11 +313,9 @@ class OutputDir:
     def _load(self) -> dict:
         return read_json(self.path / MARKER, {}) or {}
 
-    def _save(self, entries: set[str], adopted: bool | None = None) -> None:
+    def _save(self, entries: set[str]) -> None:
         d = self._load()
         d.update(tool="qtalign", kind=d.get("kind", self.kind), entries=sorted(entries))
-        if adopted is not None and "adopted" not in d:
-            d["adopted"] = adopted
         d.setdefault("created", round(time.time()))
         write_json(self.path / MARKER, d)
         self._entries = set(entries)
@@ -352,9 +324,6 @@ class OutputDir:
         if self._entries is None:
             self._entries = set(self._load().get("entries", []))
         return set(self._entries)
-
-    def adopted(self) -> bool:
-        return bool(self._load().get("adopted"))
 
     def record(self, *names: str) -> None:
         """Register top-level names as qtalign's, before writing them; a name that exists and is not qtalign's is

@@ -103,7 +103,7 @@ class Experiment:
 
     # -- the plan -----------------------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
-        units = [u for name in STAGES if name in self.cfg.stages for u in REGISTRY[name].units(self)]
+        units = [u for name in STAGES if name in self.cfg.stages for u in REGISTRY[name](self)]
         fps: dict[str, str] = {}
         for u in units:
             if u.stage == "report":
@@ -126,22 +126,11 @@ class Experiment:
     def owned_dir(self) -> OutputDir:
         return OutputDir(self.run_dir, "experiment", option="out")
 
-    def _legacy_entries(self) -> list[str]:
-        """What a run dir made before ownership markers holds of qtalign's own: its run files, and the stage folders
-        that have qtalign's stage.json (a folder merely named like a stage is the user's)."""
-        rd = self.run_dir
-        names = [n for n in RUN_FILES if (rd / n).exists()]
-        for name in STAGES:
-            inside = [rd / name / "stage.json", *(rd / name).glob("*/stage.json")] if (rd / name).is_dir() else []
-            if any(p.is_file() for p in inside):
-                names.append(name)
-        return names
-
     def claim(self, units: list[Unit]) -> OutputDir:
-        """Own the run dir (or adopt one qtalign made before markers) and check that every folder the stages write is
-        qtalign's or absent (each unit folder, and the folders on its way, through their own markers)."""
+        """Own the run dir and check that every folder the stages write is qtalign's or absent (each unit folder, and
+        the folders on its way, through their own markers)."""
         out = self.owned_dir().check()
-        out.claim(adopt=self._legacy_entries())
+        out.claim()
         for name in [*[s for s in STAGES if s in self.cfg.stages], *RUN_FILES]:
             if (self.run_dir / name).exists() and not out.is_ours(name):
                 raise QtalignError(f"{self.run_dir / name}: exists and was not written by qtalign; move it away or choose "

@@ -155,7 +155,7 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
         raise QtalignError(f"{out.path}: holds training files of an unknown run (no train_config.json); use another --out "
                            "or --overwrite")
     if main:
-        out.claim(adopt=OUR_FILES)
+        out.claim()
         if overwrite or stale:  # --overwrite, or an unfinished run of another config: only qtalign's files go
             out.remove(*[n for n in OUR_FILES if out.is_ours(n)])
         out.record(*OUR_FILES)
