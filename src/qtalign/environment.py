@@ -120,15 +120,3 @@ def hardware() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return out
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

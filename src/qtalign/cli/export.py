@@ -28,7 +28,7 @@ def run_cli(args) -> int:
     evals = evaluations(args.run)
     if not evals:
         raise QtalignError(f"{args.run}: no evaluation found (results.json, or eval/base/results.json in a run dir)")
-    out = OutputDir(args.out, "export").claim(adopt=tuple(f"{k}.parquet" for k in evals))
+    out = OutputDir(args.out, "export").claim()
     for stem, pred in evals.items():
         recs = list(read_jsonl(pred))
         if not recs:

@@ -1,5 +1,5 @@
 """`qtalign train` (options generated from TrainConfig: every field is a flag of the same name, e.g.
-``--learning-rate``; the older ``--lr`` and ``--micro-batch-size`` still work) and `qtalign merge`."""
+``--learning-rate``) and `qtalign merge`."""
 
 from __future__ import annotations
 

@@ -37,14 +37,6 @@ OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table
              "tracking")
 
 
-def item_key(task: str, variant: str, lang: str, index: int) -> str:
-    return Group(task, variant, lang).key(index)
-
-
-def group_name(task: str, variant: str, lang: str) -> str:
-    return Group(task, variant, lang).name
-
-
 def scored_words(task, lang: str, variant: str, method: str) -> tuple[str, list[str]]:
     """(forced text after the answer cue, label words scored per class) for a task x language x variant: the
     label words, except for a faithful special case (the Thai two-step), which forces the common prefix."""
@@ -130,7 +122,8 @@ def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     from qtalign.eval.interop import lm_eval_dir
 
     out.check()
-    lm_eval_dir(out.path, plan.cfg.model.name).check()  # written last: refused now, not after scoring
+    lm_eval_dir(out.path).check()  # written last: refused now, not after scoring
+    lm_eval_dir(out.path, plan.cfg.model.name).check()
     prev = read_json(out.path / "run.json")
     finished = read_json(out.path / "results.json")
     same = prev is not None and prev.get("fingerprint") == plan.fingerprint
@@ -141,7 +134,7 @@ def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     if prev is not None and not same and finished is not None:
         raise QtalignError(f"{out.path}: holds an evaluation with a different config, data or model (fingerprint "
                            f"{prev.get('fingerprint')} != {plan.fingerprint}); use another --out or --overwrite")
-    if prev is None and any((out.path / n).exists() for n in OUR_FILES):
+    if prev is None and any(out.holds(n) for n in OUR_FILES):
         raise QtalignError(f"{out.path}: holds evaluation files of an unknown run (no run.json); use another --out or "
                            "--overwrite")
     return None
@@ -153,7 +146,7 @@ def _start(out: OutputDir, plan: Plan, overwrite: bool) -> None:
     prev = read_json(out.path / "run.json")
     if prev is not None and prev.get("fingerprint") != plan.fingerprint and not overwrite:
         print(f"qtalign: {out.path}: replacing an unfinished evaluation of another config", file=sys.stderr)
-    out.claim(adopt=OUR_FILES)
+    out.claim()
     if overwrite or (prev is not None and prev.get("fingerprint") != plan.fingerprint):
         out.remove(*[n for n in OUR_FILES if out.is_ours(n)],
                    *[p.name for p in out.path.glob("predictions.rank*.jsonl") if out.is_ours(p.name)])
@@ -243,7 +236,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     """Evaluate ``cfg`` into ``out``; returns the results dict (also results.json). ``loaded``: a loaded model, or a
     function returning one (called only when some item is not already in the run dir or the store)."""
     from qtalign.engine.parallel import distributed_state, on_main_then_share
-    from qtalign.environment import environment, seed_everything
+    from transformers import set_seed
+
+    from qtalign.environment import environment
     from qtalign.progress import Progress
 
     check_available(cfg.report_to)
@@ -258,7 +253,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite))
     if finished is not None:
         return finished if state.is_main_process else {}
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     store = Store() if cfg.store else None
     done, n_store = _done(out_dir.path, plan, None if overwrite else store)  # --overwrite recomputes everything
     rank, world = state.process_index, state.num_processes

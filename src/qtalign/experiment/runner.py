@@ -10,7 +10,8 @@ Run dir layout (`out`, default runs/<name>):
     data/ train/ eval/base/ eval/tuned/ lens/ geometry/      one folder per unit, each with stage.json
     report/              the report's own figures;  report.md, report.html
 
-Every unit folder holds `stage.json` = {stage, fingerprint, status, timing_s} (experiment/stages.py says what the
+Every unit folder is owned through a marker of its own (io.OutputDir): a unit that reruns clears the files it wrote
+there, never a file of the user's beside them. Every unit folder holds `stage.json` = {stage, fingerprint, status, timing_s} (experiment/stages.py says what the
 fingerprint covers). A unit whose status is done, whose fingerprint matches and whose marker file exists is skipped;
 one whose fingerprint changed is cleared and rerun; one that was interrupted (status running, same fingerprint) is
 called again and resumes where the stage supports it (evaluation from predictions.jsonl, training from its
@@ -102,7 +103,7 @@ class Experiment:
 
     # -- the plan -----------------------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
-        units = [u for name in STAGES if name in self.cfg.stages for u in REGISTRY[name].units(self)]
+        units = [u for name in STAGES if name in self.cfg.stages for u in REGISTRY[name](self)]
         fps: dict[str, str] = {}
         for u in units:
             if u.stage == "report":
@@ -125,26 +126,21 @@ class Experiment:
     def owned_dir(self) -> OutputDir:
         return OutputDir(self.run_dir, "experiment", option="out")
 
-    def _legacy_entries(self) -> list[str]:
-        """What a run dir made before ownership markers holds of qtalign's own: its run files, and the stage folders
-        that have qtalign's stage.json (a folder merely named like a stage is the user's)."""
-        rd = self.run_dir
-        names = [n for n in RUN_FILES if (rd / n).exists()]
-        for name in STAGES:
-            inside = [rd / name / "stage.json", *(rd / name).glob("*/stage.json")] if (rd / name).is_dir() else []
-            if any(p.is_file() for p in inside):
-                names.append(name)
-        return names
-
-    def claim(self) -> OutputDir:
-        """Own the run dir (or adopt one qtalign made before markers) and check that every folder the stages write is
-        qtalign's or absent."""
+    def claim(self, units: list[Unit]) -> OutputDir:
+        """Own the run dir and check that every folder the stages write is qtalign's or absent (each unit folder, and
+        the folders on its way, through their own markers)."""
         out = self.owned_dir().check()
-        out.claim(adopt=self._legacy_entries())
+        out.claim()
         for name in [*[s for s in STAGES if s in self.cfg.stages], *RUN_FILES]:
             if (self.run_dir / name).exists() and not out.is_ours(name):
                 raise QtalignError(f"{self.run_dir / name}: exists and was not written by qtalign; move it away or choose "
                                    "another --out (qtalign never deletes or overwrites files it did not write)")
+        for u in units:
+            parts = u.folder.split("/")
+            for i in range(len(parts)):
+                if (self.run_dir.joinpath(*parts[:i + 1])).exists():
+                    OutputDir(self.run_dir.joinpath(*parts[:i + 1]), u.stage if i == len(parts) - 1 else "experiment",
+                              option="out").check()
         out.record(*[s for s in STAGES if s in self.cfg.stages], *RUN_FILES)
         return out
 
@@ -234,7 +230,7 @@ class Experiment:
             self.owned_dir().remove(u.folder)
             if u.stage == "report":
                 self.owned_dir().remove(*u.outputs)
-        OutputDir(rd / u.folder, u.stage).claim(adopt=("stage.json",)).record("stage.json")
+        self.owned_dir().subdir(u.folder, u.stage).record("stage.json")
         self.log(f"[{u.folder}] {'resuming' if st == 'partial' and not forced else 'running'} …")
         sj_path = rd / u.folder / "stage.json"
         attempts = (read_json(sj_path) or {}).get("attempts", 0) + 1
@@ -256,7 +252,7 @@ class Experiment:
         seen = self._seen_langs()
         states = {u.folder: self.state(u) for u in units if u.stage != "report"}
         self._check_inputs(units, states, only)
-        self.claim()
+        self.claim(units)
         self._start(seen)
         self._withdraw_reruns(units, states, only, force)
         states = {u.folder: self.state(u) for u in units if u.stage != "report"}  # withdrawn units now rerun

@@ -62,7 +62,7 @@ def export_run(run_dir: str | Path, dest: str | Path) -> Path:
     run_dir = Path(run_dir)
     if not (run_dir / "report.md").is_file() and not (run_dir / "eval" / "base" / "results.json").is_file():
         raise QtalignError(f"{run_dir}: nothing to export (no report.md and no eval/base/results.json)")
-    out = OutputDir(dest, "export", option="--export").claim(adopt=("report.md",))
+    out = OutputDir(dest, "export", option="--export").claim()
     files = export_files(run_dir)
     out.record(*{f.split("/", 1)[0] for f in files}, "eval", "adapter")
     for rel in files:

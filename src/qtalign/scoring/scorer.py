@@ -6,7 +6,7 @@
 
 Every rule returns, per item, raw per-class numbers, class probabilities normalised over the classes, and the
 predicted class; calibration is in scoring/calibration.py. A new rule is a function ``(scorer, requests, progress)
--> Iterator[ItemScore]`` registered with :func:`register_method`.
+-> Iterator[ItemScore]`` added to ``METHOD_FUNCTIONS`` and to the ``method`` choices of eval/config.py.
 """
 
 from __future__ import annotations
@@ -28,13 +28,6 @@ METHOD_FUNCTIONS: dict[str, Callable[..., Iterator[ItemScore]]] = {
     "sequence": sequence_scores,
 }
 METHODS = tuple(METHOD_FUNCTIONS)
-
-
-def register_method(name: str, fn: Callable[..., Iterator[ItemScore]]) -> None:
-    """Add a scoring rule: ``fn(scorer, requests, progress)`` yields one ItemScore per request."""
-    global METHODS
-    METHOD_FUNCTIONS[name] = fn
-    METHODS = tuple(METHOD_FUNCTIONS)
 
 
 class Scorer:
@@ -60,8 +53,6 @@ class Scorer:
 
     def prompts(self, reqs: list[ScoreRequest]) -> list[Prompt]:
         return [Prompt(r.key, r.group, r.prefix, r.prefix + r.question + r.forced) for r in reqs]
-
-    _prompts = prompts  # the name the analyses used
 
     def score(self, requests: Iterable[ScoreRequest], progress=None) -> Iterator[ItemScore]:
         """One ItemScore per request (in engine order: grouped, longest first); the requests are not modified."""

@@ -115,11 +115,14 @@ class ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def split_rows(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, val indices): a seeded shuffle, the first `val` rows held out."""
+def split_rows(n: int, val_size: float, seed: int, max_rows: int | None = None) -> tuple[list[int], list[int]]:
+    """(train indices, val indices): a seeded shuffle, the first `val` rows held out (a fraction: at most
+    ``max_rows``)."""
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     n_val = int(val_size) if val_size >= 1 else (max(1, round(n * val_size)) if val_size > 0 else 0)
+    if 0 < val_size < 1 and max_rows is not None:
+        n_val = min(n_val, max_rows)
     if n_val >= n:
         raise QtalignError(f"train: val_size {val_size} leaves no training rows (of {n})")
     return sorted(idx[n_val:]), sorted(idx[:n_val])
