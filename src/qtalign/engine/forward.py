@@ -279,3 +279,44 @@ class Engine:
             yield b
             if progress is not None:
                 progress.update(len(batch))
+
+    @torch.inference_mode()
+    def continuations(self, b: Batch, pairs: list[tuple[int, list[int]]]) -> list[list[float]]:
+        """Log-probs of tokens 2..n of each (batch row, label tokens) pair, for all multi-token labels of a batch
+        (run with ``keep_cache=True``) in one forward. Each pair's context (its row's cache without the pads) is
+        right-aligned in a new cache, left pads masked, so the label tokens follow it contiguously (the sliding-window
+        distances stay true); their positions are passed explicitly."""
+        dev = self.device
+        R = len(pairs)
+        n_ctx = torch.tensor([b.prefix_len + int(b.lengths[row]) for row, _ in pairs], device=dev)
+        N = int(n_ctx.max())
+        T = max(len(c) - 1 for _, c in pairs)
+        src_rows = torch.tensor([row for row, _ in pairs], device=dev)
+        # source index of every slot of the right-aligned context (left pad slots read slot 0; they are masked)
+        src = (torch.arange(N, device=dev)[None, :] - (N - n_ctx)[:, None]).clamp(min=0)  # (R, N)
+        cache = DynamicCache()
+        for i, layer in enumerate(b.cache.layers):
+            kv = []
+            for t in (layer.keys, layer.values):
+                t = t[src_rows]  # (R, H, L, D)
+                idx = src[:, None, :, None].expand(R, t.shape[1], N, t.shape[3])
+                kv.append(t.gather(2, idx))
+            cache.update(kv[0], kv[1], i)
+        ids = torch.full((R, T), self.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((R, N + T), dtype=torch.long, device=dev)
+        mask[:, :N] = (torch.arange(N, device=dev)[None, :] >= (N - n_ctx)[:, None]).long()
+        for j, (_, c) in enumerate(pairs):
+            ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
+            mask[j, N : N + len(c) - 1] = 1
+        pos = n_ctx[:, None] + torch.arange(T, device=dev)[None, :]
+        out = self.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        sel_row = torch.tensor([j for j, (_, c) in enumerate(pairs) for _ in c[1:]], device=dev)
+        sel_pos = torch.tensor([t for _, c in pairs for t in range(len(c) - 1)], device=dev)
+        target = torch.tensor([x for _, c in pairs for x in c[1:]], device=dev)
+        lp = torch.log_softmax(self.parts.unembed(out.last_hidden_state[sel_row, sel_pos]), dim=-1)
+        flat = lp[torch.arange(len(target), device=dev), target].tolist()  # one copy back per batch
+        out_lps, k = [], 0
+        for _, c in pairs:
+            out_lps.append(flat[k : k + len(c) - 1])
+            k += len(c) - 1
+        return out_lps
