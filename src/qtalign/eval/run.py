@@ -242,7 +242,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
              overwrite: bool = False, progress: bool = True) -> dict:
     """Evaluate ``cfg`` into ``out``; returns the results dict (also results.json). ``loaded``: a loaded model, or a
     function returning one (called only when some item is not already in the run dir or the store)."""
-    from qtalign.engine.parallel import distributed_state, on_main_then_share
+    from qtalign.engine.parallel import barrier_group, distributed_state, finish_barrier, on_main_then_share
     from qtalign.environment import environment, seed_everything
     from qtalign.progress import Progress
 
@@ -257,6 +257,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
         model_id = {**model_id, "backend": backend.identity()}
     plan = Plan(cfg, model_id)  # all data read and checked here, before any model or output
     state = distributed_state()
+    group = barrier_group(state)  # made while the processes are in step; waited on at the end, however uneven
     out_dir = OutputDir(out, "eval")
     finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite))
     if finished is not None:
@@ -284,7 +285,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
         scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
         with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
             timings = _score_groups(scorer, plan, todo, shard, bar)
-    state.wait_for_everyone()
+    finish_barrier(state, group)
     if not state.is_main_process:
         return {}
     return _finish(plan, out_dir, store, lm, done, n_store, total, timings, t_load, world, environment())
