@@ -19,14 +19,15 @@ def plain_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 
 class FakeServer:
-    """``engine``: 'vllm' or 'sglang'. ``faults``: fail_503 (first N POSTs answered 503), hang (first N POSTs answered
+    """``engine``: 'vllm' or 'sglang'. ``faults``: fail_503 (first N POSTs answered 503), die_after (every POST after
+    the first N answered 503), hang (first N POSTs answered
     after hang_s seconds), shuffle (choices in reverse order), ignore_ids (only the sampled token comes back),
     max_ids (requests asking for more ids are refused with a 400, as vLLM does above 128), drop (one choice short),
     name_keys (tokens as text instead of 'token_id:<id>')."""
 
     def __init__(self, model, engine: str = "vllm", block: int = 16, **faults):
         self.model, self.engine, self.block = model, engine, block
-        self.faults = {"fail_503": 0, "hang": 0, "hang_s": 1.0, "shuffle": False, "ignore_ids": False, "max_ids": 128,
+        self.faults = {"fail_503": 0, "die_after": None, "hang": 0, "hang_s": 1.0, "shuffle": False, "ignore_ids": False, "max_ids": 128,
                        "drop": False, "name_keys": False, **faults}
         self.posts: list[dict] = []  # every POST body received (in arrival order)
         self.seen: list[list[int]] = []
@@ -83,7 +84,8 @@ class FakeServer:
         with self.lock:
             self.posts.append(payload)
             n = len(self.posts)
-        if n <= self.faults["fail_503"]:
+        dead = self.faults["die_after"] is not None and n > self.faults["die_after"]
+        if n <= self.faults["fail_503"] or dead:
             return 503, {"error": {"message": "Service Unavailable"}}
         if n <= self.faults["hang"]:
             time.sleep(self.faults["hang_s"])

@@ -254,6 +254,30 @@ def test_vllm_backend_gives_the_torch_predictions_through_evaluate(tmp_path, tin
     assert "backend" not in torch_res["covers"]["config"] and "server_url" not in res["covers"]["config"]
 
 
+def test_a_server_dying_mid_group_leaves_a_run_that_resumes(tmp_path, tiny_llama_dir):
+    """The server stops answering in the middle of a group: one clear error, the records scored so far kept; the rerun
+    against a live server scores only the rest, and the result equals an uninterrupted run's."""
+    from qtalign.engine.models import ModelConfig, load_model
+    from qtalign.eval.run import EvalConfig, evaluate
+
+    lm = load_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32"))
+    base = dict(model=ModelConfig(name=str(tiny_llama_dir), dtype="fp32"), tasks=["emotion"], langs=["en"],
+                variants=["enout"], data_files="demo", limit=10, batch_size=2, store=False)
+    with FakeServer(lm.model) as srv:
+        evaluate(EvalConfig(**base, backend="vllm", server_url=srv.url), tmp_path / "clean", progress=False)
+        n_clean = len(srv.posts)
+    with FakeServer(lm.model, die_after=5) as srv:
+        with pytest.raises(ServerError, match="no answer after 5 tries"):
+            evaluate(EvalConfig(**base, backend="vllm", server_url=srv.url), tmp_path / "cut", progress=False)
+    kept = (tmp_path / "cut" / "predictions.jsonl").read_text().splitlines()
+    assert 0 < len(kept) < 10 and not (tmp_path / "cut" / "results.json").exists()
+    with FakeServer(lm.model) as srv:
+        evaluate(EvalConfig(**base, backend="vllm", server_url=srv.url), tmp_path / "cut", progress=False)
+        assert len(srv.posts) < n_clean
+    recs = {p: [json.loads(x) for x in (tmp_path / p / "predictions.jsonl").read_text().splitlines()] for p in ("clean", "cut")}
+    assert recs["cut"] == recs["clean"]
+
+
 def test_backend_options_are_checked_before_anything_runs(tmp_path):
     import subprocess
     import sys

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +41,9 @@ from qtalign.errors import QtalignError
 
 BACKENDS = ("torch", "vllm", "sglang")
 RETRY_STATUS = (429, 500, 502, 503, 504)
+# a refusal for too many requested ids (vLLM: "Requested logprob_token_ids of length N, which is greater than max
+# allowed: 128"): answered with smaller requests
+ID_LIMIT = re.compile(r"(logprob_token_ids|token_ids_logprob)\b.*\b(max|at most)\b", re.S)
 
 
 class Backend(Protocol):
@@ -143,7 +147,7 @@ class HttpBackend:
                 if e.code in RETRY_STATUS:
                     last = f"HTTP {e.code}"
                     continue
-                if e.code in (400, 422) and "token_ids" in body and "logprob" in body and payload is not None:
+                if e.code in (400, 422) and ID_LIMIT.search(body):
                     raise _IdLimit(body) from None
                 raise ServerError(f"{self.name} server {self.url}{path}: HTTP {e.code}: {body}") from None
             except (urllib.error.URLError, TimeoutError, ConnectionError, OSError) as e:
