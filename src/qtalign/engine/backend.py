@@ -93,7 +93,12 @@ class TorchBackend:
             with torch.inference_mode():
                 logp = torch.log_softmax(parts.unembed(b.last_hidden), dim=-1)
                 rows = [conts[k] for k in b.keys]
-                firsts = [logp[r, [c[0] for c in cs]].tolist() for r, cs in enumerate(rows)]
+                first_ids = [[c[0] for c in cs] for cs in rows]
+                if len({len(f) for f in first_ids}) == 1:  # one gather and one copy back for the batch
+                    idx = torch.tensor(first_ids, device=logp.device)
+                    firsts = logp.gather(1, idx).tolist()
+                else:
+                    firsts = [logp[r, f].tolist() for r, f in enumerate(first_ids)]
             pairs = [(r, c) for r, cs in enumerate(rows) for c in cs if len(c) > 1]
             rest = iter(self.engine.continuations(b, pairs) if pairs else [])
             for key, cs, first in zip(b.keys, rows, firsts):
