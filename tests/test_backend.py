@@ -291,3 +291,23 @@ def test_backend_options_are_checked_before_anything_runs(tmp_path):
     p = subprocess.run([sys.executable, "-m", "qtalign", "eval", "--backend", "vllm", "--out", str(tmp_path / "o")],
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and "server_url" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_an_experiment_passes_its_eval_backend_through(tmp_path):
+    """`qtalign run ... eval.backend=vllm eval.server_url=...`: the evaluation units carry the backend in their config
+    (the server's address is not a result); with a train stage the tuned evaluation is refused at planning, naming
+    what to do (a server cannot apply the adapter)."""
+    from pydantic import ValidationError
+
+    from qtalign.experiment.config import load_experiment
+    from qtalign.experiment.runner import Experiment
+
+    over = ["eval.backend=vllm", "eval.server_url=http://127.0.0.1:9", f"out={tmp_path / 'run'}"]
+    exp = Experiment(load_experiment(None, over + ["stages=[eval]"]))
+    (unit,) = [u for u in exp.units() if u.stage == "eval"]
+    assert unit.config["backend"] == "vllm" and "server_url" not in unit.config
+    torch_unit = [u for u in Experiment(load_experiment(None, [f"out={tmp_path / 'run'}", "stages=[eval]"])).units()
+                  if u.stage == "eval"][0]
+    assert "backend" not in torch_unit.config
+    with pytest.raises(ValidationError, match="an adapter cannot be applied here; merge it"):
+        Experiment(load_experiment(None, over)).units()

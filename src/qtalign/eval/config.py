@@ -154,7 +154,7 @@ class EvalConfig(TaskSelection):
         if self.backend != "torch" and not self.server_url:
             raise ValueError(f"backend {self.backend} needs server_url (the address of a running {self.backend} server, "
                              "e.g. http://127.0.0.1:8000)")
-        if self.backend != "torch" and self.model.adapter:
+        if self.backend != "torch" and getattr(self.model, "adapter", None):  # (an experiment section has no model)
             raise ValueError(f"backend {self.backend} scores the model the server serves: an adapter cannot be applied "
                              "here; merge it (qtalign merge), serve the merged folder and evaluate that folder")
         return self
