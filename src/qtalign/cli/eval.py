@@ -14,7 +14,8 @@ def configure_parser(p, name: str) -> None:
     add_model_options(p)
     g = p.add_argument_group("tasks, data and scoring")
     add_config_options(g, EvalConfig, skip={"model"} if name == "eval" else {"model", "method", "length_norm",
-                                                                             "prefix_cache", "calibrate", "store"})
+                                                                             "prefix_cache", "calibrate", "store",
+                                                                             "backend", "server_url"})
     if name == "eval":
         add_common(p)
     else:

@@ -128,10 +128,10 @@ class ModelParts:
         through peft's wrapped lm_head module the same product ran ~7x slower on CPU."""
         head = self.head
         if type(head) is torch.nn.Linear or not hasattr(head, "base_layer"):
-            w = head.weight
-            logits = torch.nn.functional.linear(h.to(w.dtype), w, getattr(head, "bias", None))
+            w = head.weight  # on its own device when a model is spread over several (device_map)
+            logits = torch.nn.functional.linear(h.to(w.device, w.dtype), w, getattr(head, "bias", None))
         else:  # the head itself is adapted (LoRA on lm_head): call the module
-            logits = head(h.to(head.weight.dtype))
+            logits = head(h.to(head.weight.device, head.weight.dtype))
         logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -139,7 +139,7 @@ class ModelParts:
 
     def lens(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding of a residual-stream state (the logit lens)."""
-        return self.unembed(self.norm(h.to(self.norm.weight.dtype)))
+        return self.unembed(self.norm(h.to(self.norm.weight.device, self.norm.weight.dtype)))
 
 
 def compile_parts(parts: "ModelParts") -> None:
@@ -197,11 +197,12 @@ class Engine:
         n = self.parts.num_layers + 1
         store: list = [None] * n
         handles = []
+        # captures come back to the engine's device (a spread model's layers live on several)
         if capture == "last":
             rows = torch.arange(ids.shape[0], device=ids.device)
-            handles = self._hooks(store, lambda h: h[rows, last_idx].float())
+            handles = self._hooks(store, lambda h: h[rows.to(h.device), last_idx.to(h.device)].float().to(self.device))
         elif capture == "all":
-            handles = self._hooks(store, lambda h: h.float())
+            handles = self._hooks(store, lambda h: h.float().to(self.device))
         try:
             out = self.parts.decoder(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
         finally:
@@ -261,14 +262,15 @@ class Engine:
             cache = self._expand(prefix[0], len(batch)) if plen else (DynamicCache() if keep_cache else None)
             last_idx = lengths - 1
             out, store = self._forward(ids, mask, cache, capture, last_idx)
-            rows = torch.arange(len(batch), device=self.device)
+            h = out.last_hidden_state  # on the last layer's device
+            rows = torch.arange(len(batch), device=h.device)
             b = Batch(
                 keys=[e.key for e in batch],
                 group=g,
                 ids=ids,
                 lengths=lengths,
                 prefix_len=plen,
-                last_hidden=out.last_hidden_state[rows, last_idx],
+                last_hidden=h[rows, last_idx.to(h.device)],
                 cache=cache if keep_cache else None,
             )
             if capture == "last":
@@ -279,3 +281,45 @@ class Engine:
             yield b
             if progress is not None:
                 progress.update(len(batch))
+
+    @torch.inference_mode()
+    def continuations(self, b: Batch, pairs: list[tuple[int, list[int]]]) -> list[list[float]]:
+        """Log-probs of tokens 2..n of each (batch row, label tokens) pair, for all multi-token labels of a batch
+        (run with ``keep_cache=True``) in one forward. Each pair's context (its row's cache without the pads) is
+        right-aligned in a new cache, left pads masked, so the label tokens follow it contiguously (the sliding-window
+        distances stay true); their positions are passed explicitly."""
+        dev = self.device
+        R = len(pairs)
+        n_ctx = torch.tensor([b.prefix_len + int(b.lengths[row]) for row, _ in pairs], device=dev)
+        N = int(n_ctx.max())
+        T = max(len(c) - 1 for _, c in pairs)
+        src_rows = torch.tensor([row for row, _ in pairs], device=dev)
+        # source index of every slot of the right-aligned context (left pad slots read slot 0; they are masked)
+        src = (torch.arange(N, device=dev)[None, :] - (N - n_ctx)[:, None]).clamp(min=0)  # (R, N)
+        cache = DynamicCache()
+        for i, layer in enumerate(b.cache.layers):
+            kv = []
+            for t in (layer.keys, layer.values):
+                t = t[src_rows.to(t.device)]  # (R, H, L, D), on this layer's device
+                idx = src.to(t.device)[:, None, :, None].expand(R, t.shape[1], N, t.shape[3])
+                kv.append(t.gather(2, idx))
+            cache.update(kv[0], kv[1], i)
+        ids = torch.full((R, T), self.pad_id, dtype=torch.long, device=dev)
+        mask = torch.zeros((R, N + T), dtype=torch.long, device=dev)
+        mask[:, :N] = (torch.arange(N, device=dev)[None, :] >= (N - n_ctx)[:, None]).long()
+        for j, (_, c) in enumerate(pairs):
+            ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
+            mask[j, N : N + len(c) - 1] = 1
+        pos = n_ctx[:, None] + torch.arange(T, device=dev)[None, :]
+        out = self.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        h = out.last_hidden_state
+        sel_row = torch.tensor([j for j, (_, c) in enumerate(pairs) for _ in c[1:]], device=h.device)
+        sel_pos = torch.tensor([t for _, c in pairs for t in range(len(c) - 1)], device=h.device)
+        lp = torch.log_softmax(self.parts.unembed(h[sel_row, sel_pos]), dim=-1)
+        target = torch.tensor([x for _, c in pairs for x in c[1:]], device=lp.device)
+        flat = lp[torch.arange(len(target), device=lp.device), target].tolist()  # one copy back per batch
+        out_lps, k = [], 0
+        for _, c in pairs:
+            out_lps.append(flat[k : k + len(c) - 1])
+            k += len(c) - 1
+        return out_lps

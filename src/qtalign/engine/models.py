@@ -49,6 +49,8 @@ class ModelConfig(BaseModel):
                                     "a warning is printed)")
     revision: str | None = Field(None, description="hub revision")
     device: str = Field("auto", description="'auto' (cuda if available, else cpu), 'cpu', 'cuda' or 'cuda:N'")
+    device_map: Literal["auto"] | None = Field(None, description="'auto': spread a model too large for one device over "
+                                               "every GPU (then CPU memory) with accelerate; one process (docs/scale.md)")
     compile: bool = Field(False, description="fuse the element-wise work around the matrix products (norms, the MLP) with "
                           "torch.compile: faster inference after a warm-up of 10-30 s, scores within bf16 rounding of the "
                           "eager ones (a different model identity: results are stored apart)")
@@ -73,6 +75,18 @@ class ModelConfig(BaseModel):
             raise ValueError("empty model name")
         return v
 
+    @model_validator(mode="after")
+    def _merge_4bit(self):
+        if self.merge_adapter and self.load_in_4bit:
+            raise ValueError(MERGE_4BIT)
+        return self
+
+
+# what to do instead of merging a LoRA adapter into NF4 weights (which peft cannot do exactly)
+MERGE_4BIT = ("a LoRA adapter cannot be merged into a base loaded in 4 bits (load_in_4bit): evaluate it unmerged on the "
+              "4-bit base (--adapter without --merge-adapter), or merge it into the full-precision base "
+              "(--no-load-in-4bit; as QLoRA merges do, the adapter then applies to unquantised weights)")
+
 
 def device_type(name: str) -> str:
     """'cpu' or 'cuda': what decides the numerics of a result (part of the store's keys)."""
@@ -82,10 +96,10 @@ def device_type(name: str) -> str:
 def _device(name: str) -> str:
     import torch
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise QtalignError(f"device '{name}': CUDA is not available on this machine (use --device cpu or auto)")
+    if name in ("auto", "cuda"):  # the process's own GPU (data-parallel ranks each set theirs)
+        return f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu"
     return name
 
 
@@ -290,8 +304,10 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     dtype = torch_dtype(cfg.dtype)
     device = _device(cfg.device)
     source, gguf = resolve_source(cfg)  # checks the config first (check_model)
+    # each tensor straight onto the device (no full copy in host memory first: 8 ranks x a 14B model exhaust a node),
+    # or spread over the devices with accelerate
     kw: dict = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,
-                    local_files_only=Path(source).exists())
+                    local_files_only=Path(source).exists(), device_map=cfg.device_map or device)
     if gguf:
         kw["gguf_file"] = gguf
     if cfg.load_in_4bit:
@@ -311,8 +327,6 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     except Exception as e:  # noqa: BLE001 - e.g. a truncated safetensors file raises the library's own error type
         raise QtalignError(f"model '{cfg.name}': cannot load its weights ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:160]})") from None
-    if not cfg.load_in_4bit:
-        model.to(device)
     if cfg.adapter:
         model = apply_adapter(model, cfg.adapter, merge=cfg.merge_adapter, dtype=dtype)
     model.eval()
@@ -340,6 +354,8 @@ def apply_adapter(model, adapter_dir: str, merge: bool = False, dtype=None):
     from peft import PeftModel
 
     check_adapter_dir(adapter_dir)
+    if merge and getattr(model, "is_loaded_in_4bit", False):
+        raise QtalignError(f"{adapter_dir}: {MERGE_4BIT}")
     try:
         if not merge:
             return PeftModel.from_pretrained(model, adapter_dir, is_trainable=False, local_files_only=True)

@@ -37,3 +37,32 @@ def on_main_then_share(state, fn):
     if outcome == "error":
         raise QtalignError(value)
     return value
+
+
+# how long the processes of a data-parallel evaluation wait for the slowest one at its end (seconds)
+BARRIER_TIMEOUT_S = float(24 * 3600)
+
+
+def barrier_group(state, timeout_s: float = BARRIER_TIMEOUT_S):
+    """A gloo group of every process with its own timeout, made while the processes are in step (a collective call:
+    every rank makes it, at the same point); None for one process."""
+    if state.num_processes == 1:
+        return None
+    import datetime
+
+    import torch.distributed as dist
+
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
+
+
+def finish_barrier(state, group, timeout_s: float = BARRIER_TIMEOUT_S) -> None:
+    """Wait for every process however uneven their shares of the work (ranks with fewer items finish early): a
+    monitored barrier on ``group`` with an explicit timeout, instead of the backend's default (NCCL: 10 minutes),
+    naming the ranks that did not arrive when it runs out."""
+    if group is None:
+        return
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.monitored_barrier(group=group, timeout=datetime.timedelta(seconds=timeout_s), wait_all_ranks=True)

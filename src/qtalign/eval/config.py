@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError
@@ -15,7 +15,7 @@ from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
 from qtalign.tracking import parse_trackers
 
 # fields that do not change a result (how the work is split up): left out of every fingerprint
-NOT_FINGERPRINTED = frozenset({"batch_size", "model", "store", "progress", "report_to", "tracking_dir"})
+NOT_FINGERPRINTED = frozenset({"batch_size", "model", "store", "progress", "report_to", "tracking_dir", "server_url"})
 
 
 def parse_items(v):
@@ -139,13 +139,29 @@ class EvalConfig(TaskSelection):
     report_to: list[str] = Field(default_factory=list, description="also write the metrics to trackers: tensorboard, wandb "
                                  "(offline), mlflow (file store); [] = none")
     tracking_dir: str | None = Field(None, description="where the trackers write (default <out>/tracking)")
+    backend: Literal["torch", "vllm", "sglang"] = Field("torch", description="what computes the log-probs: torch (the "
+                                                        "native engine) or a running vllm / sglang server at server_url "
+                                                        "(docs/scale.md); results of different engines are stored apart")
+    server_url: str | None = Field(None, description="address of the vllm / sglang server (e.g. http://127.0.0.1:8000)")
 
     @field_validator("report_to", mode="before")
     @classmethod
     def _trackers(cls, v):
         return parse_trackers(v)
 
+    @model_validator(mode="after")
+    def _server(self):
+        if self.backend != "torch" and not self.server_url:
+            raise ValueError(f"backend {self.backend} needs server_url (the address of a running {self.backend} server, "
+                             "e.g. http://127.0.0.1:8000)")
+        if self.backend != "torch" and getattr(self.model, "adapter", None):  # (an experiment section has no model)
+            raise ValueError(f"backend {self.backend} scores the model the server serves: an adapter cannot be applied "
+                             "here; merge it (qtalign merge), serve the merged folder and evaluate that folder")
+        return self
+
     def result_config(self) -> dict:
         d = super().result_config()
         d.pop("prefix_cache", None)  # an implementation choice: cached and uncached results are equal (tested)
+        if self.backend == "torch":
+            d.pop("backend", None)  # the native engine: the keys of every result computed before backends existed
         return d

@@ -82,8 +82,8 @@ class Plan:
         self.specs_digest = {f"{g.task}/{g.lang}": spec_digest(self.specs.task(g.task), g.lang) for g in self.groups}
         self.content = {"items": self.data, "prompts": files_sha256(cfg.prompts), "specs": self.specs_digest}
         self.fingerprint = fingerprint(cfg.result_config(), data=self.content, model=model_id, numerics=NUMERICS_VERSION)
-        scoring = {"method": cfg.method, "calibrate": cfg.calibrate, "device": device_type(cfg.model.device),
-                   "records": RECORD_VERSION}
+        device = device_type(cfg.model.device) if cfg.backend == "torch" else cfg.backend  # a server: its identity is in model_id
+        scoring = {"method": cfg.method, "calibrate": cfg.calibrate, "device": device, "records": RECORD_VERSION}
         if cfg.method == "sequence":
             scoring["length_norm"] = cfg.length_norm
         if cfg.method == "faithful":
@@ -235,20 +235,24 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
              overwrite: bool = False, progress: bool = True) -> dict:
     """Evaluate ``cfg`` into ``out``; returns the results dict (also results.json). ``loaded``: a loaded model, or a
     function returning one (called only when some item is not already in the run dir or the store)."""
-    from qtalign.engine.parallel import distributed_state, on_main_then_share
     from transformers import set_seed
 
+    from qtalign.engine.parallel import barrier_group, distributed_state, finish_barrier, on_main_then_share
     from qtalign.environment import environment
     from qtalign.progress import Progress
 
     check_available(cfg.report_to)
-    if isinstance(loaded, LoadedModel):
+    backend = _server_backend(cfg)  # None for the native engine
+    if isinstance(loaded, LoadedModel) and backend is None:
         model_id = loaded.info.get("identity") or model_identity(cfg.model)
     else:
         check_model(cfg.model)
         model_id = model_identity(cfg.model)
+    if backend is not None:  # the server's engine, version and model: its records never mix with another engine's
+        model_id = {**model_id, "backend": backend.identity()}
     plan = Plan(cfg, model_id)  # all data read and checked here, before any model or output
     state = distributed_state()
+    group = barrier_group(state)  # made while the processes are in step; waited on at the end, however uneven
     out_dir = OutputDir(out, "eval")
     finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite))
     if finished is not None:
@@ -263,7 +267,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
 
     t_load = time.time()
     lm = None
-    if total:
+    if total and backend is not None:
+        lm = _server_model(cfg, backend, model_id)
+    elif total:
         lm = loaded if isinstance(loaded, LoadedModel) else (loaded() if callable(loaded) else load_model(cfg.model))
     t_load = time.time() - t_load
     shard = out_dir.path / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
@@ -271,13 +277,30 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
         out_dir.record(*[f"predictions.rank{r}.jsonl" for r in range(world)])
     timings: dict[str, dict] = {"wall": {}, "cpu": {}}
     if lm is not None:
-        scorer = Scorer(lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
+        scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
         with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
             timings = _score_groups(scorer, plan, todo, shard, bar)
-    state.wait_for_everyone()
+    finish_barrier(state, group)
     if not state.is_main_process:
         return {}
     return _finish(plan, out_dir, store, lm, done, n_store, total, timings, t_load, world, environment())
+
+
+def _server_backend(cfg: EvalConfig):
+    """The client of the configured vllm / sglang server, its identity read (None for the native engine)."""
+    if cfg.backend == "torch":
+        return None
+    from qtalign.engine.backend import open_backend
+
+    return open_backend(cfg.backend, cfg.server_url, batch_size=cfg.batch_size)
+
+
+def _server_model(cfg: EvalConfig, backend, model_id: dict) -> LoadedModel:
+    """A served model: the tokenizer here (tokenisation stays in qtalign), the weights on the server."""
+    source, gguf = resolve_source(cfg.model)
+    tok = load_tokenizer(source, gguf, cfg.model.trust_remote_code, cfg.model.revision)
+    info = {**_model_info(cfg.model, model_id), "source": source, "server": {"url": backend.url, "stats": backend.stats}}
+    return LoadedModel(None, tok, info)
 
 
 def _finish(plan: Plan, out_dir: OutputDir, store, lm, done: dict, n_store: int, total: int, timings: dict,
@@ -365,6 +388,22 @@ def _tokenizer(cfg: EvalConfig):
 # seeding the store from a published evaluation
 
 
+def _recorded_config(src: Path, run: dict) -> EvalConfig:
+    """The config a finished evaluation recorded; only the native engine's (a server's identity cannot be checked)."""
+    from pydantic import ValidationError
+
+    if "fingerprint" not in run or "config" not in run:
+        raise QtalignError(f"{src / 'results.json'}: no fingerprint or config; not written by qtalign")
+    try:
+        recorded = EvalConfig.model_validate(run["config"])
+    except ValidationError as e:
+        raise QtalignError(f"{src / 'results.json'}: config: {e.errors()[0]['msg']}") from None
+    if recorded.backend != "torch":
+        raise QtalignError(f"{src}: scored by a {recorded.backend} server, whose identity cannot be checked here; only "
+                           "evaluations of the native engine (backend torch) are imported")
+    return recorded
+
+
 def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: list[str] | None = None,
                       adapter: str | None = None, store: Store | None = None) -> dict:
     """Add the per-item records of a finished evaluation folder (a run's ``eval/base``, or its ``--export`` copy with
@@ -374,19 +413,12 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
     ``adapter`` say where those files are here when their paths differ from the recorded ones (paths are not
     results; contents are).
     Returns {"groups", "records", "added"}; a mismatch is one QtalignError naming the folder and what differs."""
-    from pydantic import ValidationError
-
     src = Path(src)
     run = read_json(src / "results.json")
     if run is None:
         what = "an unfinished evaluation" if read_json(src / "run.json") else "not an evaluation folder written by qtalign"
         raise QtalignError(f"{src}: {what} (no results.json); only finished evaluations are imported")
-    if "fingerprint" not in run or "config" not in run:
-        raise QtalignError(f"{src / 'results.json'}: no fingerprint or config; not written by qtalign")
-    try:
-        recorded = EvalConfig.model_validate(run["config"])
-    except ValidationError as e:
-        raise QtalignError(f"{src / 'results.json'}: config: {e.errors()[0]['msg']}") from None
+    recorded = _recorded_config(src, run)
     here = recorded.model_copy(update={k: v for k, v in {"data_dir": data_dir, "prompts": prompts}.items() if v})
     if adapter:
         here = here.model_copy(update={"model": here.model.model_copy(update={"adapter": adapter})})

@@ -18,10 +18,9 @@ import random
 import weakref
 from typing import Iterator
 
-import torch
-
 from qtalign.engine.forward import Prompt, encode_prompts
 from qtalign.scoring.base import ItemScore, normalise
+from qtalign.scoring.first_token import class_sums
 from qtalign.tasks.tokens import _is_byte_level
 
 
@@ -80,14 +79,12 @@ def faithful_scores(scorer, reqs, progress=None) -> Iterator[ItemScore]:
         prompts.append(Prompt(r.key, r.group, r.prefix, r.prefix + r.question, append_ids=extra))
     by_key = {r.key: r for r in reqs}
     enc = encode_prompts(tok, prompts)
-    with torch.inference_mode():
-        for b in scorer.engine.run(enc, progress=progress):
-            probs = torch.softmax(scorer.engine.parts.unembed(b.last_hidden), dim=-1)
-            for row, key in enumerate(b.keys):
-                r = by_key[key]
-                rng = random.Random(f"{scorer.seed}:{key}")
-                mass = [float(probs[row, cands(w)].sum()) if cands(w) else 0.0 for w in r.words]
-                yield ItemScore(key, mass, normalise(mass), official_decision(mass, rng), {"forced_prefix": r.forced} if r.forced else {})
+    flat = {r.key: [t for w in r.words for t in cands(w)] for r in reqs}
+    for key, probs in scorer.backend.next_logprobs(enc, flat, probs=True, progress=progress):
+        r = by_key[key]
+        rng = random.Random(f"{scorer.seed}:{key}")
+        mass = class_sums(probs, [cands(w) for w in r.words], exp=False)
+        yield ItemScore(key, mass, normalise(mass), official_decision(mass, rng), {"forced_prefix": r.forced} if r.forced else {})
 
 
 def special_case(task, lang: str, variant: str) -> dict | None:

@@ -33,7 +33,17 @@ def plan_words(candidates, words: list[str]) -> tuple[str, list[str]]:
     )
 
 
-@torch.inference_mode()
+def class_sums(values: list[float], sets: list[list[int]], exp: bool) -> list[float]:
+    """Per class, the float32 sum over its candidate set (``values`` holds the sets' entries one after another) of the
+    probabilities, or of exp(log-prob) with ``exp``: the arithmetic the scores were always computed with."""
+    out, k = [], 0
+    for s in sets:
+        t = torch.tensor(values[k : k + len(s)], dtype=torch.float32)
+        out.append(float((t.exp() if exp else t).sum()) if s else 0.0)
+        k += len(s)
+    return out
+
+
 def first_token_scores(scorer, reqs: list[ScoreRequest], progress=None) -> Iterator[ItemScore]:
     planned = []
     for r in reqs:  # the caller's requests are left as they are
@@ -41,10 +51,10 @@ def first_token_scores(scorer, reqs: list[ScoreRequest], progress=None) -> Itera
         planned.append(dataclasses.replace(r, forced=r.forced + forced, words=words))
     by_key = {r.key: r for r in planned}
     enc = encode_prompts(scorer.tokenizer, scorer.prompts(planned))
-    for b in scorer.engine.run(enc, progress=progress):
-        logp = torch.log_softmax(scorer.engine.parts.unembed(b.last_hidden), dim=-1)
-        for row, key in enumerate(b.keys):
-            r = by_key[key]
-            sets = scorer.candidates(r.words).sets
-            mass = [float(logp[row, s].exp().sum()) if s else 0.0 for s in sets]
-            yield ItemScore(key, mass, normalise(mass), argmax(mass), {"forced_prefix": r.forced} if r.forced else {})
+    flat = {}
+    for r in planned:
+        flat[r.key] = [t for s in scorer.candidates(r.words).sets for t in s]
+    for key, lps in scorer.backend.next_logprobs(enc, flat, progress=progress):
+        r = by_key[key]
+        mass = class_sums(lps, scorer.candidates(r.words).sets, exp=True)
+        yield ItemScore(key, mass, normalise(mass), argmax(mass), {"forced_prefix": r.forced} if r.forced else {})

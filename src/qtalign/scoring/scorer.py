@@ -4,7 +4,8 @@
     faithful      the official scripts' decision rule, for exact comparison (scoring/faithful.py)
     sequence      exact multi-token log-likelihood (scoring/sequence.py)
 
-Every rule returns, per item, raw per-class numbers, class probabilities normalised over the classes, and the
+Rules ask the scorer's backend (engine/backend.py: the native torch engine, or a vLLM / SGLang server) for token-id
+log-probs; tokenisation, candidate sets and the decision stay here. Every rule returns, per item, raw per-class numbers, class probabilities normalised over the classes, and the
 predicted class; calibration is in scoring/calibration.py. A new rule is a function ``(scorer, requests, progress)
 -> Iterator[ItemScore]`` added to ``METHOD_FUNCTIONS`` and to the ``method`` choices of eval/config.py.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 from typing import Callable, Iterable, Iterator
 
+from qtalign.engine.backend import TorchBackend
 from qtalign.engine.forward import Engine, Prompt, pad_id
 from qtalign.errors import QtalignError
 from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax  # noqa: F401 - the public names
@@ -31,6 +33,9 @@ METHODS = tuple(METHOD_FUNCTIONS)
 
 
 class Scorer:
+    """``model``: a (peft-wrapped) causal LM, scored by the native engine, or a backend object (engine/backend.py:
+    ``next_logprobs`` / ``continuation_logprobs``), e.g. a vLLM server's client."""
+
     def __init__(self, model, tokenizer, method: str = "first-token", batch_size: int = 8, prefix_cache: bool = True,
                  length_norm: bool = False, seed: int = 0):
         if method not in METHOD_FUNCTIONS:
@@ -39,7 +44,11 @@ class Scorer:
         self.method = method
         self.length_norm = length_norm  # sequence: mean instead of summed token log-prob
         self.seed = seed  # the faithful rule's random tie-breaking (one generator per group)
-        self.engine = Engine(model, pad_id=pad_id(tokenizer), batch_size=batch_size, prefix_cache=prefix_cache)
+        if hasattr(model, "next_logprobs"):
+            self.backend, self.engine = model, getattr(model, "engine", None)
+        else:
+            self.engine = Engine(model, pad_id=pad_id(tokenizer), batch_size=batch_size, prefix_cache=prefix_cache)
+            self.backend = TorchBackend(self.engine)
         self._sets: dict[tuple[str, ...], CandidateSets] = {}
 
     def candidates(self, words: list[str]) -> CandidateSets:

@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Literal
 
-from qtalign.engine.models import DTYPE_NAMES, ModelConfig, load_model, torch_dtype
+from qtalign.engine.models import DTYPE_NAMES, MERGE_4BIT, ModelConfig, load_model, torch_dtype
 from qtalign.errors import QtalignError
 
 # ----------------------------------------------------------------------------------------------------------
@@ -22,6 +22,8 @@ def merge(model_cfg: ModelConfig, adapter_dir: str | Path, out_dir: str | Path, 
 
     if dtype not in DTYPE_NAMES:
         raise QtalignError(f"merge: unknown dtype '{dtype}' (bf16, fp32, fp16)")
+    if model_cfg.load_in_4bit:
+        raise QtalignError(f"merge: {MERGE_4BIT}")
     out = OutputDir(Path(out_dir).resolve(), "merge").check()
     check_adapter_dir(adapter_dir)
     base_cfg = model_cfg.model_copy(update={"dtype": "fp32", "adapter": None, "merge_adapter": False, "device": "cpu"})

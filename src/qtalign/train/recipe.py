@@ -99,8 +99,7 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         seed=cfg.seed,
-        bf16=False,  # the weights already are in the requested dtype; no autocast
-        fp16=False,
+        **mixed_precision(cfg, device),
         use_cpu=device == "cpu",
         remove_unused_columns=False,
         train_sampling_strategy="batch_rebalance" if cfg.length_balanced_batches else "random",
@@ -113,9 +112,23 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
     )
 
 
+def mixed_precision(cfg: TrainConfig, device: str) -> dict:
+    """The Trainer's precision flags. bf16 and fp32 weights train as they are (no autocast). fp16 weights train on CUDA
+    under the Trainer's fp16 autocast with a loss scaler (the LoRA weights themselves are fp32: peft keeps adapters of
+    a half-precision base in fp32), since fp16 gradients without one underflow; on CPU fp16 is refused
+    (:func:`_check_settings`)."""
+    return {"bf16": False, "fp16": cfg.model.dtype == "fp16" and device == "cuda"}
+
+
 def _check_settings(cfg: TrainConfig) -> None:
     """Settings only transformers can judge, checked before the model is loaded or a file is written."""
     from transformers.training_args import OptimizerNames
+
+    from qtalign.engine.models import device_type
+
+    if cfg.model.dtype == "fp16" and device_type(cfg.model.device) == "cpu":
+        raise QtalignError("train: dtype fp16 trains with a loss scaler, which needs a CUDA GPU; on CPU use --dtype bf16 "
+                           "(or fp32)")
 
     _, world = _world()
     if cfg.batch_size % (cfg.per_device_batch_size * world):
