@@ -123,7 +123,46 @@ def yaml_load(text: str):
                                       for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+YAML_NODES_MAX = 100_000  # a config has hundreds of values; aliases must not expand past this (a "billion laughs")
+
+
+def _check_expanded_size(root) -> None:
+    """Refuse (yaml.YAMLError) a document whose aliases, written out, would exceed YAML_NODES_MAX values or that
+    refers to itself: an alias is a reference in the loaded object, but copying, merging or validating the config
+    expands it."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise yaml.YAMLError("an alias refers to the node that contains it (a recursive document)")
+        open_.add(key)
+        kids = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        n = 1 + sum(size(k) for k in kids)
+        open_.discard(key)
+        if n > YAML_NODES_MAX:
+            raise yaml.YAMLError(f"its aliases expand to more than {YAML_NODES_MAX} values (an alias bomb?)")
+        sizes[key] = n
+        return n
+
+    size(root)
 
 
 def read_config(path: str | Path) -> dict:
@@ -137,6 +176,8 @@ def read_config(path: str | Path) -> dict:
         d = yaml_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise QtalignError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise QtalignError(f"{p}: invalid YAML: nested too deeply") from None
     except UnicodeDecodeError:
         raise QtalignError(f"{p}: not UTF-8 text") from None
     if not isinstance(d, dict):

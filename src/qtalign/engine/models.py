@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qtalign.engine.gguf import CONVERTER_VERSION, check_gguf, converted_dir, ensure_converted
 from qtalign.engine.registry import embedded, embedded_names
 from qtalign.errors import QtalignError
 from qtalign.io import cache_root, dir_sha256, file_sha256
+from qtalign.limits import SETTINGS
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -36,7 +37,7 @@ def torch_dtype(name: str):
 class ModelConfig(BaseModel):
     """Which model to load and how."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     name: str = Field("gemma-3-270m", description="an embedded model (gemma-3-270m, qwen2.5-coder-0.5b, "
                       "qwen2.5-coder-1.5b: `qtalign models`), a hub id, a local HF dir, or a .gguf file")

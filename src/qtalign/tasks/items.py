@@ -19,6 +19,7 @@ from qtalign.errors import QtalignError, data_error
 from qtalign.tasks.specs import TaskSpec
 
 DEMO_DATA_TEMPLATE = "{task}/{lang}.jsonl"
+INDICES_MAX = 10_000_000  # an index list (exclusions) larger than any data file qtalign reads
 
 
 @dataclass
@@ -303,6 +304,8 @@ def parse_indices(v, what: str = "item indices") -> list[int]:
             rng = parse_range(tok, what)
             if rng.start is None or rng.stop is None:
                 raise QtalignError(f"bad {what} {tok!r}: a range needs both ends here (START:END)")
+            if len(out) + rng.stop - rng.start > INDICES_MAX:
+                raise QtalignError(f"bad {what} {tok!r}: more than {INDICES_MAX} indices")
             out += range(rng.start, rng.stop)
             continue
         try:

@@ -201,6 +201,9 @@ def _tracking_env(cfg: TrainConfig, out: Path) -> None:
 def _with_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    hidden = getattr(model.config, "hidden_size", None)
+    if hidden and cfg.lora_r > hidden:  # a rank above the hidden size adds parameters and changes nothing
+        raise QtalignError(f"lora_r {cfg.lora_r}: above the model's hidden size ({hidden}); choose a rank of at most {hidden}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     try:

@@ -1,0 +1,156 @@
+"""Faults found by the red team of issue 25 (docs/reliability.md): non-finite or absurd settings, alias bombs, NaN
+scores, inputs longer than the model's context, Ctrl-C, settings that would quietly turn something off, corrupted
+cached models, two processes writing one folder, and user mistakes that were reported as qtalign bugs. Each test
+fails on the code before the fix."""
+
+from __future__ import annotations
+
+import math
+import types
+import typing
+
+import pytest
+from pydantic import BaseModel, ValidationError
+
+from test_reliability import cli, snapshot  # noqa: F401 - shared helpers
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# finite or refused
+
+
+def qt_data(tmp_path):
+    """A small question-translation file built from the demo data."""
+    assert cli(["build-data", "--task", "emotion", "--sources", "zh", "--data-files", "demo", "--items", "60:70",
+                "--out", tmp_path / "qt"])[0] == 0
+    return next((tmp_path / "qt").glob("*.jsonl"))
+
+
+def _config_classes():
+    from qtalign.analysis.config import GeometryConfig, LensConfig
+    from qtalign.engine.models import ModelConfig
+    from qtalign.eval.config import EvalConfig
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.qtdata.config import QTDataConfig
+    from qtalign.train.config import TrainConfig
+
+    return [TrainConfig, EvalConfig, LensConfig, GeometryConfig, QTDataConfig, ModelConfig, ExperimentConfig]
+
+
+def _leaf(ann):
+    """(the scalar type of a field: int, float or None; whether it is a list of them; a nested model or None)."""
+    origin = typing.get_origin(ann)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(ann) if a is not type(None)]
+        if len(args) != 1:
+            return None, False, None
+        return _leaf(args[0])
+    if origin is typing.Annotated:
+        return _leaf(typing.get_args(ann)[0])
+    if origin is list:
+        t, _, _ = _leaf(typing.get_args(ann)[0])
+        return t, True, None
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return None, False, ann
+    if ann in (int, float) and ann is not bool:
+        return ann, False, None
+    return None, False, None
+
+
+def _numeric_fields(cls, path=()):
+    for name, info in cls.model_fields.items():
+        t, is_list, nested = _leaf(info.annotation)
+        if nested is not None:
+            yield from _numeric_fields(nested, (*path, name))
+        elif t is not None:
+            yield (*path, name), t, is_list
+
+
+def _nest(path, value):
+    d = value
+    for k in reversed(path):
+        d = {k: d}
+    return d
+
+
+def test_every_numeric_setting_of_every_config_refuses_non_finite_and_unbounded_values():
+    """A walk over every config's fields (nested sections too): no float setting takes inf or nan, no integer setting
+    is unbounded (a size that would exhaust memory), no seed is negative."""
+    checked = 0
+    for cls in _config_classes():
+        for path, t, is_list in _numeric_fields(cls):
+            bad = [math.inf, -math.inf, math.nan, "inf", "nan"] if t is float else [10**13, 2**64, math.inf]
+            if path[-1] == "seed":
+                bad += [-1, 2**32]
+            for v in bad:
+                with pytest.raises(ValidationError):
+                    cls.model_validate(_nest(path, [v] if is_list else v))
+            checked += 1
+    assert checked > 40
+
+
+@pytest.mark.parametrize("argv, name", [
+    (["train", "--learning-rate", "inf"], "learning_rate"),
+    (["train", "--epochs", "nan"], "epochs"),
+    (["train", "--warmup-ratio", "nan"], "warmup_ratio"),
+    (["train", "--weight-decay", "inf"], "weight_decay"),
+    (["train", "--lora-r", "1000000000"], "lora_r"),
+    (["train", "--batch-size", "1000000000000"], "batch_size"),
+    (["train", "--seed", "-1"], "seed"),
+    (["eval", "--seed", str(2**40)], "seed"),
+    (["eval", "--batch-size", "1000000000000"], "batch_size"),
+    (["build-data", "--task", "emotion", "--sources", "zh", "--exclude-items", "0:1000000000000"], "exclude_items"),
+])
+def test_absurd_settings_are_one_line_before_any_work(tmp_path, tiny_llama_dir, argv, name):
+    from qtalign.tasks.items import demo_data_dir
+
+    extra = ["--model", tiny_llama_dir, "--data", demo_data_dir() / "emotion" / "en.jsonl"] if argv[0] == "train" else \
+        ["--model", tiny_llama_dir, "--data-files", "demo"] if argv[0] == "eval" else ["--data-files", "demo"]
+    rc, err, _ = cli([*argv, *extra, "--out", tmp_path / "o"])
+    assert rc == 2 and len(err) == 1 and name in err[0], err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("override, key", [("train.learning_rate=.inf", "train.learning_rate"),
+                                           ("train.epochs=inf", "train.epochs"), ("seed=-3", "seed"),
+                                           ("eval.batch_size=1e12", "eval.batch_size"), ("train.lora_r=1e9", "train.lora_r")])
+def test_experiment_configs_name_the_dotted_key_of_a_non_finite_or_absurd_value(tmp_path, override, key):
+    rc, err, _ = cli(["run", "demo", override, "--out", tmp_path / "r"])
+    assert rc == 2 and len(err) == 1 and f"field '{key}'" in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_yaml_alias_bomb_is_refused_naming_the_file(tmp_path):
+    lines = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]" for i in range(1, 9)]  # 10**9 values written out
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\nname: t\n")
+    rc, err, _ = cli(["run", bomb, "--out", tmp_path / "r"])
+    assert rc == 2 and len(err) == 1 and "bomb.yaml" in err[0] and "alias" in err[0], err
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("eval: &e\n  tasks: *e\n")
+    rc, err, _ = cli(["eval", "--config", loop, "--out", tmp_path / "e"])
+    assert rc == 2 and len(err) == 1 and "loop.yaml" in err[0], err
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("a: " + "[" * 100_000 + "]" * 100_000 + "\n")
+    rc, err, _ = cli(["eval", "--config", deep, "--out", tmp_path / "e"])
+    assert rc == 2 and len(err) == 1 and "deep.yaml" in err[0], err
+
+
+def test_a_modest_use_of_aliases_still_loads(tmp_path):
+    from qtalign.io import read_config
+
+    p = tmp_path / "ok.yaml"
+    p.write_text("langs: &l [en, zh]\neval: {langs: *l}\nlens: {langs: *l}\n")
+    assert read_config(p) == {"langs": ["en", "zh"], "eval": {"langs": ["en", "zh"]}, "lens": {"langs": ["en", "zh"]}}
+
+
+def test_a_lora_rank_above_the_hidden_size_is_refused_at_load(tmp_path, tiny_llama_dir):
+    import json
+
+    hidden = json.loads((tiny_llama_dir / "config.json").read_text())["hidden_size"]
+    data = qt_data(tmp_path)
+    rc, err, _ = cli(["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", data,
+                      "--lora-r", str(hidden + 1), "--max-steps", "1", "--out", tmp_path / "t"])
+    assert rc == 2 and "lora_r" in err[-1] and f"({hidden})" in err[-1], err
+    assert not (tmp_path / "t" / "adapter").exists()
