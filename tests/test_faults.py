@@ -154,3 +154,48 @@ def test_a_lora_rank_above_the_hidden_size_is_refused_at_load(tmp_path, tiny_lla
                       "--lora-r", str(hidden + 1), "--max-steps", "1", "--out", tmp_path / "t"])
     assert rc == 2 and "lora_r" in err[-1] and f"({hidden})" in err[-1], err
     assert not (tmp_path / "t" / "adapter").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# NaN scores stop the evaluation
+
+
+@pytest.fixture
+def nan_llama_dir(tmp_path, tiny_llama_dir):
+    """The tiny Llama with one weight matrix set to NaN: every class score it produces is NaN."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    d = tmp_path / "nan_llama"
+    shutil.copytree(tiny_llama_dir, d)
+    m = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32)
+    with torch.no_grad():
+        m.model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    m.save_pretrained(d)
+    return d
+
+
+@pytest.mark.parametrize("method", ["first-token", "sequence", "faithful"])
+def test_nan_scores_stop_the_evaluation_and_nothing_is_recorded(tmp_path, nan_llama_dir, method):
+    import json
+    import os
+    from pathlib import Path
+
+    out = tmp_path / "e"
+    rc, err, _ = cli(["eval", "--model", nan_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--tasks", "emotion",
+                      "--langs", "en", "--limit", "4", "--method", method, "--out", out])
+    assert rc == 2 and "emotion/enout/en" in err[-1] and "non-finite" in err[-1] and "item" in err[-1], err
+    assert not (out / "results.json").exists() and not (out / "table.md").exists()
+    preds = out / "predictions.jsonl"
+    assert not preds.exists() or not [json.loads(x) for x in preds.read_text().splitlines() if x.strip()]
+    store = Path(os.environ["QTALIGN_STORE"])
+    assert not store.exists() or not [p for p in store.rglob("records.jsonl") if p.stat().st_size]
+
+
+def test_finite_scores_are_usable_and_nan_or_inf_are_not():
+    from qtalign.scoring.base import usable
+
+    assert usable([0.2, 0.0, 0.8]) and usable([-1.5, float("-inf")]) and usable([0.0, 0.0])
+    assert not usable([float("nan"), 0.5]) and not usable([float("inf"), 0.1]) and not usable([float("-inf")] * 2)

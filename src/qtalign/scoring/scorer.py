@@ -15,7 +15,7 @@ from typing import Callable, Iterable, Iterator
 
 from qtalign.engine.forward import Engine, Prompt, pad_id
 from qtalign.errors import QtalignError
-from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax  # noqa: F401 - the public names
+from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax, usable  # noqa: F401 - the public names
 from qtalign.scoring.calibration import CONTENT_FREE, calibrate, content_free_requests, mean_probs  # noqa: F401
 from qtalign.scoring.faithful import faithful_scores
 from qtalign.scoring.first_token import first_token_scores, plan_words
@@ -66,5 +66,12 @@ class Scorer:
     def score(self, requests: Iterable[ScoreRequest], progress=None) -> Iterator[ItemScore]:
         """One ItemScore per request (in engine order: grouped, longest first); the requests are not modified."""
         reqs = list(requests)
-        if reqs:
-            yield from METHOD_FUNCTIONS[self.method](self, reqs, progress)
+        if not reqs:
+            return
+        for s in METHOD_FUNCTIONS[self.method](self, reqs, progress):
+            if not usable(s.raw):  # host floats already: no device sync added
+                group = next((r.group for r in reqs if r.key == s.key), "?")
+                raise QtalignError(f"{group}: item {s.key}: the model produced non-finite class scores "
+                                   f"({', '.join(f'{x:g}' for x in s.raw)}): its weights or activations are NaN/inf; "
+                                   "evaluation stopped, nothing of it was recorded as a result")
+            yield s
