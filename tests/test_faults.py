@@ -199,3 +199,41 @@ def test_finite_scores_are_usable_and_nan_or_inf_are_not():
 
     assert usable([0.2, 0.0, 0.8]) and usable([-1.5, float("-inf")]) and usable([0.0, 0.0])
     assert not usable([float("nan"), 0.5]) and not usable([float("inf"), 0.1]) and not usable([float("-inf")] * 2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# prompt length against the model's context
+
+
+def test_an_input_longer_than_the_context_is_refused_naming_file_record_and_length(tmp_path, tiny_llama_dir):
+    import json
+
+    from qtalign.tasks.items import demo_data_dir
+
+    recs = [json.loads(x) for x in (demo_data_dir() / "emotion" / "en.jsonl").read_text().splitlines()]
+    recs[5]["input"] = "This review goes on and on. " * 3600  # 100,000 characters
+    f = tmp_path / "data" / "emotion" / "en.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    out = tmp_path / "e"
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", tmp_path / "data" / "{task}" / "{lang}.jsonl",
+                      "--tasks", "emotion", "--langs", "en", "--out", out])
+    assert rc == 2 and len(err) == 1 and str(f) in err[0] and "record 5" in err[0] and "4096 positions" in err[0], err
+    assert not (out / "results.json").exists() and not (out / "predictions.jsonl").exists()
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", tmp_path / "data" / "{task}" / "{lang}.jsonl",
+                      "--tasks", "emotion", "--langs", "en", "--exclude-items", "5", "--limit", "6", "--out", out])
+    assert rc == 0, err  # the named way out works
+
+
+def test_training_rows_beyond_the_context_are_refused(tmp_path, tiny_llama_dir):
+    import json
+
+    data = qt_data(tmp_path)
+    rows = [json.loads(x) for x in data.read_text().splitlines()]
+    rows[0]["input"] = "word " * 1500 + rows[0]["input"]  # about 4,500 tokens: kept whole under cutoff_len 8192
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, err, _ = cli(["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", long, "--cutoff-len", "8192",
+                      "--max-steps", "1", "--out", tmp_path / "t"])
+    assert rc == 2 and "cutoff_len 8192" in err[-1] and "4096 positions" in err[-1], err
+    assert not (tmp_path / "t" / "adapter").exists()

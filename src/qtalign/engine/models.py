@@ -211,6 +211,17 @@ def _hub_commit(repo: str, revision: str | None) -> str | None:
 # loading
 
 
+def context_length(model) -> int | None:
+    """The most positions a model was made for (its config's max_position_embeddings, a multimodal model's text
+    config's), None when its config does not say."""
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
 @dataclass
 class LoadedModel:
     model: object

@@ -21,7 +21,7 @@ from typing import Callable
 
 from qtalign.engine.forward import NUMERICS_VERSION
 from qtalign.engine.models import LoadedModel, check_model, device_type, load_model, load_tokenizer, model_identity, resolve_source
-from qtalign.errors import QtalignError
+from qtalign.errors import QtalignError, data_error
 from qtalign.eval.config import EvalConfig
 from qtalign.eval.metrics import compute_metrics, write_tables
 from qtalign.eval.store import RECORD_VERSION, Store, group_fingerprint, spec_digest
@@ -209,6 +209,21 @@ def _record(task, g: Group, it, s, cf, method: str) -> dict:
     return rec
 
 
+def _check_context(scorer: Scorer, plan: Plan, todo: dict[Group, list]) -> None:
+    """Before any item is scored: every prompt (with its label) fits the model's context, else one line naming the
+    file, the record and the length (a 100,000-character review is refused, not allocated)."""
+    for g, items in todo.items():
+        task = plan.specs.task(g.task)
+        hit = scorer.too_long(build_requests(task, g.lang, g.variant, items, plan.cfg.method))
+        if hit is not None:
+            r, n = hit
+            source = plan.cfg.source()
+            where = source.path(task, g.lang) or source.describe()
+            raise data_error(where, f"the prompt is {n} tokens long with its label, more than the model's context "
+                             f"({scorer.context} positions); shorten the text or leave the item out (exclude_items)",
+                             record=Group.of_key(r.key)[1])
+
+
 def _score_groups(scorer: Scorer, plan: Plan, todo: dict[Group, list], shard: Path, progress) -> dict[str, dict]:
     """Score the items still to do, group by group, appending each batch's records to ``shard``. Returns per group
     the wall seconds ('wall') and this process's CPU seconds ('cpu': on a shared machine, what the scoring itself
@@ -277,6 +292,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     timings: dict[str, dict] = {"wall": {}, "cpu": {}}
     if lm is not None:
         scorer = Scorer(lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
+        _check_context(scorer, plan, todo)
         with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
             timings = _score_groups(scorer, plan, todo, shard, bar)
     state.wait_for_everyone()

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 from qtalign.engine.forward import Engine, Prompt, pad_id
+from qtalign.engine.models import context_length
 from qtalign.errors import QtalignError
 from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax, usable  # noqa: F401 - the public names
 from qtalign.scoring.calibration import CONTENT_FREE, calibrate, content_free_requests, mean_probs  # noqa: F401
@@ -47,6 +48,7 @@ class Scorer:
         self.length_norm = length_norm  # sequence: mean instead of summed token log-prob
         self.seed = seed  # the faithful rule's random tie-breaking (one generator per group)
         self.engine = Engine(model, pad_id=pad_id(tokenizer), batch_size=batch_size, prefix_cache=prefix_cache)
+        self.context = context_length(model)
         self._sets: dict[tuple[str, ...], CandidateSets] = {}
 
     def candidates(self, words: list[str]) -> CandidateSets:
@@ -57,6 +59,22 @@ class Scorer:
 
     def plan(self, words: list[str]) -> tuple[str, list[str]]:
         return plan_words(self.candidates, words)
+
+    def too_long(self, reqs: Iterable[ScoreRequest]) -> tuple[ScoreRequest, int] | None:
+        """The first request whose prompt and longest label word need more positions than the model's context, with
+        that number of tokens; None when all fit. A text of fewer UTF-8 bytes than the context (less a margin for
+        special tokens) fits without being tokenized: a token covers at least one byte."""
+        if not self.context:
+            return None
+        for r in reqs:
+            text = r.prefix + r.question + r.forced
+            if len(text.encode("utf-8")) + 64 < self.context:
+                continue
+            label = max((len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in r.words), default=0)
+            n = len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) + label
+            if n > self.context:
+                return r, n
+        return None
 
     def prompts(self, reqs: list[ScoreRequest]) -> list[Prompt]:
         return [Prompt(r.key, r.group, r.prefix, r.prefix + r.question + r.forced) for r in reqs]

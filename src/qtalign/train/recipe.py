@@ -185,6 +185,17 @@ def _split(tok, pairs, val_pairs, cfg: TrainConfig) -> tuple[list[dict], list[di
     return [rows[i] for i in tr_idx], [rows[i] for i in va_idx], skipped
 
 
+def _check_context(model, rows: list[dict], cfg: TrainConfig) -> None:
+    """Rows (cut to cutoff_len) fit the model's context, else one line before any step: lower cutoff_len."""
+    from qtalign.engine.models import context_length
+
+    limit = context_length(model)
+    longest = max((len(r["input_ids"]) for r in rows), default=0)
+    if limit and longest > limit:
+        raise QtalignError(f"cutoff_len {cfg.cutoff_len}: a training row keeps {longest} tokens, more than the model's "
+                           f"context ({limit} positions); set cutoff_len to at most {limit}")
+
+
 def _tracking_env(cfg: TrainConfig, out: Path) -> None:
     """Point the Trainer's integrations at the run's own tracking folder: TensorBoard event files, W&B offline,
     MLflow's file store (nothing leaves the machine)."""
@@ -312,6 +323,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
         raise QtalignError("train: the base model already carries an unmerged adapter; set merge_adapter or drop adapter")
     check_template(tok, cfg.template, cfg.model.name)
     train_rows, val_rows, skipped = _split(tok, pairs, val_pairs, cfg)
+    _check_context(model, train_rows + val_rows, cfg)
     device = str(next(model.parameters()).device.type)
     args = training_arguments(cfg, out.path, len(train_rows), len(val_rows), device)  # also sets up the process group
     _tracking_env(cfg, out.path)
