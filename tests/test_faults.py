@@ -237,3 +237,60 @@ def test_training_rows_beyond_the_context_are_refused(tmp_path, tiny_llama_dir):
                       "--max-steps", "1", "--out", tmp_path / "t"])
     assert rc == 2 and "cutoff_len 8192" in err[-1] and "4096 positions" in err[-1], err
     assert not (tmp_path / "t" / "adapter").exists()
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Ctrl-C
+
+
+def test_an_interrupt_raised_inside_a_finalizer_still_stops_the_command(monkeypatch):
+    """Python drops a KeyboardInterrupt raised while a __del__ runs ("Exception ignored in ..."): the command must
+    stop all the same, with one line and exit 130, instead of carrying on to exit 0."""
+    import gc
+    import os
+    import signal
+    import time
+
+    import qtalign.cli.models as models_cli
+
+    class Finalized:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs here, inside __del__
+
+    def run_cli(args):
+        Finalized()
+        gc.collect()
+        t0 = time.time()
+        while time.time() - t0 < 10:  # work that goes on unless the interrupt reaches it
+            sum(range(1000))
+        return 0
+
+    monkeypatch.setattr(models_cli, "run_cli", run_cli)
+    t0 = time.time()
+    rc, err, _ = cli(["models"])
+    assert rc == 130 and err[-1] == "qtalign models: interrupted; rerun the same command to resume", err
+    assert time.time() - t0 < 5
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for the caller
+
+
+@pytest.mark.parametrize("delay", [1.5, 4.0, 8.0])
+def test_ctrl_c_at_points_of_qtalign_run_exits_130_with_one_line(tmp_path, tiny_llama_dir, delay):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "QTALIGN_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+    p = subprocess.Popen([sys.executable, "-m", "qtalign", "run", "demo", "--out", str(tmp_path / "r"),
+                          f"model.name={tiny_llama_dir}", "model.dtype=fp32"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    p.send_signal(signal.SIGINT)
+    out, err = p.communicate(timeout=120)
+    lines = err.strip().splitlines()
+    if p.returncode == 0:  # finished before the signal came
+        pytest.skip(f"the run finished within {delay} s")
+    (tmp_path / "err.txt").write_text(err)
+    assert p.returncode == 130 and lines[-1] == "qtalign run: interrupted; rerun the same command to resume", err[-2000:]
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
