@@ -294,3 +294,59 @@ def test_ctrl_c_at_points_of_qtalign_run_exits_130_with_one_line(tmp_path, tiny_
     (tmp_path / "err.txt").write_text(err)
     assert p.returncode == 130 and lines[-1] == "qtalign run: interrupted; rerun the same command to resume", err[-2000:]
     assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# nothing quietly turned off
+
+
+EVAL_ARGS = ["--dtype", "fp32", "--data-files", "demo", "--tasks", "emotion", "--langs", "en", "--limit", "2"]
+
+
+@pytest.mark.parametrize("var", ["QTALIGN_STORE", "QTALIGN_CACHE"])
+def test_a_store_or_cache_that_is_a_file_is_one_line_not_a_store_turned_off(tmp_path, tiny_llama_dir, monkeypatch, var):
+    f = tmp_path / "afile"
+    f.write_text("x")
+    monkeypatch.setenv(var, str(f))
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", tmp_path / "e"])
+    assert rc == 2 and len(err) == 1 and f"${var}" in err[0] and "is a file" in err[0], err
+    assert not (tmp_path / "e").exists()
+    monkeypatch.setenv(var, str(f / "below"))
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", tmp_path / "e"])
+    assert rc == 2 and len(err) == 1 and "is a file" in err[0], err
+
+
+def test_store_import_into_a_store_that_cannot_be_written_is_an_error_not_0_added(tmp_path, tiny_llama_dir, monkeypatch):
+    assert cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", tmp_path / "e"])[0] == 0
+    blocked = tmp_path / "blocked"
+    blocked.mkdir()
+    for i in range(256):  # every entry's parent folder is taken by a file: nothing can be written
+        (blocked / f"{i:02x}").write_text("")
+    monkeypatch.setenv("QTALIGN_STORE", str(blocked))
+    rc, err, out = cli(["store", "import", tmp_path / "e"])
+    assert rc == 2 and len(err) == 1 and "result store" in err[0] and "cannot write" in err[0], (err, out)
+    assert "added" not in out
+
+
+def test_a_tracker_that_is_not_installed_stops_the_run_before_any_work(tmp_path, tiny_llama_dir, monkeypatch):
+    import qtalign.tracking
+
+    monkeypatch.setitem(qtalign.tracking.NEEDS, "mlflow", "qtalign_no_such_package")
+    rc, err, _ = cli(["run", "demo", "--out", tmp_path / "r", f"model.name={tiny_llama_dir}", "model.dtype=fp32",
+                      "report_to=[mlflow]"])
+    assert rc == 2 and len(err) == 1 and "mlflow" in err[0] and "pip install" in err[0], err
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_tilde_in_out_is_the_home_folder(tmp_path, monkeypatch):
+    from qtalign.experiment.config import load_experiment
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    rc, err, _ = cli(["build-data", "--task", "emotion", "--sources", "zh", "--data-files", "demo", "--items", "60:70",
+                      "--out", "~/qt"])
+    assert rc == 0, err
+    assert (home / "qt" / ".qtalign.json").is_file() and not (tmp_path / "~").exists()
+    assert load_experiment(["demo"], ["out=~/runs/x"]).run_dir == home / "runs" / "x"

@@ -36,7 +36,31 @@ LEGACY_MANIFEST = ".qtalign-files.json"
 
 def cache_root() -> Path:
     """qtalign's cache: converted models, content hashes, the shared result store ($QTALIGN_CACHE)."""
-    return Path(os.environ.get("QTALIGN_CACHE", Path.home() / ".cache" / "qtalign"))
+    return Path(os.environ.get("QTALIGN_CACHE") or Path.home() / ".cache" / "qtalign").expanduser()
+
+
+def check_cache_env() -> None:
+    """$QTALIGN_CACHE and $QTALIGN_STORE, where set, name folders qtalign can write: one line otherwise (a store
+    pointed at a file is an error, never a store quietly turned off)."""
+    for var in ("QTALIGN_CACHE", "QTALIGN_STORE"):
+        if os.environ.get(var):
+            check_folder(Path(os.environ[var]).expanduser(), f"${var}")
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """A folder qtalign keeps its own files in (the cache, the result store): one line when it is a file, lies
+    under a file or cannot be written, instead of quietly working without it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise QtalignError(f"{what} {p}: is a file, not a folder")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise QtalignError(f"{what} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise QtalignError(f"{what} {p}: not writable ({anc})")
+    return p
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -298,7 +322,7 @@ class OutputDir:
     """
 
     def __init__(self, path: str | Path, kind: str = "output", option: str = "--out"):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # `out: ~/x` is the home's x, never a folder named '~'
         self.kind = kind
         self.option = option
         self._entries: set[str] | None = None

@@ -168,6 +168,10 @@ def _main(argv: list[str]) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in HEAVY or args.command in ("store", "models"):
+            from qtalign.io import check_cache_env
+
+            check_cache_env()
         return int(importlib.import_module(args._module).run_cli(args) or 0)
     except QtalignError as e:
         print(f"qtalign {args.command}: error: {e}", file=sys.stderr)

@@ -262,6 +262,8 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     from qtalign.progress import Progress
 
     check_available(cfg.report_to)
+    if cfg.store:
+        Store().check()
     if isinstance(loaded, LoadedModel):
         model_id = loaded.info.get("identity") or model_identity(cfg.model)
     else:
@@ -274,7 +276,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     if finished is not None:
         return finished if state.is_main_process else {}
     seed_everything(cfg.seed)
-    store = Store() if cfg.store else None
+    store = Store().check() if cfg.store else None
     done, n_store = _done(out_dir.path, plan, None if overwrite else store)  # --overwrite recomputes everything
     rank, world = state.process_index, state.num_processes
     todo = {g: [it for k, it in enumerate(its) if k % world == rank and g.key(it.index) not in done]
@@ -440,7 +442,7 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
     n = sum(len(v) for v in by_group.values())
     if n != len(want):
         raise QtalignError(f"{src / 'predictions.jsonl'}: {n} records for {len(want)} planned items; not imported")
-    store = store or Store()
+    store = (store or Store()).check()
     added = sum(store.add(plan.group_fp[g], recs,
                           {"group": g.name, "imported_from": str(src),
                            "covers": {**plan.covers(), "data_sha256": plan.data[f"{g.task}/{g.lang}"]}})

@@ -141,7 +141,7 @@ class ExperimentConfig(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.name}")
+        return Path(self.out or f"runs/{self.name}").expanduser()  # `out: ~/x` is the home's x
 
 
 # ------------------------------------------------------------------------------------------------------------------
