@@ -350,3 +350,30 @@ def test_a_tilde_in_out_is_the_home_folder(tmp_path, monkeypatch):
     assert rc == 0, err
     assert (home / "qt" / ".qtalign.json").is_file() and not (tmp_path / "~").exists()
     assert load_experiment(["demo"], ["out=~/runs/x"]).run_dir == home / "runs" / "x"
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one process at a time writes an output folder
+
+
+def test_two_processes_racing_for_one_out_the_second_is_refused_naming_the_holder(tmp_path, tiny_llama_dir):
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "e"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom qtalign.io import OutputDir\n"
+                               "OutputDir(sys.argv[1], 'eval').claim()\nprint('held', flush=True)\ntime.sleep(120)\n",
+                               str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
+        assert rc == 2 and len(err) == 1 and f"pid {holder.pid}" in err[0] and "in use" in err[0], err
+        assert not (out / "predictions.jsonl").exists() and not (out / "run.json").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (out / ".qtalign.lock").read_text().strip() == str(holder.pid)  # left behind by a dead process
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
+    assert rc == 0, err  # the stale lock is taken over
+    assert json.loads((out / ".qtalign.json").read_text())["lock"] == ".qtalign.lock"

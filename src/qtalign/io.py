@@ -27,6 +27,8 @@ from typing import Any, Iterable, Iterator
 from qtalign.errors import QtalignError
 
 MARKER = ".qtalign.json"
+LOCK = ".qtalign.lock"  # held (fcntl) by the process writing an OutputDir; names its pid
+_HELD: dict[str, Any] = {}  # folder -> the open lock file this process holds (released when it ends)
 # files that qtalign wrote before output dirs had a marker: a folder holding one of them is adopted, never refused
 LEGACY_FILES = ("stage.json", "run.json", "experiment.json", "train_config.json", "summary.json", "results.json")
 # the list of written files that lm_eval/<model>/ folders kept before they were OutputDirs: a folder holding it is
@@ -379,9 +381,38 @@ class OutputDir:
                     adopt = [*adopt, *listed, LEGACY_MANIFEST]
                 names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
                 self._save(names, adopted=legacy)
+            self.lock()
         except OSError as e:
             raise QtalignError(f"{self.option} {self.path}: cannot write there ({e.strerror or e})") from None
         return self
+
+    def lock(self) -> None:
+        """Hold the folder's lock (LOCK, an fcntl lock on a file that names the holder's pid) until this process
+        ends: a second process claiming the folder is refused with the holder's pid. The lock dies with its process,
+        so a lock file left by a killed one is taken over."""
+        import fcntl
+
+        key = str(self.path.resolve())
+        if key in _HELD:
+            return
+        f = open(self.path / LOCK, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise QtalignError(f"{self.option} {self.path}: in use by another qtalign process (pid {holder}, "
+                               f"{self.path / LOCK}); wait for it to finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[key] = f
+        d = self._load()
+        if d.get("lock") != LOCK:
+            d["lock"] = LOCK
+            write_json(self.path / MARKER, d)
 
     # -- entries ------------------------------------------------------------------------------------------------
     def _load(self) -> dict:
