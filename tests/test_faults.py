@@ -377,3 +377,14 @@ def test_two_processes_racing_for_one_out_the_second_is_refused_naming_the_holde
     rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
     assert rc == 0, err  # the stale lock is taken over
     assert json.loads((out / ".qtalign.json").read_text())["lock"] == ".qtalign.lock"
+
+
+def test_a_finished_command_gives_its_folder_lock_back(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+
+    out = tmp_path / "e"
+    assert cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])[0] == 0  # in this process
+    p = subprocess.run([sys.executable, "-c", "import sys\nfrom qtalign.io import OutputDir\nOutputDir(sys.argv[1], 'eval').claim()\n",
+                        str(out)], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr

@@ -388,7 +388,7 @@ class OutputDir:
 
     def lock(self) -> None:
         """Hold the folder's lock (LOCK, an fcntl lock on a file that names the holder's pid) until this process
-        ends: a second process claiming the folder is refused with the holder's pid. The lock dies with its process,
+        ends or the command finishes (release_locks): a second process claiming the folder is refused with the holder's pid. The lock dies with its process,
         so a lock file left by a killed one is taken over."""
         import fcntl
 
@@ -482,6 +482,13 @@ class OutputDir:
         to the next, such as dated files); the marker stays, and so does everything that is not qtalign's."""
         self.remove(*sorted(self.entries()))
         self._save(set())
+
+
+def release_locks() -> None:
+    """Give up the folder locks this process holds (a command has finished; the CLI calls this)."""
+    while _HELD:
+        _, f = _HELD.popitem()
+        f.close()  # closing the file releases its fcntl lock
 
 
 def safe_name(label: str, what: str) -> str:

@@ -141,6 +141,9 @@ def main(argv: list[str] | None = None) -> int:
             rc = 130
         finally:
             intr.handled = True
+            from qtalign.io import release_locks
+
+            release_locks()
     if intr.hit or rc == 130:
         # CPython marks an interrupt that escapes code run by exec() of a string (dataclasses, namedtuples build
         # their methods so while modules import) as unhandled, and then ends the process by SIGINT (-2) instead of
