@@ -388,3 +388,39 @@ def test_a_finished_command_gives_its_folder_lock_back(tmp_path, tiny_llama_dir)
     p = subprocess.run([sys.executable, "-c", "import sys\nfrom qtalign.io import OutputDir\nOutputDir(sys.argv[1], 'eval').claim()\n",
                         str(out)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# GGUF integrity
+
+from test_models import fake_parts  # noqa: E402,F401 - the fixture: a registry entry made of tiny part packages
+
+
+def test_a_same_size_corrupted_cached_gguf_is_assembled_again_before_conversion(fake_parts, tmp_path, monkeypatch, capsys):
+    from qtalign.engine import models
+    from qtalign.engine import registry as reg
+    from qtalign.engine.gguf import converted_dir
+
+    entry, blob, pkgs = fake_parts
+    monkeypatch.setenv("QTALIGN_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(reg, "registry", lambda: {**reg._load(str(reg.registry_path())), entry.name: entry})
+    converted = []
+    monkeypatch.setattr(models, "ensure_converted",
+                        lambda path, sha, label: converted.append((path.read_bytes(), sha)) or converted_dir(sha))
+    cached = models.gguf_cache_path(entry.name)
+    cached.parent.mkdir(parents=True)
+    bad = bytearray(blob)
+    bad[70] ^= 0xFF  # the original size, one byte changed
+    cached.write_bytes(bytes(bad))
+    models.embedded_model_dir(entry.name)
+    assert converted == [(blob, entry.sha256)]  # the genuine file, never the corrupted one
+    assert "assembling it again" in capsys.readouterr().err
+    # the packages corrupted too: one line naming the model and the fix, nothing converted
+    cached.write_bytes(bytes(bad))
+    part = pkgs / "qt_fake_part2" / "data" / "part02.bin"
+    data = bytearray(part.read_bytes())
+    data[3] ^= 0xFF
+    part.write_bytes(bytes(data))
+    with pytest.raises(models.QtalignError, match=r"model 'fake-model': the assembled GGUF's sha256 .*reinstall"):
+        models.embedded_model_dir(entry.name)
+    assert len(converted) == 1

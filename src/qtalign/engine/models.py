@@ -18,7 +18,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qtalign.engine.gguf import CONVERTER_VERSION, check_gguf, converted_dir, ensure_converted
-from qtalign.engine.registry import embedded, embedded_names
+from qtalign.engine.registry import embedded, embedded_names, verify_file
 from qtalign.errors import QtalignError
 from qtalign.io import cache_root, dir_sha256, file_sha256
 from qtalign.limits import SETTINGS
@@ -110,11 +110,28 @@ def embedded_model_dir(name: str = "gemma-3-270m") -> Path:
         return out
     entry.require_installed()
     gguf = gguf_cache_path(name)
-    if not gguf.is_file():
+    if not _cached_gguf_ok(gguf, entry):
         entry.assemble(gguf)
     out = ensure_converted(gguf, entry.sha256, name)
     gguf.unlink(missing_ok=True)
     return out
+
+
+def _cached_gguf_ok(gguf: Path, entry) -> bool:
+    """Whether an assembled GGUF left in the cache (by a conversion that was stopped) is the registry's file: size
+    and sha256 checked, however right its size. One that is not is qtalign's own leftover: removed, to be assembled
+    again from the packages."""
+    if not gguf.is_file():
+        return False
+    try:
+        verify_file(gguf, entry.size, entry.sha256, f"model '{entry.name}'")
+        return True
+    except QtalignError as e:
+        print(f"qtalign: {gguf}: {str(e).split(': ', 1)[-1]}; assembling it again from its packages", file=sys.stderr)
+    except OSError:  # removed meanwhile by another process's finished conversion
+        return False
+    gguf.unlink(missing_ok=True)
+    return False
 
 
 def _check_local_dir(p: Path, what: str = "model") -> None:
