@@ -12,6 +12,7 @@ import typing
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from qtalign.errors import QtalignError as QtalignError_
 from test_reliability import cli, snapshot  # noqa: F401 - shared helpers
 
 
@@ -424,3 +425,100 @@ def test_a_same_size_corrupted_cached_gguf_is_assembled_again_before_conversion(
     with pytest.raises(models.QtalignError, match=r"model 'fake-model': the assembled GGUF's sha256 .*reinstall"):
         models.embedded_model_dir(entry.name)
     assert len(converted) == 1
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# user mistakes are one line and exit 2, not "internal error"
+
+
+@pytest.fixture
+def adapter_dir(tmp_path, tiny_llama_dir):
+    from peft import LoraConfig, get_peft_model
+
+    from qtalign.engine.models import ModelConfig, load_model
+
+    lm = load_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32"))
+    get_peft_model(lm.model, LoraConfig(r=4, target_modules=["q_proj"])).save_pretrained(tmp_path / "adp")
+    return tmp_path / "adp"
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "pickle"])
+def test_a_damaged_adapter_weights_file_is_one_line(tmp_path, tiny_llama_dir, adapter_dir, damage):
+    import pickle
+
+    w = adapter_dir / "adapter_model.safetensors"
+    if damage == "truncated":
+        w.write_bytes(w.read_bytes()[:300])
+    elif damage == "garbage":
+        w.write_bytes(b"not a safetensors file " * 20)
+    else:  # a pickle that is not plain tensors: refused, never run
+        w.unlink()
+        w = adapter_dir / "adapter_model.bin"
+        w.write_bytes(pickle.dumps({"x": __import__("datetime").date(2020, 1, 1)}))
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--adapter", adapter_dir, "--out", tmp_path / "e"])
+    assert rc == 2 and len(err) == 1 and str(w) in err[0] and "internal error" not in err[0], err
+    assert not (tmp_path / "e").exists()
+
+
+@pytest.mark.parametrize("template", ["{% for m in messages %}{{ m.content }", "{{ raise_exception('no system role') }}"])
+def test_a_broken_chat_template_is_one_line(tmp_path, tiny_llama_dir, template):
+    import json
+    import shutil
+
+    m = tmp_path / "chat_model"
+    shutil.copytree(tiny_llama_dir, m)
+    tc = json.loads((m / "tokenizer_config.json").read_text())
+    tc["chat_template"] = template
+    (m / "tokenizer_config.json").write_text(json.dumps(tc))
+    rc, err, _ = cli(["train", "--model", m, "--dtype", "fp32", "--data", qt_data(tmp_path), "--template", "chat",
+                      "--max-steps", "1", "--out", tmp_path / "t"])
+    assert rc == 2 and "chat template" in err[-1] and "does not render" in err[-1], err
+    assert not (tmp_path / "t" / "adapter").exists()
+
+
+@pytest.mark.parametrize("template", ['{input\nX: "', '{input} }\nX: "'])
+def test_a_stray_brace_in_a_spec_template_is_one_line(tmp_path, template):
+    import json
+
+    from qtalign.tasks.specs import load_specs
+
+    doc = {"tasks": {"emotion": {"languages": {"xx": {
+        "fields": {"answer": "X"}, "label_words_native": {"positive": "p", "negative": "n"},
+        "question_template": template, "demo_items": [{"input": "a", "label": "positive"}]}}}}}
+    p = tmp_path / "spec.json"
+    p.write_text(json.dumps(doc))
+    with pytest.raises(QtalignError_) as e:
+        load_specs(p)
+    assert str(p) in str(e.value) and "question_template" in str(e.value) and "brace" in str(e.value)
+
+
+def test_a_lone_surrogate_in_data_is_one_line_naming_the_record(tmp_path, tiny_llama_dir):
+    import json
+
+    from qtalign.tasks.items import demo_data_dir
+
+    lines = (demo_data_dir() / "emotion" / "en.jsonl").read_text().splitlines()
+    lines[1] = lines[1].replace('"input": "', '"input": "ok \\ud800 ', 1)  # an escape without its pair
+    f = tmp_path / "d" / "emotion" / "en.jsonl"
+    f.parent.mkdir(parents=True)
+    f.write_text("\n".join(lines) + "\n")
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", tmp_path / "d" / "{task}" / "{lang}.jsonl",
+                      "--tasks", "emotion", "--langs", "en", "--out", tmp_path / "e"])
+    assert rc == 2 and len(err) == 1 and f"{f}: record 1: field 'input'" in err[0] and "surrogate" in err[0], err
+    rows = [json.loads(x) for x in qt_data(tmp_path).read_text().splitlines()]
+    rows[2]["output"] = "\ud800" + rows[2]["output"]
+    g = tmp_path / "qt_bad.jsonl"
+    g.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    rc, err, _ = cli(["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", g, "--out", tmp_path / "t"])
+    assert rc == 2 and len(err) == 1 and f"{g}: record 2: field 'output'" in err[0] and "surrogate" in err[0], err
+
+
+@pytest.mark.parametrize("command", ["eval", "train"])
+def test_a_tracking_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, tiny_llama_dir, command):
+    f = tmp_path / "tracking_file"
+    f.write_text("x")
+    argv = ["eval", "--model", tiny_llama_dir, *EVAL_ARGS] if command == "eval" else \
+        ["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", qt_data(tmp_path), "--max-steps", "1"]
+    rc, err, _ = cli([*argv, "--report-to", "tensorboard", "--tracking-dir", f, "--out", tmp_path / "o"])
+    assert rc == 2 and len(err) == 1 and "tracking_dir" in err[0] and "is a file" in err[0], err
+    assert not (tmp_path / "o").exists()

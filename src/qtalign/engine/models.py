@@ -279,6 +279,28 @@ def check_adapter_dir(adapter_dir: str | Path) -> None:
         raise QtalignError(f"{p}: not a LoRA adapter folder (no adapter_config.json)")
     if not any((p / f).is_file() for f in ADAPTER_WEIGHTS):
         raise QtalignError(f"{p}: the adapter folder has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    _check_adapter_weights(next(p / f for f in ADAPTER_WEIGHTS if (p / f).is_file()))
+
+
+def _check_adapter_weights(w: Path) -> None:
+    """The adapter's weights file is readable as what its name says: a complete safetensors file, or a torch file of
+    plain tensors (loaded with weights_only, so a pickle that would run code is refused, never run)."""
+    try:
+        if w.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(w), framework="pt") as f:  # reads and checks the header against the file's size
+                f.keys()
+            return
+        import torch
+
+        sd = torch.load(w, map_location="cpu", weights_only=True)
+        ok = isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise their own types on a damaged file
+        raise QtalignError(f"{w}: not a readable adapter weights file (truncated, damaged or of another format: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not ok:
+        raise QtalignError(f"{w}: not a state dict of tensors (an adapter's weights)")
 
 
 def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:

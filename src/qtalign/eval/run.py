@@ -261,7 +261,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     from qtalign.environment import environment, seed_everything
     from qtalign.progress import Progress
 
-    check_available(cfg.report_to)
+    check_available(cfg.report_to, cfg.tracking_dir)
     if cfg.store:
         Store().check()
     if isinstance(loaded, LoadedModel):

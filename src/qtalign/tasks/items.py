@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from qtalign.errors import QtalignError, data_error
+from qtalign.errors import QtalignError, check_text, data_error
 from qtalign.tasks.specs import TaskSpec
 
 DEMO_DATA_TEMPLATE = "{task}/{lang}.jsonl"
@@ -204,7 +204,7 @@ def parse_records(task: TaskSpec, lang: str, recs: list[dict], path: Path, requi
                 raise data_error(path, f"expected a string, got {type(r[f]).__name__}", record=n, field=f)
             if not r[f].strip():
                 raise data_error(path, "empty text (an item needs its text to be scored)", record=n, field=f)
-            flds[f] = r[f]
+            flds[f] = check_text(path, r[f], n, f)
         gold, word = None, r.get(task.gold_field)
         if task.gold_field in r:
             gold = _decode_gold(task, lang, r[task.gold_field], path, n, dec)

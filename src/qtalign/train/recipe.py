@@ -304,7 +304,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     t_start = time.time()
     out = OutputDir(out_dir, "train")
     files = _data_files(cfg, data_path)
-    check_available(cfg.report_to)
+    check_available(cfg.report_to, cfg.tracking_dir)
     pairs = load_pairs(files, cfg.rows_per_file)  # data errors before anything is written or loaded
     val_pairs = load_pairs(cfg.val_data, cfg.val_rows_per_file) if cfg.val_data else []
     if loaded is None:
