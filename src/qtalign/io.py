@@ -27,11 +27,37 @@ from typing import Any, Iterable, Iterator
 from qtalign.errors import QtalignError
 
 MARKER = ".qtalign.json"
+LOCK = ".qtalign.lock"  # held (fcntl) by the process writing an OutputDir; names its pid
+_HELD: dict[str, Any] = {}  # folder -> the open lock file this process holds (released when it ends)
 
 
 def cache_root() -> Path:
     """qtalign's cache: converted models, content hashes, the shared result store ($QTALIGN_CACHE)."""
-    return Path(os.environ.get("QTALIGN_CACHE", Path.home() / ".cache" / "qtalign"))
+    return Path(os.environ.get("QTALIGN_CACHE") or Path.home() / ".cache" / "qtalign").expanduser()
+
+
+def check_cache_env() -> None:
+    """$QTALIGN_CACHE and $QTALIGN_STORE, where set, name folders qtalign can write: one line otherwise (a store
+    pointed at a file is an error, never a store quietly turned off)."""
+    for var in ("QTALIGN_CACHE", "QTALIGN_STORE"):
+        if os.environ.get(var):
+            check_folder(Path(os.environ[var]).expanduser(), f"${var}")
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """A folder qtalign keeps its own files in (the cache, the result store): one line when it is a file, lies
+    under a file or cannot be written, instead of quietly working without it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise QtalignError(f"{what} {p}: is a file, not a folder")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise QtalignError(f"{what} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise QtalignError(f"{what} {p}: not writable ({anc})")
+    return p
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -122,7 +148,46 @@ def yaml_load(text: str):
                                       for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+YAML_NODES_MAX = 100_000  # a config has hundreds of values; aliases must not expand past this (a "billion laughs")
+
+
+def _check_expanded_size(root) -> None:
+    """Refuse (yaml.YAMLError) a document whose aliases, written out, would exceed YAML_NODES_MAX values or that
+    refers to itself: an alias is a reference in the loaded object, but copying, merging or validating the config
+    expands it."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise yaml.YAMLError("an alias refers to the node that contains it (a recursive document)")
+        open_.add(key)
+        kids = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        n = 1 + sum(size(k) for k in kids)
+        open_.discard(key)
+        if n > YAML_NODES_MAX:
+            raise yaml.YAMLError(f"its aliases expand to more than {YAML_NODES_MAX} values (an alias bomb?)")
+        sizes[key] = n
+        return n
+
+    size(root)
 
 
 def read_config(path: str | Path) -> dict:
@@ -136,6 +201,8 @@ def read_config(path: str | Path) -> dict:
         d = yaml_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise QtalignError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise QtalignError(f"{p}: invalid YAML: nested too deeply") from None
     except UnicodeDecodeError:
         raise QtalignError(f"{p}: not UTF-8 text") from None
     if not isinstance(d, dict):
@@ -246,7 +313,7 @@ class OutputDir:
     """
 
     def __init__(self, path: str | Path, kind: str = "output", option: str = "--out"):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # `out: ~/x` is the home's x, never a folder named '~'
         self.kind = kind
         self.option = option
         self._entries: set[str] | None = None
@@ -293,6 +360,7 @@ class OutputDir:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / MARKER).is_file():
                 self._save({x.name for x in self.path.iterdir()} if self.whole() else set())
+            self.lock()
         except OSError as e:
             raise QtalignError(f"{self.option} {self.path}: cannot write there ({e.strerror or e})") from None
         return self
@@ -308,6 +376,34 @@ class OutputDir:
                 od._save(od.entries() - {part} | {part + "/"})
             od = sub
         return od
+
+    def lock(self) -> None:
+        """Hold the folder's lock (LOCK, an fcntl lock on a file that names the holder's pid) until this process
+        ends or the command finishes (release_locks): a second process claiming the folder is refused with the holder's pid. The lock dies with its process,
+        so a lock file left by a killed one is taken over."""
+        import fcntl
+
+        key = str(self.path.resolve())
+        if any(key == h or key.startswith(h.rstrip("/") + "/") for h in _HELD):
+            return  # this process holds it, or a folder around it (a run dir holds its stage folders)
+        f = open(self.path / LOCK, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise QtalignError(f"{self.option} {self.path}: in use by another qtalign process (pid {holder}, "
+                               f"{self.path / LOCK}); wait for it to finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[key] = f
+        d = self._load()
+        if d.get("lock") != LOCK:
+            d["lock"] = LOCK
+            write_json(self.path / MARKER, d)
 
     # -- entries ------------------------------------------------------------------------------------------------
     def _load(self) -> dict:
@@ -415,11 +511,19 @@ def _discard(path: Path, marked: bool = False) -> None:
         for child in sorted(path.iterdir()):
             if child.name != MARKER and od.is_ours(child.name):
                 _discard(child, od.marked(child.name))
-        if [x.name for x in path.iterdir()] == [MARKER]:
-            (path / MARKER).unlink()
+        if {x.name for x in path.iterdir()} <= {MARKER, LOCK}:
+            for name in (LOCK, MARKER):
+                (path / name).unlink(missing_ok=True)
             path.rmdir()
     elif not marked:
         shutil.rmtree(path)
+
+
+def release_locks() -> None:
+    """Give up the folder locks this process holds (a command has finished; the CLI calls this)."""
+    while _HELD:
+        _, f = _HELD.popitem()
+        f.close()  # closing the file releases its fcntl lock
 
 
 def safe_name(label: str, what: str) -> str:

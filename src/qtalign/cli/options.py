@@ -8,6 +8,8 @@ A command's config is: its config file (``--config``, flat or under a key named 
 
 from __future__ import annotations
 
+import os
+
 import argparse
 import types
 import typing
@@ -147,7 +149,7 @@ def add_common(p: argparse.ArgumentParser, out_required: bool = True, overwrite:
                out_help: str = "output dir (resumable)") -> None:
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML/JSON config file (flat, or under a key named after the command); flags override it")
-    g.add_argument("--out", required=out_required, help=out_help)
+    g.add_argument("--out", required=out_required, type=os.path.expanduser, help=out_help)
     if overwrite:
         g.add_argument("--overwrite", action="store_true",
                        help="replace a previous result in --out (only files qtalign wrote there are removed)")

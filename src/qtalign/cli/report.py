@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def configure_parser(p, name: str) -> None:
     if name == "card":
@@ -12,11 +14,11 @@ def configure_parser(p, name: str) -> None:
         return
     if name == "report":
         p.add_argument("run_dir", metavar="RUN_DIR", help="a run dir of `qtalign run`, or an export of one")
-        p.add_argument("--export", metavar="DIR", help="then copy the report, its figures, the small result files and "
+        p.add_argument("--export", metavar="DIR", type=os.path.expanduser, help="then copy the report, its figures, the small result files and "
                        "the per-item predictions (compressed) to DIR, as `qtalign run --export` does")
         return
     p.add_argument("runs", nargs="+", metavar="RUN", help="run dirs (or exports) to compare; LABEL=RUN names a column")
-    p.add_argument("--out", required=True, help="folder for compare.md, compare.html, compare.json and the figure")
+    p.add_argument("--out", required=True, type=os.path.expanduser, help="folder for compare.md, compare.html, compare.json and the figure")
     p.add_argument("--title", help="title of the comparison")
     p.add_argument("--which", choices=["base", "tuned", "both", "change"], default="base",
                    help="which evaluation of each run to compare (default base; both: base and tuned side by side; "

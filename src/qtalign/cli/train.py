@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+
 import json
 
 from qtalign.cli.options import add_common, add_config_options, add_model_options, build_config, model_values, save_config
@@ -13,7 +15,7 @@ def configure_parser(p, name: str) -> None:
 
     add_model_options(p)
     if name == "merge":
-        p.add_argument("--out", required=True, help="merged model dir to write (a new folder, or one qtalign wrote)")
+        p.add_argument("--out", required=True, type=os.path.expanduser, help="merged model dir to write (a new folder, or one qtalign wrote)")
         return
     add_config_options(p, TrainConfig, skip={"model"}, title="training")
     add_common(p, out_help="output dir (resumable: rerun the same command after a kill)")

@@ -21,7 +21,7 @@ from typing import Callable
 
 from qtalign.engine.forward import NUMERICS_VERSION
 from qtalign.engine.models import LoadedModel, check_model, device_type, load_model, load_tokenizer, model_identity, resolve_source
-from qtalign.errors import QtalignError
+from qtalign.errors import QtalignError, data_error
 from qtalign.eval.config import EvalConfig
 from qtalign.eval.metrics import compute_metrics, write_tables
 from qtalign.eval.store import RECORD_VERSION, Store, group_fingerprint, spec_digest
@@ -202,6 +202,21 @@ def _record(task, g: Group, it, s, cf, method: str) -> dict:
     return rec
 
 
+def _check_context(scorer: Scorer, plan: Plan, todo: dict[Group, list]) -> None:
+    """Before any item is scored: every prompt (with its label) fits the model's context, else one line naming the
+    file, the record and the length (a 100,000-character review is refused, not allocated)."""
+    for g, items in todo.items():
+        task = plan.specs.task(g.task)
+        hit = scorer.too_long(build_requests(task, g.lang, g.variant, items, plan.cfg.method))
+        if hit is not None:
+            r, n = hit
+            source = plan.cfg.source()
+            where = source.path(task, g.lang) or source.describe()
+            raise data_error(where, f"the prompt is {n} tokens long with its label, more than the model's context "
+                             f"({scorer.context} positions); shorten the text or leave the item out (exclude_items)",
+                             record=Group.of_key(r.key)[1])
+
+
 def _score_groups(scorer: Scorer, plan: Plan, todo: dict[Group, list], shard: Path, progress) -> dict[str, dict]:
     """Score the items still to do, group by group, appending each batch's records to ``shard``. Returns per group
     the wall seconds ('wall') and this process's CPU seconds ('cpu': on a shared machine, what the scoring itself
@@ -241,7 +256,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     from qtalign.environment import environment
     from qtalign.progress import Progress
 
-    check_available(cfg.report_to)
+    check_available(cfg.report_to, cfg.tracking_dir)
+    if cfg.store:
+        Store().check()
     backend = _server_backend(cfg)  # None for the native engine
     if isinstance(loaded, LoadedModel) and backend is None:
         model_id = loaded.info.get("identity") or model_identity(cfg.model)
@@ -258,7 +275,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     if finished is not None:
         return finished if state.is_main_process else {}
     set_seed(cfg.seed)
-    store = Store() if cfg.store else None
+    store = Store().check() if cfg.store else None
     done, n_store = _done(out_dir.path, plan, None if overwrite else store)  # --overwrite recomputes everything
     rank, world = state.process_index, state.num_processes
     todo = {g: [it for k, it in enumerate(its) if k % world == rank and g.key(it.index) not in done]
@@ -278,6 +295,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     timings: dict[str, dict] = {"wall": {}, "cpu": {}}
     if lm is not None:
         scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
+        _check_context(scorer, plan, todo)
         with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
             timings = _score_groups(scorer, plan, todo, shard, bar)
     finish_barrier(state, group)
@@ -451,7 +469,7 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
     n = sum(len(v) for v in by_group.values())
     if n != len(want):
         raise QtalignError(f"{src / 'predictions.jsonl'}: {n} records for {len(want)} planned items; not imported")
-    store = store or Store()
+    store = (store or Store()).check()
     added = sum(store.add(plan.group_fp[g], recs,
                           {"group": g.name, "imported_from": str(src),
                            "covers": {**plan.covers(), "data_sha256": plan.data[f"{g.task}/{g.lang}"]}})

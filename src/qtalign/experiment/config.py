@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from qtalign.analysis.config import GeometryConfig, LensConfig
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError, validation_message
 from qtalign.io import read_config, yaml_load
+from qtalign.limits import SETTINGS, Seed
 from qtalign.eval.config import EvalConfig
 from qtalign.qtdata.config import QTDataConfig
 from qtalign.tasks.items import comma_list
@@ -57,7 +58,7 @@ GeometrySection = section(GeometryConfig, ("model", "seed", "compare"))
 class ReportConfig(BaseModel):
     """What the report shows besides the stage outputs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     title: str | None = Field(None, description="report title (default: the experiment name)")
     notes: str | None = Field(None, description="free text shown under the title (what the experiment tests, caveats)")
@@ -88,12 +89,12 @@ _split = comma_list
 class ExperimentConfig(BaseModel):
     """One experiment: question-translation data → LoRA tuning → evaluation of base and tuned → analyses → report."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     name: str = Field("experiment", description="short name: the report title and the default run dir runs/<name>")
     out: str | None = Field(None, description="run dir (default runs/<name>); every stage writes a folder in it")
-    seed: int = Field(0, description="seed of every stage (sampling, shuffling, LoRA init, training)")
-    seeds: list[int] = Field(default_factory=list, description="training seeds: with any, each seed is a run of its own "
+    seed: Seed = Field(0, description="seed of every stage (sampling, shuffling, LoRA init, training)")
+    seeds: list[Seed] = Field(default_factory=list, description="training seeds: with any, each seed is a run of its own "
                              "(<out>/seed<k>, or <out>/<arm>/seed<k>) with seed=k, all sharing the base evaluation "
                              "through the result store; a seed redraws everything random in training (the row sample, "
                              "its order, LoRA init, dropout); empty: the one run of 'seed'")
@@ -166,7 +167,7 @@ class ExperimentConfig(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.name}")
+        return Path(self.out or f"runs/{self.name}").expanduser()  # `out: ~/x` is the home's x
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from qtalign.experiment.config import STAGES, ExperimentConfig, dump_config, exp
 from qtalign.experiment.overlap import check_overlap
 from qtalign.experiment.stages import REGISTRY, Unit
 from qtalign.io import OutputDir, read_json, write_json, write_text
+from qtalign.tracking import check_available
 
 RUN_FILES = ("config.yaml", "experiment.json", "report.md", "report.html", "tracking")
 
@@ -248,6 +249,8 @@ class Experiment:
         cfg, rd = self.cfg, self.run_dir
         only = list(cfg.stages) if not only else only
         force = self._check_stages(only, set(force or []))
+        check_available(sorted({*cfg.report_to, *(cfg.train.report_to if "train" in cfg.stages else []),
+                                *(cfg.eval.report_to if "eval" in cfg.stages else [])}))
         units = self.units()  # every input read and checked before the run dir is touched
         seen = self._seen_langs()
         states = {u.folder: self.state(u) for u in units if u.stage != "report"}

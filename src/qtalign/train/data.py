@@ -83,6 +83,14 @@ def check_template(tokenizer, template: str, model_name: str) -> None:
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise QtalignError(f"train: template 'chat': the tokenizer of model '{model_name}' has no chat template "
                            "(GGUF files without tokenizer.chat_template, base models); use template: raw")
+    if template == "chat":
+        from jinja2.exceptions import TemplateError
+
+        try:
+            chat_texts(tokenizer, "question", "answer")
+        except TemplateError as e:  # a syntax error, or the template's own raise_exception
+            raise QtalignError(f"train: template 'chat': the chat template of model '{model_name}' does not render "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); fix it or use template: raw") from None
 
 
 class Collator:

@@ -206,6 +206,17 @@ def _split(tok, pairs, val_pairs, cfg: TrainConfig) -> tuple[list[dict], list[di
     return [rows[i] for i in tr_idx], [rows[i] for i in va_idx], skipped
 
 
+def _check_context(model, rows: list[dict], cfg: TrainConfig) -> None:
+    """Rows (cut to cutoff_len) fit the model's context, else one line before any step: lower cutoff_len."""
+    from qtalign.engine.models import context_length
+
+    limit = context_length(model)
+    longest = max((len(r["input_ids"]) for r in rows), default=0)
+    if limit and longest > limit:
+        raise QtalignError(f"cutoff_len {cfg.cutoff_len}: a training row keeps {longest} tokens, more than the model's "
+                           f"context ({limit} positions); set cutoff_len to at most {limit}")
+
+
 def _tracking_env(cfg: TrainConfig, out: Path) -> None:
     """Point the Trainer's integrations at the run's own tracking folder: TensorBoard event files, W&B offline,
     MLflow's file store (nothing leaves the machine)."""
@@ -229,6 +240,9 @@ def _record_resolved(out: Path, cfg: TrainConfig, args, n_train: int, n_val: int
 def _with_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    hidden = getattr(model.config, "hidden_size", None)
+    if hidden and cfg.lora_r > hidden:  # a rank above the hidden size adds parameters and changes nothing
+        raise QtalignError(f"lora_r {cfg.lora_r}: above the model's hidden size ({hidden}); choose a rank of at most {hidden}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     try:
@@ -320,7 +334,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     t_start = time.time()
     out = OutputDir(out_dir, "train")
     files = _data_files(cfg, data_path)
-    check_available(cfg.report_to)
+    check_available(cfg.report_to, cfg.tracking_dir)
     pairs = load_pairs(files, cfg.rows_per_file)  # data errors before anything is written or loaded
     val_pairs = load_pairs(cfg.val_data, cfg.val_rows_per_file) if cfg.val_data else []
     if loaded is None:
@@ -339,6 +353,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
         raise QtalignError("train: the base model already carries an unmerged adapter; set merge_adapter or drop adapter")
     check_template(tok, cfg.template, cfg.model.name)
     train_rows, val_rows, skipped = _split(tok, pairs, val_pairs, cfg)
+    _check_context(model, train_rows + val_rows, cfg)
     device = str(next(model.parameters()).device.type)
     args = training_arguments(cfg, out.path, len(train_rows), len(val_rows), device)  # also sets up the process group
     _tracking_env(cfg, out.path)
