@@ -8,7 +8,9 @@ score differs from its pin under the same version, and when the version was bump
     python tests/test_golden.py --repin
 
 CPU kernels differ between machines (bf16 above all), so pins are kept per machine class (torch version, CPU
-capability, bf16/AMX instructions); on a machine without pins the comparison is skipped, saying how to add them.
+capability, bf16/AMX instructions) and compared bit for bit there; on a machine class without pins the scores are
+compared with another class's pins within the rounding of other kernels (TOLERANCE), which still catches a real
+change of the forward pass, and the test says how to pin this class exactly.
 """
 
 from __future__ import annotations
@@ -85,6 +87,31 @@ def check(pinned: dict, version: str, where: str, model: str, dtype: str, comput
     return lines
 
 
+# how far another CPU's kernels move a score (absolute, in log-probability): summation order and bf16 rounding
+TOLERANCE = {"fp32": 1e-3, "bf16": 0.1}
+
+
+def check_close(pinned: dict, model: str, dtype: str, computed: dict) -> list[str]:
+    """On a machine class without pins: the differences beyond TOLERANCE from the pins of every class that has this
+    model and dtype (a change of the forward pass moves scores by far more than other kernels' rounding)."""
+    tol, lines, classes = TOLERANCE[dtype], [], 0
+    for where, models in pinned.get("machines", {}).items():
+        want = models.get(model, {}).get(dtype)
+        if not want:
+            continue
+        classes += 1
+        for method, items in want.items():
+            for key, pin in items.items():
+                got = [float.fromhex(x) for x in computed.get(method, {}).get(key, [])]
+                ref = [float.fromhex(x) for x in pin]
+                if len(got) != len(ref) or any(abs(a - b) > tol for a, b in zip(got, ref)):
+                    lines.append(f"{model} {dtype} {method} {key}: {got} differs from {ref} (pinned on {where}) by "
+                                 f"more than {tol}")
+    if not classes:
+        lines.append(f"no golden scores for {model} {dtype} on any machine: pin them ({REPIN})")
+    return lines
+
+
 def _load(model: str, dtype: str):
     from qtalign.engine.models import ModelConfig, load_model
     from qtalign.engine.registry import embedded
@@ -112,27 +139,32 @@ def test_scores_equal_their_pins(scored):
 
     model, dtype, _, computed = scored
     problems = check(_pinned(), NUMERICS_VERSION, machine(), model, dtype, computed)
-    if problems is None:
-        pytest.skip(f"no golden scores for {model} {dtype} on this machine ({machine()}); add them with {REPIN}")
+    if problems is None:  # another class of machine: within other kernels' rounding of the pins (see TOLERANCE)
+        problems = check_close(_pinned(), model, dtype, computed)
+        if problems:
+            problems.append(f"(this machine, {machine()}, has no pins of its own: if only rounding differs, add them "
+                            f"with {REPIN})")
     assert not problems, "\n".join(problems)
 
 
-def test_a_perturbed_forward_pass_is_caught(scored, monkeypatch):
-    """A change of the forward pass by one part in a million (the final norm's output scaled) moves the pinned
-    scores: the check names the items and says to bump NUMERICS_VERSION and re-pin."""
+@pytest.mark.slow
+@pytest.mark.gemma
+def test_a_perturbed_forward_pass_is_caught(monkeypatch):
+    """A change of the forward pass by one part in a million (the final norm's output scaled) moves the scores: the
+    exact check names the items and says to bump NUMERICS_VERSION and re-pin (pins taken here, before the change, so
+    it holds on every machine); a change of one percent also exceeds the tolerance used across machine classes."""
     from qtalign.engine.forward import NUMERICS_VERSION
 
-    model, dtype, lm, _ = scored
-    if (model, dtype) != ("gemma-3-270m", "fp32"):
-        pytest.skip("one model and dtype shows it")
+    lm = _load("gemma-3-270m", "fp32")
+    here = {"numerics_version": NUMERICS_VERSION, "machines": {"m": {"gemma-3-270m": {"fp32": compute(lm)}}}}
     norm = lm.model.get_decoder().norm
     real = norm.forward
     monkeypatch.setattr(norm, "forward", lambda x: real(x) * (1 + 1e-6))
-    problems = check(_pinned(), NUMERICS_VERSION, machine(), model, dtype, compute(lm))
-    if problems is None:
-        pytest.skip(f"no golden scores for {model} {dtype} on this machine; add them with {REPIN}")
+    problems = check(here, NUMERICS_VERSION, "m", "gemma-3-270m", "fp32", compute(lm))
     assert len(problems) > 1 and "bump NUMERICS_VERSION" in problems[-1] and REPIN in problems[-1]
     assert any(" sequence " in p for p in problems[:-1]) and any(" first-token " in p for p in problems[:-1]), problems
+    monkeypatch.setattr(norm, "forward", lambda x: real(x) * 1.01)
+    assert check_close(here, "gemma-3-270m", "fp32", compute(lm))
 
 
 def test_the_check_reports_a_one_ulp_change_and_an_unpinned_version():

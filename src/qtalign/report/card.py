@@ -15,12 +15,11 @@ change), expect (gain | loss), measurements (each: run = a folder beside the cla
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
 from qtalign.errors import QtalignError
-from qtalign.io import read_config, write_text
+from qtalign.io import file_sha256, read_config, text_sha256, write_text
 from qtalign.report.format import DASH, interval, md_table, pval
 from qtalign.report.paired import GROUPS, N_BOOT, group_summary
 from qtalign.report.read import Run, read_run
@@ -77,16 +76,15 @@ def _facts(run: Run) -> tuple[str, str, str]:
 
 def inputs_digest(claims_path: Path, runs: list[str]) -> str:
     """sha256 of everything the card is computed from: the claims file and each run's results and predictions."""
-    h = hashlib.sha256(claims_path.read_bytes())
+    parts = [f"claims:{file_sha256(claims_path)}"]
     for name in sorted(set(runs)):
         for rel in ("eval/base/results.json", "eval/tuned/results.json", "eval/base/predictions.jsonl.gz",
                     "eval/tuned/predictions.jsonl.gz", "eval/base/predictions.jsonl", "eval/tuned/predictions.jsonl",
                     "experiment.json", "train/summary.json"):
             p = claims_path.parent / name / rel
             if p.is_file():
-                h.update(f"{name}/{rel}\n".encode())
-                h.update(hashlib.sha256(p.read_bytes()).digest())
-    return h.hexdigest()
+                parts.append(f"{name}/{rel}:{file_sha256(p)}")
+    return text_sha256("\n".join(parts))
 
 
 def load_claims(path: str | Path) -> list[dict]:
