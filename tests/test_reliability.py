@@ -151,8 +151,8 @@ def test_overwrite_clears_only_qtaligns_own_files(tmp_path, tiny_llama_dir):
 
 def test_report_is_never_written_into_a_folder_qtalign_does_not_own(tmp_path, tiny_llama_dir):
     """`qtalign report DIR` where DIR holds a run's files but no marker (the user's own copy, with their own report.md
-    and report.html): refused in one line, nothing written; into an owned run dir, a report.md of the user's in the
-    report's figure folder is never written over."""
+    and report.html): refused in one line, nothing written; in an owned run dir, a report.md that is not qtalign's
+    is refused, not written over."""
     from qtalign.experiment.config import ExperimentConfig
     from qtalign.experiment.runner import Experiment
 
@@ -170,14 +170,52 @@ def test_report_is_never_written_into_a_folder_qtalign_does_not_own(tmp_path, ti
     rc, err, _ = cli(["report", mine])
     assert rc == 2 and len(err) == 1 and "not written by qtalign" in err[0] and str(mine) in err[0]
     assert snapshot(mine) == before
-    (rd / "report" / "accuracy_emotion_enout.png").unlink()
-    (rd / "report" / "accuracy_emotion_enout.png").write_text("the user's figure now")  # not listed: the user's
-    marker = json.loads((rd / "report" / ".qtalign.json").read_text())
-    marker["entries"].remove("accuracy_emotion_enout.png")
-    (rd / "report" / ".qtalign.json").write_text(json.dumps(marker))
+    (rd / "report" / "my_figure.png").write_text("the user's figure")
+    (rd / "report.md").unlink()
+    marker = json.loads((rd / ".qtalign.json").read_text())
+    marker["entries"].remove("report.md")  # the run dir's report.md is now the user's
+    (rd / ".qtalign.json").write_text(json.dumps(marker))
+    (rd / "report.md").write_text("my own report")
     rc, err, _ = cli(["report", rd])
-    assert rc == 2 and "accuracy_emotion_enout.png: exists and was not written by qtalign" in err[-1]
-    assert (rd / "report" / "accuracy_emotion_enout.png").read_text() == "the user's figure now"
+    assert rc == 2 and "report.md: exists and was not written by qtalign" in err[-1]
+    assert (rd / "report.md").read_text() == "my own report"
+    assert (rd / "report" / "my_figure.png").read_text() == "the user's figure"
+
+
+def _as_the_previous_version_left_it(rd: Path) -> None:
+    """Markers as qtalign 0.1 wrote them: plain entry names, no markers in eval/, the adapter, the checkpoints or
+    lm_eval/, and the report's figures not listed."""
+    for m in rd.rglob(".qtalign.json"):
+        folder = m.parent.relative_to(rd).as_posix()
+        if folder in ("eval", "train/adapter", "train/checkpoints") or folder.endswith("/lm_eval"):
+            m.unlink()
+            continue
+        d = json.loads(m.read_text())
+        d["entries"] = ["stage.json"] if folder == "report" else [e.rstrip("/") for e in d["entries"]]
+        m.write_text(json.dumps(d))
+
+
+def test_run_dirs_of_the_previous_version_rerun(tmp_path, tiny_llama_dir):
+    """A run dir whose markers are as the previous version left them (the running studies' run dirs) reruns after
+    a config change and regenerates its report, and a user's file in it survives."""
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.runner import Experiment
+
+    from test_experiment import tiny_dict
+
+    rd = tmp_path / "run"
+    d = tiny_dict(tiny_llama_dir, rd)
+    d["stages"] = ["data", "train", "eval", "report"]
+    d["train"]["max_steps"] = 1
+    Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    _as_the_previous_version_left_it(rd)
+    assert cli(["report", rd])[0] == 0  # the old figures are qtalign's: replaced
+    _as_the_previous_version_left_it(rd)
+    (rd / "data" / "notes.txt").write_text("mine")
+    d["seed"] = 1
+    out = Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    assert set(out.values()) == {"ran"} and (rd / "data" / "notes.txt").read_text() == "mine"
+    assert (rd / "report" / "headline.png").is_file() and (rd / "train" / "adapter" / "adapter_config.json").is_file()
 
 
 def test_merge_refuses_a_folder_it_did_not_write(tmp_path, tiny_llama_dir):

@@ -337,6 +337,12 @@ class OutputDir:
         if new:
             self._save(self.entries() | new)
 
+    def declare(self, *names: str) -> None:
+        """Record the names (or patterns) this folder's own writer writes here, files of those names already in it
+        included: for a writer whose earlier version wrote them without listing them (the report's figures)."""
+        if set(names) - self.entries():
+            self._save(self.entries() | set(names))
+
     @contextlib.contextmanager
     def receiving(self, expect: Iterable[str] = ()):
         """A block in which a library writes into this folder: the names in ``expect`` are recorded first (a file of
