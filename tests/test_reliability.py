@@ -403,6 +403,43 @@ def test_writing_never_takes_over_a_name_that_is_not_ours(tmp_path):
     assert (od.path / "table.md").read_text() == "the user's table" and not od.is_ours("table.md")
 
 
+def test_removal_descends_into_owned_folders_and_leaves_everything_else(tmp_path):
+    """io.OutputDir, without a model: removing an owned folder removes what the markers list, recursively (a folder
+    left empty goes, one holding a user's file stays with its marker); a folder listed as written whole goes whole;
+    a folder of the user's put where qtalign's marked one was is not touched; an atomic write over a user's file in an
+    owned folder is refused."""
+    from qtalign.io import MARKER, OutputDir, write_text
+
+    run = OutputDir(tmp_path / "run", "experiment").claim()
+    base = run.subdir("eval/base", "eval")
+    lm = base.subdir("lm_eval/m", "lm_eval")
+    for od, name in ((base, "results.json"), (lm, "results_1.json"), (run, "config.yaml")):
+        write_text(od.path / name, "{}")
+    run.record("checkpoints")
+    (run.path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run.path / "checkpoints" / "checkpoint-1" / "w.bin").write_text("w")
+    (lm.path / "notes.txt").write_text("mine")
+    (base.path / "other").mkdir()  # a folder of the user's, beside qtalign's
+    (base.path / "other" / "x.txt").write_text("mine")
+    run.remove("eval", "checkpoints", "config.yaml")
+    left = sorted(p.relative_to(run.path).as_posix() for p in run.path.rglob("*") if p.is_file())
+    assert left == [MARKER, f"eval/{MARKER}", f"eval/base/{MARKER}", f"eval/base/lm_eval/{MARKER}",
+                    f"eval/base/lm_eval/m/{MARKER}", "eval/base/lm_eval/m/notes.txt", "eval/base/other/x.txt"]
+    import shutil
+
+    shutil.rmtree(run.path / "eval")
+    (run.path / "eval" / "base").mkdir(parents=True)  # the user's folder where qtalign's (marked) one was
+    (run.path / "eval" / "base" / "results.json").write_text("the user's")
+    run.remove("eval", "eval/base")
+    assert (run.path / "eval" / "base" / "results.json").read_text() == "the user's"
+    with pytest.raises(QtalignError, match="eval: the folder exists and was not written by qtalign"):
+        run.subdir("eval/base", "eval")
+    (run.path / "mine.json").write_text("the user's")
+    with pytest.raises(QtalignError, match="mine.json: exists and was not written by qtalign"):
+        write_text(run.path / "mine.json", "{}")
+    assert (run.path / "mine.json").read_text() == "the user's"
+
+
 def test_yaml_words_that_are_language_codes_stay_strings(tmp_path):
     """YAML 1.1 reads `no` (Norwegian) as False and `on` as True; qtalign's configs and overrides read them as words."""
     from qtalign.experiment.config import load_experiment
