@@ -151,8 +151,8 @@ def test_overwrite_clears_only_qtaligns_own_files(tmp_path, tiny_llama_dir):
 
 def test_report_is_never_written_into_a_folder_qtalign_does_not_own(tmp_path, tiny_llama_dir):
     """`qtalign report DIR` where DIR holds a run's files but no marker (the user's own copy, with their own report.md
-    and report.html): refused in one line, nothing written; into an owned run dir, a report.md of the user's in the
-    report's figure folder is never written over."""
+    and report.html): refused in one line, nothing written; in an owned run dir, a report.md that is not qtalign's
+    is refused, not written over."""
     from qtalign.experiment.config import ExperimentConfig
     from qtalign.experiment.runner import Experiment
 
@@ -170,14 +170,52 @@ def test_report_is_never_written_into_a_folder_qtalign_does_not_own(tmp_path, ti
     rc, err, _ = cli(["report", mine])
     assert rc == 2 and len(err) == 1 and "not written by qtalign" in err[0] and str(mine) in err[0]
     assert snapshot(mine) == before
-    (rd / "report" / "accuracy_emotion_enout.png").unlink()
-    (rd / "report" / "accuracy_emotion_enout.png").write_text("the user's figure now")  # not listed: the user's
-    marker = json.loads((rd / "report" / ".qtalign.json").read_text())
-    marker["entries"].remove("accuracy_emotion_enout.png")
-    (rd / "report" / ".qtalign.json").write_text(json.dumps(marker))
+    (rd / "report" / "my_figure.png").write_text("the user's figure")
+    (rd / "report.md").unlink()
+    marker = json.loads((rd / ".qtalign.json").read_text())
+    marker["entries"].remove("report.md")  # the run dir's report.md is now the user's
+    (rd / ".qtalign.json").write_text(json.dumps(marker))
+    (rd / "report.md").write_text("my own report")
     rc, err, _ = cli(["report", rd])
-    assert rc == 2 and "accuracy_emotion_enout.png: exists and was not written by qtalign" in err[-1]
-    assert (rd / "report" / "accuracy_emotion_enout.png").read_text() == "the user's figure now"
+    assert rc == 2 and "report.md: exists and was not written by qtalign" in err[-1]
+    assert (rd / "report.md").read_text() == "my own report"
+    assert (rd / "report" / "my_figure.png").read_text() == "the user's figure"
+
+
+def _as_the_previous_version_left_it(rd: Path) -> None:
+    """Markers as qtalign 0.1 wrote them: plain entry names, no markers in eval/, the adapter, the checkpoints or
+    lm_eval/, and the report's figures not listed."""
+    for m in rd.rglob(".qtalign.json"):
+        folder = m.parent.relative_to(rd).as_posix()
+        if folder in ("eval", "train/adapter", "train/checkpoints") or folder.endswith("/lm_eval"):
+            m.unlink()
+            continue
+        d = json.loads(m.read_text())
+        d["entries"] = ["stage.json"] if folder == "report" else [e.rstrip("/") for e in d["entries"]]
+        m.write_text(json.dumps(d))
+
+
+def test_run_dirs_of_the_previous_version_rerun(tmp_path, tiny_llama_dir):
+    """A run dir whose markers are as the previous version left them (the running studies' run dirs) reruns after
+    a config change and regenerates its report, and a user's file in it survives."""
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.runner import Experiment
+
+    from test_experiment import tiny_dict
+
+    rd = tmp_path / "run"
+    d = tiny_dict(tiny_llama_dir, rd)
+    d["stages"] = ["data", "train", "eval", "report"]
+    d["train"]["max_steps"] = 1
+    Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    _as_the_previous_version_left_it(rd)
+    assert cli(["report", rd])[0] == 0  # the old figures are qtalign's: replaced
+    _as_the_previous_version_left_it(rd)
+    (rd / "data" / "notes.txt").write_text("mine")
+    d["seed"] = 1
+    out = Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+    assert set(out.values()) == {"ran"} and (rd / "data" / "notes.txt").read_text() == "mine"
+    assert (rd / "report" / "headline.png").is_file() and (rd / "train" / "adapter" / "adapter_config.json").is_file()
 
 
 def test_merge_refuses_a_folder_it_did_not_write(tmp_path, tiny_llama_dir):
@@ -363,6 +401,43 @@ def test_writing_never_takes_over_a_name_that_is_not_ours(tmp_path):
     with pytest.raises(QtalignError, match="table.md: exists and was not written by qtalign"):
         od.record("table.md")
     assert (od.path / "table.md").read_text() == "the user's table" and not od.is_ours("table.md")
+
+
+def test_removal_descends_into_owned_folders_and_leaves_everything_else(tmp_path):
+    """io.OutputDir, without a model: removing an owned folder removes what the markers list, recursively (a folder
+    left empty goes, one holding a user's file stays with its marker); a folder listed as written whole goes whole;
+    a folder of the user's put where qtalign's marked one was is not touched; an atomic write over a user's file in an
+    owned folder is refused."""
+    from qtalign.io import MARKER, OutputDir, write_text
+
+    run = OutputDir(tmp_path / "run", "experiment").claim()
+    base = run.subdir("eval/base", "eval")
+    lm = base.subdir("lm_eval/m", "lm_eval")
+    for od, name in ((base, "results.json"), (lm, "results_1.json"), (run, "config.yaml")):
+        write_text(od.path / name, "{}")
+    run.record("checkpoints")
+    (run.path / "checkpoints" / "checkpoint-1").mkdir(parents=True)
+    (run.path / "checkpoints" / "checkpoint-1" / "w.bin").write_text("w")
+    (lm.path / "notes.txt").write_text("mine")
+    (base.path / "other").mkdir()  # a folder of the user's, beside qtalign's
+    (base.path / "other" / "x.txt").write_text("mine")
+    run.remove("eval", "checkpoints", "config.yaml")
+    left = sorted(p.relative_to(run.path).as_posix() for p in run.path.rglob("*") if p.is_file())
+    assert left == [MARKER, f"eval/{MARKER}", f"eval/base/{MARKER}", f"eval/base/lm_eval/{MARKER}",
+                    f"eval/base/lm_eval/m/{MARKER}", "eval/base/lm_eval/m/notes.txt", "eval/base/other/x.txt"]
+    import shutil
+
+    shutil.rmtree(run.path / "eval")
+    (run.path / "eval" / "base").mkdir(parents=True)  # the user's folder where qtalign's (marked) one was
+    (run.path / "eval" / "base" / "results.json").write_text("the user's")
+    run.remove("eval", "eval/base")
+    assert (run.path / "eval" / "base" / "results.json").read_text() == "the user's"
+    with pytest.raises(QtalignError, match="eval: the folder exists and was not written by qtalign"):
+        run.subdir("eval/base", "eval")
+    (run.path / "mine.json").write_text("the user's")
+    with pytest.raises(QtalignError, match="mine.json: exists and was not written by qtalign"):
+        write_text(run.path / "mine.json", "{}")
+    assert (run.path / "mine.json").read_text() == "the user's"
 
 
 def test_yaml_words_that_are_language_codes_stay_strings(tmp_path):

@@ -316,7 +316,6 @@ class OutputDir:
         self.path = Path(path).expanduser()  # `out: ~/x` is the home's x, never a folder named '~'
         self.kind = kind
         self.option = option
-        self._entries: set[str] | None = None
 
     # -- claiming -------------------------------------------------------------------------------------------------
     def check(self) -> "OutputDir":
@@ -353,8 +352,8 @@ class OutputDir:
 
     def claim(self, adopt: Iterable[str] = ()) -> "OutputDir":
         """Create the folder and write its marker (a folder its owner lists as written whole, without a marker of
-        its own, gets one listing everything in it). ``adopt`` is ignored (report/compare.py still passes it; drop
-        both together)."""
+        its own, gets one listing everything in it). ``adopt`` is ignored (report/compare.py and qtdata/build.py
+        still pass it; drop it there and here together)."""
         self.check()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
@@ -414,12 +413,10 @@ class OutputDir:
         d.update(tool="qtalign", kind=d.get("kind", self.kind), entries=sorted(entries))
         d.setdefault("created", round(time.time()))
         write_json(self.path / MARKER, d)
-        self._entries = set(entries)
 
     def entries(self) -> set[str]:
-        if self._entries is None:
-            self._entries = set(self._load().get("entries", []))
-        return set(self._entries)
+        """The names listed in the marker (read each time: other writers record names too)."""
+        return set(self._load().get("entries", []))
 
     def record(self, *names: str) -> None:
         """Register top-level names as qtalign's, before writing them; a name that exists and is not qtalign's is
@@ -432,6 +429,12 @@ class OutputDir:
         new = {t for t in tops if not self.is_ours(t)}
         if new:
             self._save(self.entries() | new)
+
+    def declare(self, *names: str) -> None:
+        """Record the names (or patterns) this folder's own writer writes here, files of those names already in it
+        included: for a writer whose earlier version wrote them without listing them (the report's figures)."""
+        if set(names) - self.entries():
+            self._save(self.entries() | set(names))
 
     @contextlib.contextmanager
     def receiving(self, expect: Iterable[str] = ()):
@@ -484,9 +487,9 @@ class OutputDir:
                                    "refusing to delete it")
             if rest and (target / MARKER).is_file():
                 OutputDir(target).remove(rest)
-            elif rest:
-                _discard(target / rest, marked=self.marked(top))  # inside a folder qtalign wrote whole
-            else:
+            elif rest and not self.marked(top):
+                _discard(target / rest)  # inside a folder qtalign wrote whole
+            elif not rest:
                 _discard(target, marked=self.marked(top))  # the name stays in the marker: qtalign writes it again
 
     def clear(self) -> None:

@@ -33,6 +33,9 @@ SECTION_FUNCS = (
     ("Environment and timings", S.environment),
 )
 SECTIONS = tuple(name for name, _ in SECTION_FUNCS)
+# the figures the sections draw into <run dir>/report/ (recorded as patterns: run dirs of earlier versions did not
+# list them)
+FIGURES = ("headline.png", "accuracy_*.png", "retrieval_*.png")
 
 
 def build_report(run_dir: str | Path) -> tuple[Doc, S.Ctx]:
@@ -59,7 +62,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
                            "dir or export of its own")
     out = OutputDir(run_dir, option="report")
     out.record("report.md", "report.html")
-    out.subdir("report", "report")
+    out.subdir("report", "report").declare(*FIGURES)
     doc, _ = build_report(run_dir)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     write_text(md_path, doc.render(embed=False))
