@@ -321,8 +321,12 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     assert import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "adapter"))["records"] > 0
     cut = tmp_path / "cut_adapter"
     __import__("shutil").copytree(exported / "adapter", cut)
-    (cut / "adapter_model.safetensors").write_bytes((cut / "adapter_model.safetensors").read_bytes()[:-8])
+    w = cut / "adapter_model.safetensors"
+    w.write_bytes(w.read_bytes()[:-1] + bytes([w.read_bytes()[-1] ^ 1]))  # a readable file, one weight bit changed
     with pytest.raises(QtalignError, match="manifest"):
+        check_adapter_dir(cut)
+    w.write_bytes(w.read_bytes()[:-8])  # a cut file is refused too (it is not a readable safetensors file)
+    with pytest.raises(QtalignError, match="adapter"):
         check_adapter_dir(cut)
     lm_eval = sorted(p.name.split("_")[0] for p in (out / "eval" / "base" / "lm_eval").rglob("*.json*"))
     assert "results" in lm_eval and "samples" in lm_eval  # the run has both; the export only the results
