@@ -148,7 +148,7 @@ class HttpBackend:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read().decode())
             except urllib.error.HTTPError as e:
-                body = e.read().decode(errors="replace")[:300]
+                body = " ".join(e.read().decode(errors="replace").split())[:300]  # one line
                 if e.code in RETRY_STATUS:
                     last = f"HTTP {e.code}"
                     continue
