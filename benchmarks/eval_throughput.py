@@ -40,9 +40,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import torch  # noqa: E402
 
-from qtalign.eval.run import build_requests, group_name  # noqa: E402
+from qtalign.eval.run import build_requests  # noqa: E402
 from qtalign.scoring.faithful import official_candidates, official_decision  # noqa: E402
 from qtalign.scoring.scorer import Scorer, ScoreRequest  # noqa: E402
+from qtalign.tasks.groups import Group as TaskGroup  # noqa: E402
 
 
 @dataclass
@@ -54,7 +55,7 @@ class Group:
 
     @property
     def name(self) -> str:
-        return group_name(self.task.name, self.variant, self.lang)
+        return TaskGroup(self.task.name, self.variant, self.lang).name
 
 
 @dataclass

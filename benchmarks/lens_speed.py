@@ -159,7 +159,7 @@ def main(argv=None) -> int:
     from qtalign.engine.forward import encode_prompts
 
     def ids_of(lang, it, forced):
-        return encode_prompts(lm.tokenizer, sc._prompts([_req(task, lang, a.variant, it, forced)]))[0].ids
+        return encode_prompts(lm.tokenizer, sc.prompts([_req(task, lang, a.variant, it, forced)]))[0].ids
 
     s0 = lens_sets(sc, task, lang0, a.variant)
     official_stats(w, ids_of(lang0, items[lang0][0], s0.forced), item_sets(s0, items[lang0][0].gold))

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, tiny_model
 
 from qtalign.tasks.items import DataSource, Item, load_items
-from qtalign.eval.run import build_requests, item_key, scored_words
+from qtalign.eval.run import build_requests, scored_words
 from qtalign.scoring.scorer import Scorer
 from qtalign.tasks.specs import load_specs
 
@@ -44,7 +44,7 @@ def test_build_requests_are_the_evaluated_prompts(specs):
     items = load_items(task, "de", DataSource.demo())[:3]
     for method in ("first-token", "faithful", "sequence"):
         reqs = build_requests(task, "de", "enout", items, method)
-        assert [r.key for r in reqs] == [item_key("emotion", "enout", "de", it.index) for it in items]
+        assert [r.key for r in reqs] == [f"emotion/enout/de/{it.index}" for it in items]
         assert [r.prefix + r.question for r in reqs] == [task.prompt("de", "enout", it.fields) for it in items]
         assert all(r.words == task.label_words("de", "enout") and r.forced == "" for r in reqs)
         assert len({r.group for r in reqs}) == 1

@@ -296,7 +296,7 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     assert main(["run", str(p), "--stages", "report", "--export", str(tmp_path / "exported")]) == 0
     exported = tmp_path / "exported"
     assert (exported / "report.html").exists() and (exported / "eval" / "base" / "results.json").exists()
-    assert not (exported / "train" / "adapter").exists()  # weights never go into an export (nor the repository)
+    assert not (exported / "train" / "adapter").exists() and not (exported / "train" / "checkpoints").exists()
     # the exported tuned evaluation records its adapter's content hash: it verifies against the run's adapter
     from qtalign.eval.run import import_evaluation
 
@@ -311,6 +311,19 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     w.write_bytes(w.read_bytes()[:-1] + bytes([w.read_bytes()[-1] ^ 1]))
     with pytest.raises(QtalignError, match="another store key \\(model"):
         import_evaluation(exported / "eval" / "tuned", adapter=str(other))
+    # the export carries the small adapter with a manifest: the run's identity, so the published tuned evaluation
+    # verifies against it; a changed or cut byte is refused whenever it is loaded
+    from qtalign.engine.models import adapter_sha256, check_adapter_dir
+
+    assert sorted(p.name for p in (exported / "adapter").iterdir()) == [
+        "adapter_config.json", "adapter_model.safetensors", "qtalign_adapter.json"]
+    assert adapter_sha256(exported / "adapter") == adapter_sha256(out / "train" / "adapter")
+    assert import_evaluation(exported / "eval" / "tuned", adapter=str(exported / "adapter"))["records"] > 0
+    cut = tmp_path / "cut_adapter"
+    __import__("shutil").copytree(exported / "adapter", cut)
+    (cut / "adapter_model.safetensors").write_bytes((cut / "adapter_model.safetensors").read_bytes()[:-8])
+    with pytest.raises(QtalignError, match="manifest"):
+        check_adapter_dir(cut)
     lm_eval = sorted(p.name.split("_")[0] for p in (out / "eval" / "base" / "lm_eval").rglob("*.json*"))
     assert "results" in lm_eval and "samples" in lm_eval  # the run has both; the export only the results
     assert sorted(p.name.split("_")[0] for p in (exported / "eval" / "base" / "lm_eval").rglob("*.json*")) == ["results"]
@@ -330,6 +343,53 @@ def test_cli_run_print_config_and_export(fresh, tmp_path, capsys):
     assert main(["run", str(p), "train.lora_r=0"]) == 2
     assert "train.lora_r" in capsys.readouterr().err
     assert main(["run", "--list"]) == 0 and "paper/zhde_en" in capsys.readouterr().out
+
+
+def test_arms_and_seeds_expand_into_runs_of_their_own(tmp_path):
+    from qtalign.experiment.config import expand
+
+    d = tiny_dict("m", tmp_path / "exp")
+    cfg = ExperimentConfig.model_validate(d)
+    assert expand(cfg) == [("tiny", cfg)]  # neither: the experiment itself
+    cfg = ExperimentConfig.model_validate({**d, "seeds": "1,2", "arms": {"qt": {}, "copy": {"data.control": "copy"}}})
+    runs = expand(cfg)
+    assert [label for label, _ in runs] == ["qt/seed1", "qt/seed2", "copy/seed1", "copy/seed2"]
+    for label, sub in runs:
+        assert sub.run_dir == tmp_path / "exp" / label and sub.seed == int(label[-1]) and not sub.seeds and not sub.arms
+        assert sub.data.control == ("copy" if label.startswith("copy") else "none")
+        assert sub.model_dump(exclude={"out", "name", "seed", "data"}) == cfg.model_dump(exclude={"out", "name", "seed", "data", "arms", "seeds"}) | {"arms": {}, "seeds": []}
+    assert [label for label, _ in expand(cfg.model_copy(update={"seeds": []}))] == ["qt", "copy"]
+    with pytest.raises(QtalignError, match="arm 'bad'.*data.control"):
+        expand(ExperimentConfig.model_validate({**d, "arms": {"bad": {"data.control": "mirror"}}}))
+    for bad in ({"a/b": {}}, {"compare": {}}, {"x": {"seeds": [1]}}):
+        with pytest.raises(Exception, match="arm"):
+            ExperimentConfig.model_validate({**d, "arms": bad})
+
+
+def test_seeds_run_as_resumable_runs_sharing_the_base_evaluation(tiny_llama_dir, tmp_path, capsys):
+    from qtalign.experiment.runner import run_experiments
+
+    d = tiny_dict(tiny_llama_dir, tmp_path / "exp")
+    d.update(stages=["data", "train", "eval"], seeds=[3, 4])
+    d["eval"].update(langs=["en", "zh"], items="0:4")
+    cfg = ExperimentConfig.model_validate(d)
+    dirs = run_experiments(cfg, log=lambda s: None)
+    assert dirs == [tmp_path / "exp" / "seed3", tmp_path / "exp" / "seed4"]
+    base = [json.loads((p / "eval" / "base" / "results.json").read_text()) for p in dirs]
+    assert base[1]["timing"]["items_from_store"] == 8  # the second seed's base evaluation: all from the store
+    assert [json.loads((p / "experiment.json").read_text())["config"]["seed"] for p in dirs] == [3, 4]
+    adapters = [(p / "train" / "adapter" / "adapter_model.safetensors").read_bytes() for p in dirs]
+    assert adapters[0] != adapters[1]  # another training seed, another adapter
+    got = json.loads((tmp_path / "exp" / "compare" / "compare.json").read_text())
+    assert list(got["runs"]) == ["seed3", "seed4"]
+    s = got["seeds"]["(one arm)"]["emotion/enout"]["all"]["raw"]
+    deltas = [got["changes"][lab]["emotion/enout"]["all"]["raw"]["delta"] for lab in ("seed3", "seed4")]
+    assert s["mean"] == pytest.approx(sum(deltas) / 2) and s["sd"] == pytest.approx(abs(deltas[0] - deltas[1]) / 2 ** 0.5)
+    assert "## Across training seeds" in (tmp_path / "exp" / "compare" / "compare.md").read_text()
+    # resumable and reused: a second call reruns nothing
+    lines = []
+    run_experiments(cfg, log=lines.append)
+    assert sum("skipped" in x for x in lines) == 2 * 4 and not any("running" in x for x in lines)
 
 
 @pytest.mark.gemma

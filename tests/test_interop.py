@@ -101,24 +101,6 @@ def test_lm_eval_folder_replaces_only_its_own_files(eval_dir, tmp_path):
     assert sorted(json.loads((folder / MARKER).read_text())["entries"]) == second
 
 
-def test_lm_eval_folder_of_an_earlier_version_is_adopted_by_its_list(eval_dir, tmp_path):
-    from qtalign.eval.interop import lm_eval_dir
-    from qtalign.io import LEGACY_MANIFEST, MARKER
-
-    folder = lm_eval_dir(tmp_path, json.loads((eval_dir / "results.json").read_text())["model"]["name"]).path
-    folder.mkdir(parents=True)
-    for name in ("results_old.json", "samples_emotion_en_enout_old.jsonl", "mine.json"):
-        (folder / name).write_text("{}")
-    (folder / LEGACY_MANIFEST).write_text(json.dumps(["results_old.json", "samples_emotion_en_enout_old.jsonl", "../x"]))
-    (tmp_path / "x").write_text("outside")
-    _lm_eval_write(eval_dir, tmp_path, 1.7e9)
-    names = {p.name for p in folder.iterdir()}
-    assert "results_old.json" not in names and "samples_emotion_en_enout_old.jsonl" not in names
-    assert LEGACY_MANIFEST not in names and (folder / "mine.json").read_text() == "{}"
-    assert (tmp_path / "x").read_text() == "outside"  # a listed path outside the folder is never taken
-    assert json.loads((folder / MARKER).read_text())["adopted"] is True
-
-
 def test_a_foreign_lm_eval_folder_is_refused_before_scoring(tiny_llama_dir, tmp_path):
     import shutil
 

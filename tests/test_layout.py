@@ -22,7 +22,7 @@ LAYERS = [
     {"qtdata"},
     {"scoring"},
     {"engine", "tasks"},
-    {"io", "errors", "stats", "environment", "progress", "plots", "tracking", "__init__"},
+    {"io", "errors", "limits", "stats", "environment", "progress", "plots", "tracking", "__init__"},
 ]
 # modules whose functions may be long: the numerical core (the engine, the scoring rules, token sets, the fused loss,
 # the geometry metrics and the figures' plotting code)

@@ -232,7 +232,7 @@ def test_run_lens_stage_base_vs_tuned(spm_tokenizer, data, tmp_path):
 
 
 def test_cli_with_compare_adapter(tiny_llama_dir, data, tmp_path):
-    """`qtalign lens --compare-adapter DIR` loads base + LoRA adapter and analyses both on the same items."""
+    """`qtalign lens --compare DIR` loads base + LoRA adapter and analyses both on the same items."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -248,7 +248,7 @@ def test_cli_with_compare_adapter(tiny_llama_dir, data, tmp_path):
     pm.save_pretrained(tmp_path / "adapter")
     out = tmp_path / "out"
     args = ["lens", "--model", str(tiny_llama_dir), "--dtype", "fp32", "--data-dir", data["data_dir"], "--data-files", data["files"],
-            "--prompts", data["spec"], "--langs", "zh,xx", "--limit", "4", "--batch-size", "3", "--compare-adapter", str(tmp_path / "adapter"),
+            "--prompts", data["spec"], "--langs", "zh,xx", "--limit", "4", "--batch-size", "3", "--compare", str(tmp_path / "adapter"),
             "--out", str(out)]
     assert main(args + ["--save-config", str(tmp_path / "c.yaml")]) == 0
     assert yaml.safe_load((tmp_path / "c.yaml").read_text())["lens"]["compare"] == {"tuned": str(tmp_path / "adapter")}
@@ -258,7 +258,7 @@ def test_cli_with_compare_adapter(tiny_llama_dir, data, tmp_path):
     a, t = (np.load(out / "arrays" / n / "emotion_native_zh.npz") for n in ("base", "tuned"))
     assert a["latent"].shape == t["latent"].shape == (4, 3)
     assert not np.allclose(a["entropy"], t["entropy"])
-    assert main(["lens", "--out", str(out), "--compare-adapter", "base=x"]) == 2  # reserved label: a one-line error
+    assert main(["lens", "--out", str(out), "--compare", "base=x"]) == 2  # reserved label: a one-line error
 
 
 @pytest.mark.gemma

@@ -316,3 +316,64 @@ def test_cli_and_config_roundtrip(tmp_path, capsys):
     assert stats["rows"] == 10 and stats["config"]["seed"] == 3 and stats["excluded"] == 12
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["rows_per_source"] == {"zh": 5, "de": 5}
     assert cli_main(["build-data", "--task", "emotion", "--sources", "zh", "--target", "zz", "--out", str(out)]) == 2
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# controls: the same rows without the cross-lingual content (copy) or without the translation correspondence (shuffled)
+
+
+def _control_cfg(files, control, **kw):
+    return QTDataConfig(task="snli", sources=["de", "zh"], data_files=files, control=control, **kw)
+
+
+def test_copy_control_is_target_to_target_on_the_same_rows(tmp_path):
+    specs = load_specs()
+    files = snli_files(tmp_path, ["de", "zh", "en"], n=6)
+    plain, _ = build_records(_control_cfg(files, "none", rows_per_lang=4), specs)
+    copy, stats = build_records(_control_cfg(files, "copy", rows_per_lang=4), specs)
+    assert [(r["id"], r["index"], r["output"]) for r in copy] == [(r["id"], r["index"], r["output"]) for r in plain]
+    en = specs.language("en").instruction_name
+    for r in copy:
+        # the input is the row's own English question (independently rendered from the English file) + English -> English
+        q_en = fill(specs.task("snli").lang("en").question_template,
+                    {"premise": f"en premise {r['index']} {{braces}}", "hypothesis": f"en hyp {r['index']}"})
+        assert r["input"] == f"{q_en}\nTranslate the input from {en} to {en}:\n"
+        assert (r["src"], r["tgt"], r["control"]) == ("en", "en", "copy")
+        assert "de premise" not in r["input"] and "zh premise" not in r["input"]
+    assert stats["control"] == {"kind": "copy", "rows_changed": 8,
+                                "repeated_inputs": 8 - len({r["index"] for r in copy})}
+    assert stats["rows_per_source"] == {"de": 4, "zh": 4}  # what was selected, before the control
+
+
+def test_shuffled_control_is_a_derangement_of_the_responses(tmp_path):
+    specs = load_specs()
+    files = snli_files(tmp_path, ["de", "zh", "en"], n=7)
+    for paired in (False, True):  # paired: every item appears once per source, so equal responses come in pairs
+        plain, _ = build_records(_control_cfg(files, "none", paired=paired, seed=3), specs)
+        shuf, stats = build_records(_control_cfg(files, "shuffled", paired=paired, seed=3), specs)
+        assert [r["input"] for r in shuf] == [r["input"] for r in plain]
+        assert sorted(r["output"] for r in shuf) == sorted(r["output"] for r in plain)
+        for a, b in zip(plain, shuf):
+            assert b["output"] != a["output"], b["id"]  # no row keeps its own translation
+            assert b["control"] == "shuffled" and (b["src"], b["tgt"]) == (a["src"], a["tgt"])
+        again, _ = build_records(_control_cfg(files, "shuffled", paired=paired, seed=3), specs)
+        assert again == shuf  # seeded
+        other, _ = build_records(_control_cfg(files, "shuffled", paired=paired, seed=4), specs)
+        assert [r["output"] for r in other] != [r["output"] for r in shuf]
+        assert stats["control"]["kind"] == "shuffled"
+
+
+def test_shuffled_control_refuses_a_single_response(tmp_path):
+    files = snli_files(tmp_path, ["de", "en"], n=1)
+    with pytest.raises(QtalignError, match="shuffled"):
+        build_records(QTDataConfig(task="snli", sources=["de"], data_files=files, control="shuffled"))
+
+
+def test_control_is_written_and_changes_the_fingerprint(tmp_path):
+    files = snli_files(tmp_path, ["de", "en"], n=3)
+    stats = build_question_data(QTDataConfig(task="snli", sources=["de"], data_files=files, control="copy"), tmp_path / "out")
+    rows = read_jsonl(tmp_path / "out" / "train.jsonl")
+    assert {r["control"] for r in rows} == {"copy"} and stats["control"]["kind"] == "copy"
+    assert QTDataConfig(control="copy").fingerprint() != QTDataConfig().fingerprint()
+    with pytest.raises(ValidationError):
+        QTDataConfig(control="reverse")

@@ -68,18 +68,91 @@ def test_a_folder_the_user_adds_inside_an_owned_run_dir_is_refused_not_removed(t
     Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
     shutil.rmtree(rd / "eval")
     (rd / "eval").mkdir()
-    (rd / "eval" / "mine.txt").write_text("x")  # the user's folder, where qtalign's was
-    marker = json.loads((rd / ".qtalign.json").read_text())
-    marker["entries"].remove("eval")
-    (rd / ".qtalign.json").write_text(json.dumps(marker))
-    with pytest.raises(QtalignError, match="eval: exists and was not written by qtalign"):
+    (rd / "eval" / "mine.txt").write_text("x")  # the user's folder, where qtalign's was (without qtalign's marker)
+    before = snapshot(rd)
+    with pytest.raises(QtalignError, match="eval: the folder exists and was not written by qtalign"):
         Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
-    assert (rd / "eval" / "mine.txt").read_text() == "x"
+    assert (rd / "eval" / "mine.txt").read_text() == "x" and snapshot(rd) == before  # refused before anything ran
 
 
-def test_legacy_run_dirs_are_adopted_not_deleted(tmp_path, tiny_llama_dir):
-    """A run dir made before ownership markers (stage.json files, no marker) is adopted; files qtalign never wrote
-    stay, even when a stage reruns."""
+# every kind of folder qtalign owns inside a run dir, and the files a user might put beside its own
+USER_FILES = ("notes.md", "data/notes.txt", "train/notes.txt", "train/adapter/notes.txt", "eval/notes.txt",
+              "eval/base/notes.txt", "eval/base/lm_eval/notes.txt", "eval/base/lm_eval/{model}/notes.txt",
+              "eval/tuned/notes.txt", "lens/notes.txt", "geometry/notes.txt", "report/notes.txt")
+
+
+def _put_user_files(rd: Path, model: str) -> dict[str, str]:
+    files = {}
+    for rel in USER_FILES:
+        p = rd / rel.format(model=model.replace("/", "__"))
+        assert p.parent.is_dir(), p.parent
+        p.write_text(f"the user's {rel}")
+        files[str(p)] = p.read_text()
+    return files
+
+
+def test_reruns_clear_only_qtaligns_own_files_in_every_folder_it_owns(tmp_path, tiny_llama_dir):
+    """A config change that reruns every unit, then `run --force all`: every file a user put beside qtalign's, in
+    every kind of folder qtalign owns (unit folders, the adapter, the lm-eval layout, the report's figures), stays;
+    qtalign's own files of the earlier run are cleared (a dated lm-eval file of the earlier run is gone)."""
+    from test_experiment import tiny_dict, write_cfg
+
+    rd = tmp_path / "run"
+    d = tiny_dict(tiny_llama_dir, rd)
+    d["train"]["max_steps"] = 1
+    rc, err, _ = cli(["run", write_cfg(tmp_path, d)])
+    assert rc == 0, err
+    user = _put_user_files(rd, str(tiny_llama_dir))
+    lm_eval = rd / "eval" / "base" / "lm_eval" / str(tiny_llama_dir).replace("/", "__")
+    old_dated = sorted(p.name for p in lm_eval.glob("results_*.json"))
+    assert old_dated
+    d["seed"] = 1  # every unit reruns
+    rc, err, _ = cli(["run", write_cfg(tmp_path, d)])
+    assert rc == 0, err
+    exp = json.loads((rd / "experiment.json").read_text())
+    assert set(exp["last_run"].values()) == {"ran"} and len(exp["last_run"]) == 7
+    assert {p: Path(p).read_text() for p in user} == user
+    assert not set(old_dated) & {p.name for p in lm_eval.glob("results_*.json")}  # the earlier run's files went
+    rc, err, _ = cli(["run", write_cfg(tmp_path, d), "--force", "all"])
+    assert rc == 0, err
+    assert set(json.loads((rd / "experiment.json").read_text())["last_run"].values()) == {"ran"}
+    assert {p: Path(p).read_text() for p in user} == user
+    assert (rd / "train" / "adapter" / "adapter_config.json").is_file() and (rd / "report" / "headline.png").is_file()
+
+
+def test_overwrite_clears_only_qtaligns_own_files(tmp_path, tiny_llama_dir):
+    """`eval --overwrite` and `train --overwrite` replace what qtalign wrote in their folder and its subfolders (the
+    lm-eval layout, the adapter, the checkpoints), and nothing a user put there."""
+    ev = tmp_path / "ev"
+    args = ["eval", "--model", tiny_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--tasks", "emotion", "--langs",
+            "en", "--limit", "2", "--no-store", "--out", ev]
+    assert cli(args)[0] == 0
+    lm_eval = ev / "lm_eval" / str(tiny_llama_dir).replace("/", "__")
+    user = {}
+    for p in (ev / "mine.txt", ev / "lm_eval" / "mine.txt", lm_eval / "mine.txt"):
+        p.write_text("mine")
+        user[p] = "mine"
+    assert cli([*args, "--overwrite"])[0] == 0
+    assert {p: p.read_text() for p in user} == user and (ev / "results.json").is_file()
+    assert len(list(lm_eval.glob("results_*.json"))) == 1
+    assert cli(["build-data", "--task", "emotion", "--sources", "zh", "--data-files", "demo", "--items", "60:70",
+                "--out", tmp_path / "qt"])[0] == 0
+    tr = tmp_path / "tr"
+    targs = ["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", next((tmp_path / "qt").glob("*.jsonl")),
+             "--max-steps", "1", "--batch-size", "2", "--per-device-batch-size", "2", "--val-size", "0", "--out", tr]
+    assert cli(targs)[0] == 0
+    for p in (tr / "mine.txt", tr / "adapter" / "mine.txt", tr / "checkpoints" / "mine.txt"):
+        p.write_text("mine")
+        user[p] = "mine"
+    assert cli([*targs, "--overwrite"])[0] == 0
+    assert {p: p.read_text() for p in user} == user
+    assert (tr / "adapter" / "adapter_model.safetensors").is_file() and (tr / "summary.json").is_file()
+
+
+def test_report_is_never_written_into_a_folder_qtalign_does_not_own(tmp_path, tiny_llama_dir):
+    """`qtalign report DIR` where DIR holds a run's files but no marker (the user's own copy, with their own report.md
+    and report.html): refused in one line, nothing written; into an owned run dir, a report.md of the user's in the
+    report's figure folder is never written over."""
     from qtalign.experiment.config import ExperimentConfig
     from qtalign.experiment.runner import Experiment
 
@@ -89,13 +162,22 @@ def test_legacy_run_dirs_are_adopted_not_deleted(tmp_path, tiny_llama_dir):
     d = tiny_dict(tiny_llama_dir, rd)
     d["stages"] = ["data", "eval", "report"]
     Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
-    for m in rd.rglob(".qtalign.json"):
-        m.unlink()  # as an older qtalign left it
-    (rd / "my_notes.md").write_text("notes")
-    d["eval"]["items"] = "0:4"  # eval and the report rerun
-    out = Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
-    assert out["eval/base"] == "ran" and (rd / "my_notes.md").read_text() == "notes"
-    assert json.loads((rd / ".qtalign.json").read_text())["adopted"] is True
+    mine = tmp_path / "mine"
+    shutil.copytree(rd, mine, ignore=shutil.ignore_patterns(".qtalign.json"))
+    (mine / "report.md").write_text("my own report")
+    (mine / "report.html").write_text("<p>my own report</p>")
+    before = snapshot(mine)
+    rc, err, _ = cli(["report", mine])
+    assert rc == 2 and len(err) == 1 and "not written by qtalign" in err[0] and str(mine) in err[0]
+    assert snapshot(mine) == before
+    (rd / "report" / "accuracy_emotion_enout.png").unlink()
+    (rd / "report" / "accuracy_emotion_enout.png").write_text("the user's figure now")  # not listed: the user's
+    marker = json.loads((rd / "report" / ".qtalign.json").read_text())
+    marker["entries"].remove("accuracy_emotion_enout.png")
+    (rd / "report" / ".qtalign.json").write_text(json.dumps(marker))
+    rc, err, _ = cli(["report", rd])
+    assert rc == 2 and "accuracy_emotion_enout.png: exists and was not written by qtalign" in err[-1]
+    assert (rd / "report" / "accuracy_emotion_enout.png").read_text() == "the user's figure now"
 
 
 def test_merge_refuses_a_folder_it_did_not_write(tmp_path, tiny_llama_dir):
@@ -163,7 +245,7 @@ def test_overlap_is_found_in_a_byte_identical_copy_in_another_folder(tmp_path):
 
 def test_compare_labels_cannot_write_outside_out(tmp_path, tiny_llama_dir):
     rc, err, _ = cli(["lens", "--model", tiny_llama_dir, "--data-files", "demo", "--langs", "en,zh",
-                      "--compare-adapter", f"../../evil={tmp_path}", "--out", tmp_path / "lens"])
+                      "--compare", f"../../evil={tmp_path}", "--out", tmp_path / "lens"])
     assert rc == 2 and "must be a plain name" in err[-1]
     assert not (tmp_path / "lens").exists() and not list(tmp_path.parent.glob("evil*"))
 
@@ -241,8 +323,8 @@ def test_config_errors_name_the_file_and_the_field(tmp_path):
 
 
 def test_a_users_results_json_does_not_make_a_folder_qtaligns(tmp_path, tiny_llama_dir):
-    """Only a file with qtalign's own content marks a folder written by an older qtalign; a user's results.json (or
-    any file of that name) does not, and nothing in the folder is touched."""
+    """A folder without qtalign's marker is not qtalign's, whatever its files are called: a user's results.json
+    and predictions.jsonl there are refused, not taken over, and nothing in the folder is touched."""
     out = tmp_path / "mine"
     out.mkdir()
     (out / "results.json").write_text(json.dumps({"accuracy": 0.9}))

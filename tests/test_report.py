@@ -374,3 +374,178 @@ def test_compare_change_is_each_runs_paired_change(run_dir, tmp_path, capsys):
     assert main(["compare", "--which", "change", str(base_only), "--out", str(tmp_path / "cmp2")]) == 2
     assert "no tuned evaluation" in capsys.readouterr().err.strip().splitlines()[-1]
     assert not (tmp_path / "cmp2").exists()
+
+
+def test_holm_on_known_examples_and_against_the_step_down_procedure():
+    from qtalign.stats import holm
+
+    # by hand: sorted 0.005 (x4 = 0.02), 0.01 (x3 = 0.03), 0.03 (x2 = 0.06), 0.04 (x1 = 0.04 -> 0.06, monotone)
+    assert [round(x, 12) for x in holm([0.01, 0.04, 0.03, 0.005])] == [0.03, 0.06, 0.06, 0.02]
+    out = holm([0.5, float("nan"), None, 0.9])  # missing tests stay missing and do not count in m
+    assert out[0] == 1.0 and math.isnan(out[1]) and math.isnan(out[2]) and out[3] == 1.0
+    # oracle: Holm's step-down rejects H_(k) at alpha iff p_(j) <= alpha / (m - j) for every j <= k;
+    # the adjusted p rejects exactly those (adjusted p <= alpha)
+    import random
+
+    rng = random.Random(0)
+    for _ in range(200):
+        ps = [rng.random() ** 3 for _ in range(rng.randint(1, 12))]
+        adj = holm(ps)
+        for alpha in (0.01, 0.05, 0.2):
+            order = sorted(range(len(ps)), key=lambda i: ps[i])
+            rejected, ok = set(), True
+            for j, i in enumerate(order):
+                ok = ok and ps[i] <= alpha / (len(ps) - j)
+                if ok:
+                    rejected.add(i)
+            assert {i for i, a in enumerate(adj) if a <= alpha} == rejected
+        assert all(a >= p for a, p in zip(adj, ps))
+
+
+def test_p_at_the_permutation_floor_is_shown_as_a_bound():
+    from qtalign.report.format import pval
+    from qtalign.report.paired import N_PERM
+    from qtalign.stats import sign_flip_p
+
+    p = sign_flip_p([1.0] * 40)  # no permutation reaches the observed change
+    assert p == 1 / (1 + N_PERM)
+    assert pval(p) == f"< {1 / (1 + N_PERM):.1e} *" and pval(p).startswith("< 1.0e-04")
+    assert pval(2e-5 * 0.5) == "1.0e-05 *"  # an exact test's small p is a value, not a bound
+    assert pval(0.2) == "0.200" and pval(0.01) == "0.010 *"
+
+
+def test_report_tests_families_with_holm(run_dir):
+    from qtalign.report.read import read_run
+    from qtalign.report.sections import context
+    from qtalign.stats import holm
+
+    ctx = context(read_run(run_dir))
+    adj = ctx.holm("groups")
+    raw = {k: (ctx.summary(rs, k[2]) or {})[k[3]]["p"] for (t, v), rs in ctx.tasks.items() for k in adj if k[:2] == (t, v)}
+    keys = list(raw)
+    assert adj == dict(zip(keys, holm([raw[k] for k in keys])))
+    assert {k[3] for k in adj} == {"raw", "cal"} and {k[2] for k in adj} >= {"all", "seen", "unseen"}
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    assert "p Holm" in md and f"m = {ctx.family_size('groups')}" in md and f"m = {ctx.family_size('langs')}" in md
+    assert "**Evaluated checkpoint:**" in md
+
+
+def test_missing_clusters_are_an_error_not_a_silent_fallback(tmp_path):
+    """A results.json without recorded clusters, for a task whose items come in clusters, regenerated where the data is
+    absent: before, the report silently tested the items as independent (another p); now it names what is missing."""
+    from qtalign.errors import QtalignError
+    from qtalign.report.read import derive_clusters
+
+    cfg = {"tasks": ["snli"], "langs": ["en"], "data_dir": str(tmp_path / "gone")}
+    with pytest.raises(QtalignError, match=r"records no item clusters for task 'snli'.*not on this machine"):
+        derive_clusters(cfg, "x/eval/base/results.json")
+    assert derive_clusters({**cfg, "tasks": ["emotion"]}, "x") == {}  # a task without clusters needs no data
+
+
+def test_compare_matches_items_by_data_content_not_index(tmp_path, tiny_llama_dir):
+    """Two runs that read different files under the same names (here: zh edited) are not paired item by item: the
+    group is left out of the comparison, named with the reason; the groups with identical data are compared."""
+    from qtalign.cli import main
+    from qtalign.tasks.items import demo_data_dir
+
+    from test_experiment import tiny_dict
+
+    edited = tmp_path / "demo"
+    shutil.copytree(demo_data_dir(), edited)
+    zh = edited / "emotion" / "zh.jsonl"
+    lines = zh.read_text(encoding="utf-8").splitlines()
+    first = json.loads(lines[0])
+    first["input"] = first["input"] + " 另一个评论。"
+    zh.write_text("\n".join([json.dumps(first, ensure_ascii=False), *lines[1:]]) + "\n", encoding="utf-8")
+    runs = []
+    for name, files in (("a", "demo"), ("b", str(edited / "{task}" / "{lang}.jsonl"))):
+        d = tiny_dict(tiny_llama_dir, tmp_path / name)
+        d["stages"] = ["eval", "report"]
+        d["eval"].update(data_files=files, items="0:4")
+        Experiment(ExperimentConfig.model_validate(d), log=lambda s: None).run()
+        runs.append(tmp_path / name)
+    assert main(["compare", f"a={runs[0]}", f"b={runs[1]}", "--out", str(tmp_path / "cmp")]) == 0
+    got = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert got["not_compared"] == [{"run": "b", "group": "emotion/enout/zh", "why": "it read other data than the first run"}]
+    assert "**Not compared**" in (tmp_path / "cmp" / "compare.md").read_text()
+    per_lang = got["tasks"]["emotion/enout"]
+    assert per_lang["a"]["all"]["n_langs"] == 3 and per_lang["b"]["all"]["n_langs"] == 2  # en, sw; not zh
+
+
+def test_compare_aggregates_training_seeds(run_dir, tmp_path):
+    """Runs labelled <arm>-seed<k> are aggregated: the mean change over seeds and the SD between them (two copies of
+    one run: the mean is its change and the SD 0), beside each seed's own item-level interval."""
+    from qtalign.cli import main
+    from qtalign.report.compare import seed_arms, seed_summary
+
+    assert seed_arms(["qt-seed1", "qt-seed2", "copy-seed1", "seed0", "other"]) == {"qt": ["qt-seed1", "qt-seed2"]}
+    s = seed_summary([0.01, 0.03, 0.08])
+    assert s["mean"] == pytest.approx(0.04) and s["sd"] == pytest.approx(math.sqrt(((0.03) ** 2 + 0.01 ** 2 + 0.04 ** 2) / 2))
+    assert main(["compare", "--which", "change", f"qt-seed1={run_dir}", f"qt-seed2={run_dir}", "--out", str(tmp_path / "c")]) == 0
+    got = json.loads((tmp_path / "c" / "compare.json").read_text())
+    agg = got["seeds"]["qt"]["emotion/enout"]["all"]["raw"]
+    assert agg["n_seeds"] == 2 and agg["sd"] == 0 and agg["mean"] == got["changes"]["qt-seed1"]["emotion/enout"]["all"]["raw"]["delta"]
+    assert got["changes"]["qt-seed1"]["emotion/enout"]["all"]["raw"]["p_holm"] >= got["changes"]["qt-seed1"]["emotion/enout"]["all"]["raw"]["p"]
+
+
+def test_card_verdicts_follow_the_intervals():
+    from qtalign.report.card import verdict
+
+    up, down, flat = {"ci_low": 0.01, "ci_high": 0.05}, {"ci_low": -0.05, "ci_high": -0.01}, {"ci_low": -0.01, "ci_high": 0.02}
+    assert verdict("gain", {"raw": up, "cal": up, "auc": flat}) == "reproduced"
+    assert verdict("gain", {"raw": up, "cal": flat, "auc": up}) == "reproduced"
+    assert verdict("gain", {"raw": up, "cal": flat, "auc": flat}).startswith("raw accuracy only")
+    assert verdict("gain", {"raw": flat, "cal": down, "auc": down}) == "not reproduced (a loss: calibrated, AUC)"
+    assert verdict("gain", {"raw": flat, "cal": up, "auc": up}) == "not reproduced"
+    assert verdict("loss", {"raw": down, "cal": flat}) == "reproduced"
+    assert verdict("loss", {"raw": up}) == "not reproduced (a gain)"
+    assert verdict("gain", None) == "not testable here"
+
+
+def test_card_is_computed_from_the_runs_and_refuses_bad_claims(run_dir, tmp_path, capsys):
+    from qtalign.cli import main
+    from qtalign.report.card import inputs_digest
+    from qtalign.report.sections import context
+
+    shutil.copytree(run_dir, tmp_path / "res" / "tiny")
+    claims = tmp_path / "res" / "claims.yaml"
+    claims.write_text(
+        "claims:\n"
+        "  - {id: a, table: T1, claim: gain, paper: {model: M, change: '+5'}, expect: gain,\n"
+        "     measurements: [{run: tiny, task: emotion, group: all}, {run: tiny, task: emotion, group: [zh, sw]}]}\n"
+        "  - {id: b, table: T6, claim: labels, paper: {model: M, change: '+20'}, expect: gain, missing: 'not run here'}\n",
+        encoding="utf-8")
+    out = tmp_path / "card.md"
+    assert main(["card", str(claims), "--out", str(out)]) == 0
+    md = out.read_text(encoding="utf-8")
+    ctx = context(read_run(tmp_path / "res" / "tiny"))
+    s = ctx.summary(ctx.tasks["emotion", "enout"], "all")
+    from qtalign.report.format import interval
+
+    assert interval(s["raw"]["delta"], s["raw"]["ci_low"], s["raw"]["ci_high"]) in md  # the run's own report's numbers
+    assert "**not testable here**: not run here" in md and inputs_digest(claims, ["tiny"]) in md
+    rows = [line for line in md.splitlines() if line.startswith("| T")]
+    assert len(rows) == 3 and "zh, sw" in rows[1]
+    # a changed prediction changes the digest (a stale card is detectable)
+    before = inputs_digest(claims, ["tiny"])
+    p = tmp_path / "res" / "tiny" / "eval" / "tuned" / "predictions.jsonl"
+    p.write_text(p.read_text(encoding="utf-8") + "\n", encoding="utf-8")
+    assert inputs_digest(claims, ["tiny"]) != before
+    claims.write_text("claims:\n  - {id: c, table: T, claim: x, paper: {}, expect: up, missing: m}\n", encoding="utf-8")
+    assert main(["card", str(claims), "--out", str(out)]) == 2
+    assert "field 'expect'" in capsys.readouterr().err
+    (tmp_path / "mine.md").write_text("my notes\n")
+    claims.write_text("claims:\n  - {id: c, table: T, claim: x, paper: {}, expect: gain, missing: m}\n", encoding="utf-8")
+    assert main(["card", str(claims), "--out", str(tmp_path / "mine.md")]) == 2  # not a card qtalign wrote
+    assert (tmp_path / "mine.md").read_text() == "my notes\n"
+
+
+def test_published_reproduction_card_is_current():
+    """docs/reproduction.md records the digest of everything it was computed from: regenerate it
+    (`qtalign card docs/results/claims.yaml --out docs/reproduction.md`) whenever a published result changes."""
+    from qtalign.report.card import inputs_digest, load_claims
+
+    root = Path(__file__).resolve().parents[1] / "docs"
+    claims = root / "results" / "claims.yaml"
+    names = [m["run"] for c in load_claims(claims) for m in c.get("measurements") or []]
+    assert inputs_digest(claims, names) in (root / "reproduction.md").read_text(encoding="utf-8")

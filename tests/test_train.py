@@ -290,7 +290,7 @@ def test_config_round_trip_and_cli_errors(tmp_path, toy_file, capsys):
     assert main(["train", "--config", str(tmp_path / "c.yaml"), "--data", str(toy_file), "--out", str(tmp_path / "o")]) == 2
     assert "lora_rank" in capsys.readouterr().err
     saved = tmp_path / "saved.yaml"
-    assert main(["train", "--data", str(toy_file), "--lr", "1e-4", "--micro-batch-size", "2", "--out", "x",
+    assert main(["train", "--data", str(toy_file), "--learning-rate", "1e-4", "--per-device-batch-size", "2", "--out", "x",
                  "--save-config", str(saved)]) == 0
     back = TrainConfig(**yaml.safe_load(saved.read_text())["train"])
     assert back.learning_rate == 1e-4 and back.per_device_batch_size == 2 and back.data == [str(toy_file)]
@@ -299,6 +299,37 @@ def test_config_round_trip_and_cli_errors(tmp_path, toy_file, capsys):
     assert main(["train", "--data", str(bad), "--out", str(tmp_path / "o2"), "--model", "/nonexistent"]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "record 0" in err
+
+
+def test_a_short_run_on_many_rows_validates_a_bounded_share(tiny_llama_dir, tmp_path):
+    """8 steps on 8,000 rows with the default settings: 64 validation rows (not 5 % = 400), one evaluation and one
+    checkpoint at the end (not one per step); what the defaults resolved to is recorded in train_config.json, and the
+    paper's settings (the whole 5 %, an evaluation and checkpoint every 50 steps) stay expressible."""
+    from qtalign.train.data import split_rows
+    from qtalign.train.recipe import training_arguments
+
+    recs = _toy_records(40)
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({**recs[i % 40], "id": f"r{i}"}, ensure_ascii=False) + "\n" for i in range(8000)),
+                   encoding="utf-8")
+    cfg = TrainConfig(model=ModelConfig(name=str(tiny_llama_dir), dtype="fp32", device="cpu"), max_steps=8,
+                      per_device_batch_size=8, cutoff_len=128, learning_rate=5e-3)
+    s = train(cfg, big, tmp_path / "o")
+    assert (s["numbers"]["train_rows"], s["numbers"]["val_rows"]) == (8000 - 64, 64)
+    assert [r["step"] for r in read_log(tmp_path / "o" / "trainer_log.jsonl") if "eval_loss" in r] == [8]
+    assert sorted(p.name for p in (tmp_path / "o" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-8"]
+    resolved = json.loads((tmp_path / "o" / "train_config.json").read_text())["resolved"]
+    assert resolved == {"train_rows": 7936, "val_rows": 64, "steps": 8, "eval_steps": 8, "save_steps": 8,
+                        "best_checkpoint": True}
+    paper = cfg.model_copy(update={"val_max_rows": None, "eval_steps": 50, "max_steps": None})
+    assert len(split_rows(8000, paper.val_size, 0, paper.val_max_rows)[1]) == 400
+    args = training_arguments(paper, tmp_path / "p", 7600, 400, "cpu")
+    assert (args.eval_steps, args.save_steps, args.load_best_model_at_end) == (50, 50, True)
+    assert training_arguments(cfg.model_copy(update={"max_steps": 3750}), tmp_path / "p", 7936, 64, "cpu").eval_steps == 375
+    # the settings added since 0.1 enter the fingerprint only where they act: runs made before keep theirs
+    study = TrainConfig(val_data=["held_out.json"], eval_steps=25)
+    assert "val_max_rows" not in study.result_config() and "min_eval_steps" not in study.result_config()
+    assert cfg.result_config()["val_max_rows"] == 64 and cfg.result_config()["min_eval_steps"] == 10
 
 
 # -- multi-process data parallel ------------------------------------------------------------------------------
@@ -323,8 +354,8 @@ def test_two_processes_match_one(tiny_llama_dir, toy_file, tmp_path):
     run = Path(sys.executable).with_name("torchrun")
     two = subprocess.run([str(run), "--nproc_per_node", "2", "--master_port", str(_free_port()), "-m", "qtalign", "train",
                           "--model", str(tiny_llama_dir), "--dtype", "fp32", "--device", "cpu", "--data", str(toy_file),
-                          "--batch-size", "8", "--micro-batch-size", "2", "--max-steps", "7", "--eval-steps", "3",
-                          "--lr", "5e-2", "--val-size", "8", "--out", str(tmp_path / "two")],
+                          "--batch-size", "8", "--per-device-batch-size", "2", "--max-steps", "7", "--eval-steps", "3",
+                          "--learning-rate", "5e-2", "--val-size", "8", "--out", str(tmp_path / "two")],
                          env=env, capture_output=True, text=True, timeout=300)
     assert two.returncode == 0, two.stderr[-3000:]
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())

@@ -82,11 +82,30 @@ def allocator_reexec() -> tuple[list[str], dict] | None:
     return [sys.executable, *sys.orig_argv[1:]], env
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (/proc/cpuinfo; empty where that cannot be read)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def bf16_native() -> bool | None:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX-512 BF16 or AMX); None where unknown. Without it
+    torch's bf16 matrix products take a reference path: measured on a 2-core AVX2 EPYC, 0.1 GFLOP/s against 8.9 in
+    fp32 (about 90x slower), which turns a 40-minute LoRA run into days."""
+    flags = cpu_flags()
+    return bool({"avx512_bf16", "amx_bf16"} & flags) if flags else None
+
+
 def hardware() -> dict:
-    """CPU model, RAM and torch threads (the environment section of the report)."""
+    """CPU model, RAM, torch threads and native bf16 (the environment section of the report)."""
     import torch
 
-    out: dict = {"torch_threads": torch.get_num_threads()}
+    out: dict = {"torch_threads": torch.get_num_threads(), "bf16_native": bf16_native()}
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -101,15 +120,3 @@ def hardware() -> dict:
     except Exception:  # noqa: BLE001
         pass
     return out
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python's, NumPy's and torch's generators."""
-    import random
-
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

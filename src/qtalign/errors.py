@@ -16,6 +16,17 @@ def data_error(path, message: str, record: int | str | None = None, field: str |
     return QtalignError(": ".join(where) + ": " + message)
 
 
+def check_text(path, text: str, record: int | str | None = None, field: str | None = None) -> str:
+    """A text read from a data file is valid Unicode: a lone surrogate (a JSON escape such as \\ud800 without its
+    pair) cannot be tokenized or written, and is one line naming the file, record and field."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise data_error(path, f"invalid Unicode: a lone surrogate ({ascii(text[e.start])}) at character {e.start}",
+                         record, field) from None
+    return text
+
+
 def validation_message(e, where: str = "config") -> str:
     """A pydantic ValidationError as one line naming where the config came from and the dotted field."""
     err = e.errors()[0]

@@ -27,16 +27,37 @@ from typing import Any, Iterable, Iterator
 from qtalign.errors import QtalignError
 
 MARKER = ".qtalign.json"
-# files that qtalign wrote before output dirs had a marker: a folder holding one of them is adopted, never refused
-LEGACY_FILES = ("stage.json", "run.json", "experiment.json", "train_config.json", "summary.json", "results.json")
-# the list of written files that lm_eval/<model>/ folders kept before they were OutputDirs: a folder holding it is
-# adopted with exactly the names it lists
-LEGACY_MANIFEST = ".qtalign-files.json"
+LOCK = ".qtalign.lock"  # held (fcntl) by the process writing an OutputDir; names its pid
+_HELD: dict[str, Any] = {}  # folder -> the open lock file this process holds (released when it ends)
 
 
 def cache_root() -> Path:
     """qtalign's cache: converted models, content hashes, the shared result store ($QTALIGN_CACHE)."""
-    return Path(os.environ.get("QTALIGN_CACHE", Path.home() / ".cache" / "qtalign"))
+    return Path(os.environ.get("QTALIGN_CACHE") or Path.home() / ".cache" / "qtalign").expanduser()
+
+
+def check_cache_env() -> None:
+    """$QTALIGN_CACHE and $QTALIGN_STORE, where set, name folders qtalign can write: one line otherwise (a store
+    pointed at a file is an error, never a store quietly turned off)."""
+    for var in ("QTALIGN_CACHE", "QTALIGN_STORE"):
+        if os.environ.get(var):
+            check_folder(Path(os.environ[var]).expanduser(), f"${var}")
+
+
+def check_folder(path: str | Path, what: str) -> Path:
+    """A folder qtalign keeps its own files in (the cache, the result store): one line when it is a file, lies
+    under a file or cannot be written, instead of quietly working without it."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise QtalignError(f"{what} {p}: is a file, not a folder")
+    anc = p
+    while not anc.exists() and anc != anc.parent:
+        anc = anc.parent
+    if not anc.is_dir():
+        raise QtalignError(f"{what} {p}: {anc} is a file, not a folder")
+    if not os.access(anc, os.W_OK | os.X_OK):
+        raise QtalignError(f"{what} {p}: not writable ({anc})")
+    return p
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -48,8 +69,12 @@ def _tmp_name(path: Path) -> Path:
 
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``path`` atomically. Inside a folder qtalign owns (one with a marker) the name is recorded there first:
+    a file of someone else's by that name is refused, never written over."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.name != MARKER and (path.parent / MARKER).is_file():
+        OutputDir(path.parent).record(path.name)
     tmp = _tmp_name(path)
     try:
         tmp.write_bytes(data)
@@ -123,7 +148,46 @@ def yaml_load(text: str):
                                       for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()}
     Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                                  list("tTfF"))
-    return yaml.load(text, Loader=Loader)  # noqa: S506 - a SafeLoader subclass
+    loader = Loader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expanded_size(node)
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+YAML_NODES_MAX = 100_000  # a config has hundreds of values; aliases must not expand past this (a "billion laughs")
+
+
+def _check_expanded_size(root) -> None:
+    """Refuse (yaml.YAMLError) a document whose aliases, written out, would exceed YAML_NODES_MAX values or that
+    refers to itself: an alias is a reference in the loaded object, but copying, merging or validating the config
+    expands it."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise yaml.YAMLError("an alias refers to the node that contains it (a recursive document)")
+        open_.add(key)
+        kids = [x for pair in node.value for x in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        n = 1 + sum(size(k) for k in kids)
+        open_.discard(key)
+        if n > YAML_NODES_MAX:
+            raise yaml.YAMLError(f"its aliases expand to more than {YAML_NODES_MAX} values (an alias bomb?)")
+        sizes[key] = n
+        return n
+
+    size(root)
 
 
 def read_config(path: str | Path) -> dict:
@@ -137,6 +201,8 @@ def read_config(path: str | Path) -> dict:
         d = yaml_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise QtalignError(f"{p}: invalid YAML: {str(e).splitlines()[0]}") from None
+    except RecursionError:
+        raise QtalignError(f"{p}: invalid YAML: nested too deeply") from None
     except UnicodeDecodeError:
         raise QtalignError(f"{p}: not UTF-8 text") from None
     if not isinstance(d, dict):
@@ -234,30 +300,20 @@ def fingerprint(config: Any, data: Any = None, model: Any = None, numerics: str 
 # output directories owned through a marker
 
 
-def _is_legacy_file(path: Path) -> bool:
-    """Whether a file is one qtalign itself wrote before markers existed: a JSON document with qtalign's own keys (a
-    user's results.json is not)."""
-    d = read_json(path)
-    if not isinstance(d, dict):
-        return False
-    keys = {"stage.json": {"stage", "fingerprint"}, "run.json": {"fingerprint", "config"},
-            "experiment.json": {"config", "environment"}, "train_config.json": {"fingerprint", "config"},
-            "summary.json": {"stage", "timing_s"}, "results.json": {"fingerprint", "metrics", "config"}}[path.name]
-    return keys <= set(d)
-
-
 class OutputDir:
     """A folder qtalign writes into, owned through its marker ``.qtalign.json`` = {"tool", "kind", "entries"}.
 
-    ``entries`` lists the top-level names qtalign created there; only those are ever removed or overwritten. A folder
-    that exists, is not empty and has no marker is refused, unless it holds files qtalign itself wrote before markers
-    existed (``LEGACY_FILES`` with qtalign's content): such a folder is adopted, and only the names its writer declares
-    (``adopt``) become qtalign's. A folder written by another kind of qtalign command (an experiment's run dir given to
-    ``merge``) is refused too.
+    ``entries`` lists the names qtalign created there (or patterns of them, e.g. 'lens_*.png'); only those are ever
+    removed or overwritten. A folder listed as 'name/' is owned the same way, through a marker of its own, file by
+    file: removing it removes what its marker lists, recursively, and leaves every other file and the folders that
+    still hold one (a folder of someone else's put in its place, without the marker, is not qtalign's). A folder
+    listed as a plain name was written whole by qtalign (a library's output such as a training checkpoint) and is
+    qtalign's whole. A folder that exists, is not empty and is neither marked nor listed by its owner is refused, and
+    so is a folder written by another kind of qtalign command (an experiment's run dir given to ``merge``).
     """
 
     def __init__(self, path: str | Path, kind: str = "output", option: str = "--out"):
-        self.path = Path(path)
+        self.path = Path(path).expanduser()  # `out: ~/x` is the home's x, never a folder named '~'
         self.kind = kind
         self.option = option
         self._entries: set[str] | None = None
@@ -285,48 +341,77 @@ class OutputDir:
                                "folder")
         return self
 
-    def legacy(self) -> bool:
-        if (self.path / MARKER).is_file():
-            return False
-        return bool(self._legacy_manifest()) or any(_is_legacy_file(self.path / n) for n in LEGACY_FILES)
-
-    def _legacy_manifest(self) -> list[str]:
-        """The plain names an earlier qtalign listed in LEGACY_MANIFEST as the files it wrote here (none if absent)."""
-        names = read_json(self.path / LEGACY_MANIFEST)
-        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-            return []
-        return [n for n in names if n and "/" not in n and "\\" not in n and n not in (".", "..")]
+    def whole(self) -> bool:
+        """Whether the folder above is qtalign's and lists this one as written whole (a plain name, not 'name/'): then,
+        without a marker of its own, all of it is qtalign's."""
+        parent = OutputDir(self.path.parent)
+        name = self.path.name
+        return (parent.path / MARKER).is_file() and parent.is_ours(name) and not parent.marked(name)
 
     def owned(self) -> bool:
-        return (self.path / MARKER).is_file() or self.legacy()
+        return (self.path / MARKER).is_file() or self.whole()
 
     def claim(self, adopt: Iterable[str] = ()) -> "OutputDir":
-        """Create the folder (or adopt it) and write its marker. A folder made by qtalign before markers existed is
-        adopted: of its entries, only those named in ``adopt`` (what the caller itself writes) or listed in its
-        LEGACY_MANIFEST (which is then qtalign's too) become qtalign's; every other file there stays untouchable."""
+        """Create the folder and write its marker (a folder its owner lists as written whole, without a marker of
+        its own, gets one listing everything in it). ``adopt`` is ignored (report/compare.py still passes it; drop
+        both together)."""
         self.check()
         try:
             self.path.mkdir(parents=True, exist_ok=True)
             if not (self.path / MARKER).is_file():
-                legacy = self.legacy()
-                listed = self._legacy_manifest()
-                if listed:
-                    adopt = [*adopt, *listed, LEGACY_MANIFEST]
-                names = {x.name for x in self.path.iterdir()} & set(adopt) if legacy else set()
-                self._save(names, adopted=legacy)
+                self._save({x.name for x in self.path.iterdir()} if self.whole() else set())
+            self.lock()
         except OSError as e:
             raise QtalignError(f"{self.option} {self.path}: cannot write there ({e.strerror or e})") from None
         return self
+
+    def subdir(self, name: str, kind: str | None = None) -> "OutputDir":
+        """A folder inside this one (``name`` may be nested: 'eval/base'), recorded here and owned through a marker
+        of its own, like every folder on the way; ``kind`` is the innermost one's (the others take this one's)."""
+        od, parts = self, name.split("/")
+        for i, part in enumerate(parts):
+            od.record(part)
+            sub = OutputDir(od.path / part, (kind or self.kind) if i == len(parts) - 1 else self.kind, self.option).claim()
+            if not od.marked(part):
+                od._save(od.entries() - {part} | {part + "/"})
+            od = sub
+        return od
+
+    def lock(self) -> None:
+        """Hold the folder's lock (LOCK, an fcntl lock on a file that names the holder's pid) until this process
+        ends or the command finishes (release_locks): a second process claiming the folder is refused with the holder's pid. The lock dies with its process,
+        so a lock file left by a killed one is taken over."""
+        import fcntl
+
+        key = str(self.path.resolve())
+        if any(key == h or key.startswith(h.rstrip("/") + "/") for h in _HELD):
+            return  # this process holds it, or a folder around it (a run dir holds its stage folders)
+        f = open(self.path / LOCK, "a+", encoding="utf-8")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "?"
+            f.close()
+            raise QtalignError(f"{self.option} {self.path}: in use by another qtalign process (pid {holder}, "
+                               f"{self.path / LOCK}); wait for it to finish or stop it") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"{os.getpid()}\n")
+        f.flush()
+        _HELD[key] = f
+        d = self._load()
+        if d.get("lock") != LOCK:
+            d["lock"] = LOCK
+            write_json(self.path / MARKER, d)
 
     # -- entries ------------------------------------------------------------------------------------------------
     def _load(self) -> dict:
         return read_json(self.path / MARKER, {}) or {}
 
-    def _save(self, entries: set[str], adopted: bool | None = None) -> None:
+    def _save(self, entries: set[str]) -> None:
         d = self._load()
         d.update(tool="qtalign", kind=d.get("kind", self.kind), entries=sorted(entries))
-        if adopted is not None and "adopted" not in d:
-            d["adopted"] = adopted
         d.setdefault("created", round(time.time()))
         write_json(self.path / MARKER, d)
         self._entries = set(entries)
@@ -336,9 +421,6 @@ class OutputDir:
             self._entries = set(self._load().get("entries", []))
         return set(self._entries)
 
-    def adopted(self) -> bool:
-        return bool(self._load().get("adopted"))
-
     def record(self, *names: str) -> None:
         """Register top-level names as qtalign's, before writing them; a name that exists and is not qtalign's is
         refused (nothing of someone else's ever becomes qtalign's by being written over)."""
@@ -347,9 +429,18 @@ class OutputDir:
             if (self.path / top).exists() and not self.is_ours(top):
                 raise QtalignError(f"{self.path / top}: exists and was not written by qtalign; move it away or choose "
                                    "another folder")
-        new = tops - self.entries()
+        new = {t for t in tops if not self.is_ours(t)}
         if new:
             self._save(self.entries() | new)
+
+    @contextlib.contextmanager
+    def receiving(self, expect: Iterable[str] = ()):
+        """A block in which a library writes into this folder: the names in ``expect`` are recorded first (a file of
+        someone else's by such a name is refused), and every name the block creates is recorded after it."""
+        self.record(*expect)
+        before = {x.name for x in self.path.iterdir()} if self.path.is_dir() else set()
+        yield self.path
+        self._save(self.entries() | {x.name for x in self.path.iterdir()} - before - {MARKER})
 
     def file(self, name: str) -> Path:
         """The path of a top-level entry, registered as qtalign's."""
@@ -362,30 +453,77 @@ class OutputDir:
         import fnmatch
 
         top = name.split("/", 1)[0]
-        return any(top == e or fnmatch.fnmatchcase(top, e) for e in self.entries())
+        return any(top == e.rstrip("/") or fnmatch.fnmatchcase(top, e.rstrip("/")) for e in self.entries())
+
+    def holds(self, name: str) -> bool:
+        """Whether the entry ``name`` exists with something of qtalign's in it (a folder of its own that a rerun
+        cleared, left holding only other people's files, holds nothing)."""
+        p = self.path / name
+        if not p.exists():
+            return False
+        if p.is_dir() and (p / MARKER).is_file():
+            sub = OutputDir(p)
+            return any(sub.holds(c.name) for c in p.iterdir() if c.name != MARKER and sub.is_ours(c.name))
+        return True
+
+    def marked(self, name: str) -> bool:
+        """Whether ``name`` is listed as a folder owned through a marker of its own ('name/')."""
+        return name + "/" in self.entries()
 
     def remove(self, *names: str) -> None:
-        """Remove entries qtalign wrote (missing ones are fine); refuse anything else."""
-        import shutil
-
+        """Remove what qtalign wrote under these entries (missing ones are fine; a nested name such as 'eval/base'
+        is looked up through the folders' own markers); refuse anything else. An owned folder is cleared of its own
+        files only (``_discard``)."""
         for name in names:
-            top = name.split("/", 1)[0]
-            target = self.path / name
+            top, _, rest = name.partition("/")
+            target = self.path / top
             if not target.exists() and not target.is_symlink():
                 continue
             if not self.is_ours(top):
                 raise QtalignError(f"{target}: not written by qtalign (not listed in {self.path / MARKER}); "
                                    "refusing to delete it")
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
+            if rest and (target / MARKER).is_file():
+                OutputDir(target).remove(rest)
+            elif rest:
+                _discard(target / rest, marked=self.marked(top))  # inside a folder qtalign wrote whole
             else:
-                target.unlink()  # the name stays in the marker: qtalign writes it here again
+                _discard(target, marked=self.marked(top))  # the name stays in the marker: qtalign writes it again
 
     def clear(self) -> None:
         """Remove every entry qtalign wrote here and forget their names (for outputs whose names change from one run
         to the next, such as dated files); the marker stays, and so does everything that is not qtalign's."""
-        self.remove(*sorted(self.entries()))
-        self._save(set())
+        self.remove(*sorted(x.name for x in self.path.iterdir() if x.name != MARKER and self.is_ours(x.name)))
+        self._save({e for e in self.entries() if (self.path / e.rstrip("/")).exists()})  # folders still holding others'
+
+
+def _discard(path: Path, marked: bool = False) -> None:
+    """Remove what qtalign wrote at ``path``, an entry of an owned folder: a file; a folder with a marker of its own
+    as far as that marker lists (recursively), then the folder too once nothing else is left in it; a folder listed
+    as written whole (not ``marked``) whole. A marked folder found without its marker is someone else's: left alone."""
+    import shutil
+
+    if not path.exists() and not path.is_symlink():
+        return
+    if not path.is_dir() or path.is_symlink():
+        path.unlink()
+    elif (path / MARKER).is_file():
+        od = OutputDir(path)
+        for child in sorted(path.iterdir()):
+            if child.name != MARKER and od.is_ours(child.name):
+                _discard(child, od.marked(child.name))
+        if {x.name for x in path.iterdir()} <= {MARKER, LOCK}:
+            for name in (LOCK, MARKER):
+                (path / name).unlink(missing_ok=True)
+            path.rmdir()
+    elif not marked:
+        shutil.rmtree(path)
+
+
+def release_locks() -> None:
+    """Give up the folder locks this process holds (a command has finished; the CLI calls this)."""
+    while _HELD:
+        _, f = _HELD.popitem()
+        f.close()  # closing the file releases its fcntl lock
 
 
 def safe_name(label: str, what: str) -> str:

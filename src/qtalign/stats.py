@@ -128,6 +128,24 @@ def paired_bootstrap(stat, base: list, tuned: list, n_boot: int = 2000, seed: in
     return bootstrap_change(lambda which, draw: stat([seqs[which][i] for u in draw for i in u]), units, n_boot, seed, alpha)
 
 
+def holm(ps: list[float]) -> list[float]:
+    """Holm's step-down adjusted p-values of one family of tests, in the input order: the k-th smallest p (k from 0)
+    becomes max over j <= k of min(1, (m - j) p_(j)). A missing p (None or NaN: no test was made) stays NaN and does
+    not count in m. Rejecting where the adjusted p < alpha controls the family-wise error rate at alpha."""
+    idx = [i for i, p in enumerate(ps) if p is not None and not math.isnan(p)]
+    out = [float("nan")] * len(ps)
+    running = 0.0
+    for k, i in enumerate(sorted(idx, key=lambda i: ps[i])):
+        running = max(running, min(1.0, (len(idx) - k) * ps[i]))
+        out[i] = running
+    return out
+
+
+def perm_floor(n_perm: int) -> float:
+    """The smallest p a permutation test with ``n_perm`` permutations can return (sign_flip_p's (1 + 0) / (1 + n))."""
+    return 1 / (1 + n_perm)
+
+
 def spearman(x: list[float], y: list[float]) -> tuple[float, float]:
     """(Spearman rank correlation, two-sided p) over the pairs where both are finite; NaN with fewer than 3, or where
     either side is constant (no ranking to correlate: a layer that tuning leaves untouched, such as the embeddings)."""

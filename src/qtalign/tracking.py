@@ -28,11 +28,16 @@ def parse_trackers(v) -> list[str]:
     return v
 
 
-def check_available(report_to: list[str]) -> None:
-    """One clear error, before any work, for a tracker whose package is not installed."""
+def check_available(report_to: list[str], tracking_dir: str | Path | None = None) -> None:
+    """One clear error, before any work, for a tracker whose package is not installed or a tracking_dir that is a
+    file or cannot be written."""
     for t in report_to:
         if importlib.util.find_spec(NEEDS[t]) is None:
             raise QtalignError(f"report_to: '{t}' needs the {NEEDS[t]} package (pip install {NEEDS[t]})")
+    if report_to and tracking_dir:
+        from qtalign.io import check_folder
+
+        check_folder(Path(tracking_dir).expanduser(), "tracking_dir")
 
 
 def log_metrics(report_to: list[str], folder: str | Path, metrics: dict[str, float], step: int = 0,

@@ -63,10 +63,11 @@ def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path, kind: str, own: t
     """What every analysis run starts with, before any model is loaded: seeds, the specs, the groups that have data,
     their items (every data error here), the stage's own checks (``check(groups)``), and only then the output dir
     claimed -> (out, specs, source, groups, skipped, items)."""
-    from qtalign.environment import seed_everything
+    from transformers import set_seed
+
     from qtalign.io import OutputDir
 
-    seed_everything(cfg.seed)
+    set_seed(cfg.seed)
     out = OutputDir(out_dir, kind).check()
     specs = load_specs(cfg.prompts)
     source = cfg.source()
@@ -78,7 +79,7 @@ def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path, kind: str, own: t
             items[(g.task, g.lang)] = sel.select(specs.task(g.task), g.lang, source)
     if check is not None:
         check(groups)
-    out.claim(adopt=own)
+    out.claim()
     out.remove("summary.json")  # present again only once this run has finished
     out.record(*own)
     return out.path, specs, source, groups, skipped, items

@@ -10,6 +10,7 @@ from pydantic import Field, field_validator
 from qtalign.eval.config import TaskSelection
 from qtalign.engine.models import ModelConfig
 from qtalign.io import safe_name
+from qtalign.limits import Count, Index
 from qtalign.tasks.items import comma_list
 
 BASE = "base"
@@ -72,7 +73,7 @@ class LensConfig(AnalysisConfig):
     keep_overlap: bool = Field(
         False, description="keep items whose English and output-language token sets overlap (default: drop them, the paper's rule); the shared mass is reported as 'overlap'"
     )
-    max_plot_langs: int = Field(24, ge=1, description="at most this many languages in the overview figure")
+    max_plot_langs: Count = Field(24, ge=1, description="at most this many languages in the overview figure")
 
 
 
@@ -83,7 +84,7 @@ class GeometryConfig(AnalysisConfig):
     pools: list[Literal["prompt", "query", "last"]] = Field(
         default_factory=lambda: list(POOLS), description="poolings: prompt (mean over all prompt tokens, the paper), query (mean over the item's tokens), last (last token)"
     )
-    layers: list[int] | None = Field(None, description="layers shown in scatter plots and pair heatmaps (default: 5 evenly spaced, 0..L)")
+    layers: list[Index] | None = Field(None, description="layers shown in scatter plots and pair heatmaps (default: 5 evenly spaced, 0..L)")
     reference: str = Field("en", description="reference language for cosine similarity and the per-layer heatmaps")
     normed_last: bool = Field(True, description="pass layer L through the final norm (as HF hidden_states and the paper)")
     save_vectors: bool = Field(False, description="also save the pooled vectors (float16) in the npz")

@@ -171,7 +171,7 @@ def lens_group(lm: LoadedModel, task: TaskSpec, lang: str, variant: str, items: 
     L1 = scorer.engine.parts.num_layers + 1
     res = {m: {} for m in METRICS}
     if reqs:
-        enc = encode_prompts(lm.tokenizer, scorer._prompts(reqs))
+        enc = encode_prompts(lm.tokenizer, scorer.prompts(reqs))
         for b in scorer.engine.run(enc, capture="last"):
             st = lens_stats(scorer.engine.parts, b.layer_last, [per_item[k][1] for k in b.keys])
             for m in METRICS:

@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("qtalign.cli.run", "one-command experiment: data, tuning, evaluation, analyses and report (default: the demo)"),
     "report": ("qtalign.cli.report", "write a run dir's report (report.md, report.html) again from its artifacts"),
     "compare": ("qtalign.cli.report", "compare runs side by side (models, sizes, source mixes): Markdown + HTML with a plot"),
+    "card": ("qtalign.cli.report", "the reproduction card: the paper's claims beside the published measurements, with verdicts"),
     "export": ("qtalign.cli.export", "export a run's per-item predictions as Hugging Face datasets parquet files"),
     "store": ("qtalign.cli.store", "seed the shared result store with a finished (or published) evaluation, verified against this machine's data and model"),
     "models": ("qtalign.cli.models", "list the embedded models: installed, converted, size, licence"),
@@ -77,15 +78,89 @@ def _with_allocator(argv: list[str]) -> None:
             pass
 
 
+class Interrupts:
+    """Ctrl-C for the length of a command, never lost: SIGINT raises KeyboardInterrupt as usual, and until the command
+    has caught it (``handled``) a watcher thread raises it again every quarter second. Python drops an exception
+    raised while a finalizer (``__del__``, a weakref callback) runs ("Exception ignored in ..."): without this the
+    command would carry on. ``hit`` tells, after the command, that an interrupt came."""
+
+    def __init__(self):
+        self.hit = False
+        self.handled = False
+        self._old = None
+        self._watcher = None
+
+    def __enter__(self) -> "Interrupts":
+        import signal
+        import threading
+
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        if self.handled:  # the command has stopped already: the watcher's last call, or a second Ctrl-C
+            return
+        if not self.hit:
+            import threading
+
+            self.hit = True
+            self._watcher = threading.Thread(target=self._repeat, daemon=True)
+            self._watcher.start()
+        raise KeyboardInterrupt
+
+    def _repeat(self) -> None:
+        import _thread
+        import time
+
+        while True:
+            time.sleep(0.25)
+            if self.handled:
+                return
+            _thread.interrupt_main()
+
+    def __exit__(self, *exc) -> None:
+        import signal
+
+        self.handled = True
+        if self._watcher is not None:
+            self._watcher.join()  # its last call handled (as nothing) before the caller's handler is back
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The entry point. User errors end stderr with one line and exit 2; an interrupted command exits 130."""
+    """The entry point. User errors end stderr with one line and exit 2; an interrupted command ends with one line
+    and exits 130."""
+    if argv is None:
+        _with_allocator(sys.argv[1:])
+    argv = sys.argv[1:] if argv is None else list(argv)
+    with Interrupts() as intr:
+        try:
+            rc = _main(argv)
+        except KeyboardInterrupt:
+            rc = 130
+        finally:
+            intr.handled = True
+            from qtalign.io import release_locks
+
+            release_locks()
+    if intr.hit or rc == 130:
+        # CPython marks an interrupt that escapes code run by exec() of a string (dataclasses, namedtuples build
+        # their methods so while modules import) as unhandled, and then ends the process by SIGINT (-2) instead of
+        # with our exit code; the next such exec() clears that mark
+        exec("None")  # noqa: S102 - a constant
+        command = argv[0] if argv and not argv[0].startswith("-") else "run"
+        print(f"qtalign {command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return rc
+
+
+def _main(argv: list[str]) -> int:
     from pydantic import ValidationError
 
     from qtalign.errors import QtalignError, validation_message
 
-    if argv is None:
-        _with_allocator(sys.argv[1:])
-    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     if not argv:
         argv = ["run"]  # `qtalign` alone runs the demo experiment
@@ -97,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
+        if args.command in HEAVY or args.command in ("store", "models"):
+            from qtalign.io import check_cache_env
+
+            check_cache_env()
         return int(importlib.import_module(args._module).run_cli(args) or 0)
     except QtalignError as e:
         print(f"qtalign {args.command}: error: {e}", file=sys.stderr)
@@ -104,9 +183,6 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as e:
         print(f"qtalign {args.command}: error: {validation_message(e, 'config')}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"qtalign {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
-        return 130
     except Exception as e:  # noqa: BLE001 - a bug: one line (the traceback with QTALIGN_DEBUG=1)
         if os.environ.get("QTALIGN_DEBUG"):
             raise

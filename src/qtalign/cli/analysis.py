@@ -1,14 +1,12 @@
 """`qtalign lens` and `qtalign geometry`: evaluation's model/task/language/data options plus each analysis's own
-(generated from LensConfig / GeometryConfig); `--compare LABEL=DIR` (or the older `--compare-adapter`) analyses the
+(generated from LensConfig / GeometryConfig); `--compare LABEL=DIR` analyses the
 base model + that LoRA adapter beside the base on the same items."""
 
 from __future__ import annotations
 
 import json
 
-from qtalign.cli.options import DEPRECATED, add_common, add_config_options, add_model_options, build_config, save_config
-
-DEPRECATED.setdefault("--compare-adapter", "compare")
+from qtalign.cli.options import add_common, add_config_options, add_model_options, build_config, save_config
 
 
 def _cls(name: str):

@@ -51,7 +51,7 @@ def _labels(cfg, out: str | None) -> int:
     langs = sorted({c for t in cfg.tasks for c in specs.resolve_langs(cfg.langs, t)}, key=specs.order.index)
     rows = label_report(_tokenizer(cfg), specs, cfg.tasks, langs, cfg.variants)
     if out:
-        d = OutputDir(out, "labels").claim(adopt=("labels.md", "labels.json"))
+        d = OutputDir(out, "labels").claim()
         d.record("labels.md", "labels.json")
         write_label_report(rows, d.path)
         print(f"wrote {d.path / 'labels.md'}")

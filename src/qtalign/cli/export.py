@@ -4,10 +4,12 @@ parquet files, one per evaluation (``eval_base.parquet``, ``eval_tuned.parquet``
 
 from __future__ import annotations
 
+import os
+
 
 def configure_parser(p, name: str) -> None:
     p.add_argument("run", metavar="RUN", help="a run dir of `qtalign run` (or its export), or an output dir of `qtalign eval`")
-    p.add_argument("--out", required=True, help="folder for the parquet files")
+    p.add_argument("--out", required=True, type=os.path.expanduser, help="folder for the parquet files")
 
 
 def evaluations(run) -> dict[str, "object"]:
@@ -28,7 +30,7 @@ def run_cli(args) -> int:
     evals = evaluations(args.run)
     if not evals:
         raise QtalignError(f"{args.run}: no evaluation found (results.json, or eval/base/results.json in a run dir)")
-    out = OutputDir(args.out, "export").claim(adopt=tuple(f"{k}.parquet" for k in evals))
+    out = OutputDir(args.out, "export").claim()
     for stem, pred in evals.items():
         recs = list(read_jsonl(pred))
         if not recs:

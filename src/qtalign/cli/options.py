@@ -1,15 +1,16 @@
 """Command-line options generated from the pydantic configs: one flag per config field, named after it
 (``learning_rate`` -> ``--learning-rate``), with the field's own description and default as its help, so that flags
 and config keys have one name and one help text. The model section is flattened (``--model`` sets ``model.name``,
-``--dtype`` sets ``model.dtype``, ...). Older flag names stay as deprecated aliases that print a warning.
+``--dtype`` sets ``model.dtype``, ...).
 
 A command's config is: its config file (``--config``, flat or under a key named after the command) < its flags.
 """
 
 from __future__ import annotations
 
+import os
+
 import argparse
-import sys
 import types
 import typing
 from typing import Any, Literal
@@ -18,23 +19,9 @@ from pydantic import BaseModel
 
 from qtalign.errors import QtalignError, validation_message
 
-# deprecated flag -> the field it sets (kept working; a warning names the new flag)
-DEPRECATED: dict[str, str] = {"--lr": "learning_rate", "--micro-batch-size": "per_device_batch_size", "--variant": "variants"}
 MODEL_FLAG_NAMES = {"name": "--model"}
 # keys an experiment config sets once at the top level for all its sections
 SHARED_TOP_LEVEL = ("model", "seed", "data_dir", "prompts", "report_to")
-
-
-class _Deprecated(argparse.Action):
-    """An old flag name: sets the same destination and tells the user the new name."""
-
-    def __init__(self, option_strings, dest, new: str = "", **kw):
-        self.new = new
-        super().__init__(option_strings, dest, **kw)
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        print(f"qtalign: warning: {option_string} is deprecated; use {self.new}", file=sys.stderr)
-        setattr(namespace, self.dest, values)
 
 
 def flag(field: str) -> str:
@@ -101,9 +88,6 @@ def add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         elif kind in ("str", "other"):
             g.add_argument(opt, dest=dest, default=None, help=_help(info))
         # nested models: their own sections (the model section is added by add_model_options)
-        for old, target in DEPRECATED.items():
-            if target == name and old != opt:
-                g.add_argument(old, dest=dest, action=_Deprecated, new=opt, default=None, help=argparse.SUPPRESS)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -165,7 +149,7 @@ def add_common(p: argparse.ArgumentParser, out_required: bool = True, overwrite:
                out_help: str = "output dir (resumable)") -> None:
     g = p.add_argument_group("run")
     g.add_argument("--config", help="YAML/JSON config file (flat, or under a key named after the command); flags override it")
-    g.add_argument("--out", required=out_required, help=out_help)
+    g.add_argument("--out", required=out_required, type=os.path.expanduser, help=out_help)
     if overwrite:
         g.add_argument("--overwrite", action="store_true",
                        help="replace a previous result in --out (only files qtalign wrote there are removed)")

@@ -3,6 +3,8 @@ options set `eval.*`; `--data-dir`, `--prompts`, `--seed`, `--out` set the top-l
 
 from __future__ import annotations
 
+import os
+
 import time
 
 from qtalign.cli.options import _flatten, add_config_options, add_model_options, model_values
@@ -25,7 +27,7 @@ def configure_parser(p, name: str) -> None:
     g.add_argument("--force", help="comma list of stages to rerun even when up to date ('all' for every stage)")
     g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
     g.add_argument("--list", action="store_true", help="list the bundled configs and exit")
-    g.add_argument("--export", metavar="DIR", help="after the run, copy the report, its figures, the small results and "
+    g.add_argument("--export", metavar="DIR", type=os.path.expanduser, help="after the run, copy the report, its figures, the small results and "
                    "the per-item predictions (compressed; no adapters, arrays or checkpoints) to DIR")
     add_model_options(p)
     add_config_options(p, EvalConfig, only=EVAL_OPTIONS, title="evaluation (eval.*)")
@@ -66,10 +68,10 @@ def run_cli(args) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from qtalign.experiment.runner import Experiment
+    from qtalign.experiment.runner import run_experiments
 
     t0 = time.time()
-    Experiment(cfg).run(comma_list(args.stages) if args.stages else None, comma_list(args.force) if args.force else None)
+    run_experiments(cfg, comma_list(args.stages) if args.stages else None, comma_list(args.force) if args.force else None)
     rd = cfg.run_dir
     if args.export:
         from qtalign.report.export import export_run

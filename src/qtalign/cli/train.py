@@ -1,7 +1,9 @@
 """`qtalign train` (options generated from TrainConfig: every field is a flag of the same name, e.g.
-``--learning-rate``; the older ``--lr`` and ``--micro-batch-size`` still work) and `qtalign merge`."""
+``--learning-rate``) and `qtalign merge`."""
 
 from __future__ import annotations
+
+import os
 
 import json
 
@@ -13,7 +15,7 @@ def configure_parser(p, name: str) -> None:
 
     add_model_options(p)
     if name == "merge":
-        p.add_argument("--out", required=True, help="merged model dir to write (a new folder, or one qtalign wrote)")
+        p.add_argument("--out", required=True, type=os.path.expanduser, help="merged model dir to write (a new folder, or one qtalign wrote)")
         return
     add_config_options(p, TrainConfig, skip={"model"}, title="training")
     add_common(p, out_help="output dir (resumable: rerun the same command after a kill)")

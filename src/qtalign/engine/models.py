@@ -15,12 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qtalign.engine.gguf import CONVERTER_VERSION, check_gguf, converted_dir, ensure_converted
-from qtalign.engine.registry import embedded, embedded_names
+from qtalign.engine.registry import embedded, embedded_names, verify_file
 from qtalign.errors import QtalignError
 from qtalign.io import cache_root, dir_sha256, file_sha256
+from qtalign.limits import SETTINGS
 
 DTYPE_NAMES = {"bf16": "bfloat16", "fp32": "float32", "fp16": "float16"}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
@@ -36,7 +37,7 @@ def torch_dtype(name: str):
 class ModelConfig(BaseModel):
     """Which model to load and how."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     name: str = Field("gemma-3-270m", description="an embedded model (gemma-3-270m, qwen2.5-coder-0.5b, "
                       "qwen2.5-coder-1.5b: `qtalign models`), a hub id, a local HF dir, or a .gguf file")
@@ -123,11 +124,28 @@ def embedded_model_dir(name: str = "gemma-3-270m") -> Path:
         return out
     entry.require_installed()
     gguf = gguf_cache_path(name)
-    if not gguf.is_file():
+    if not _cached_gguf_ok(gguf, entry):
         entry.assemble(gguf)
     out = ensure_converted(gguf, entry.sha256, name)
     gguf.unlink(missing_ok=True)
     return out
+
+
+def _cached_gguf_ok(gguf: Path, entry) -> bool:
+    """Whether an assembled GGUF left in the cache (by a conversion that was stopped) is the registry's file: size
+    and sha256 checked, however right its size. One that is not is qtalign's own leftover: removed, to be assembled
+    again from the packages."""
+    if not gguf.is_file():
+        return False
+    try:
+        verify_file(gguf, entry.size, entry.sha256, f"model '{entry.name}'")
+        return True
+    except QtalignError as e:
+        print(f"qtalign: {gguf}: {str(e).split(': ', 1)[-1]}; assembling it again from its packages", file=sys.stderr)
+    except OSError:  # removed meanwhile by another process's finished conversion
+        return False
+    gguf.unlink(missing_ok=True)
+    return False
 
 
 def _check_local_dir(p: Path, what: str = "model") -> None:
@@ -167,7 +185,16 @@ def check_model(cfg: ModelConfig) -> None:
 
         if not torch.cuda.is_available():
             raise QtalignError("load_in_4bit needs CUDA (bitsandbytes NF4); use --dtype bf16 or fp32 on CPU")
-    _device(cfg.device)
+    device = _device(cfg.device)
+    if device == "cpu" and cfg.dtype == "bf16" and "bf16/cpu" not in _WARNED:
+        from qtalign.environment import bf16_native
+
+        if bf16_native() is False:
+            _WARNED.add("bf16/cpu")
+            print("qtalign: warning: this CPU has no bf16 matrix instructions (neither avx512_bf16 nor amx_bf16): "
+                  "bf16 runs on torch's reference path, about 90x slower than fp32 here (it computes the same "
+                  "numbers); a long run belongs on a CPU with them, or in fp32 (another model identity: its results "
+                  "are not shared with bf16 ones)", file=sys.stderr)
     if cfg.trust_remote_code and cfg.name not in _WARNED:
         _WARNED.add(cfg.name)
         print(f"qtalign: warning: trust_remote_code is on: Python code shipped with '{cfg.name}' will run on this "
@@ -224,6 +251,17 @@ def _hub_commit(repo: str, revision: str | None) -> str | None:
 # loading
 
 
+def context_length(model) -> int | None:
+    """The most positions a model was made for (its config's max_position_embeddings, a multimodal model's text
+    config's), None when its config does not say."""
+    cfg = getattr(model, "config", None)
+    for c in (cfg, getattr(cfg, "text_config", None)):
+        n = getattr(c, "max_position_embeddings", None)
+        if isinstance(n, int) and not isinstance(n, bool) and n > 0:
+            return n
+    return None
+
+
 @dataclass
 class LoadedModel:
     model: object
@@ -256,7 +294,19 @@ def adapter_sha256(adapter_dir: str | Path) -> str | None:
     return text_sha256("".join(f"{f.name}:{file_sha256(f)}\n" for f in files))
 
 
+ADAPTER_MANIFEST = "qtalign_adapter.json"  # written beside a published adapter: {"sha256": identity, "files": {name: sha256}}
+
+
+def adapter_manifest(adapter_dir: str | Path) -> dict:
+    """The manifest a published adapter carries: each file's sha256 and the adapter's identity (adapter_sha256)."""
+    p = Path(adapter_dir)
+    names = ["adapter_config.json", *[w for w in ADAPTER_WEIGHTS if (p / w).is_file()]]
+    return {"sha256": adapter_sha256(p), "files": {n: file_sha256(p / n) for n in names}}
+
+
 def check_adapter_dir(adapter_dir: str | Path) -> None:
+    """An adapter folder that can be loaded; one that carries a manifest (a published adapter) must match it byte for
+    byte."""
     p = Path(adapter_dir)
     if not p.is_dir():
         raise QtalignError(f"{p}: LoRA adapter folder not found")
@@ -264,6 +314,38 @@ def check_adapter_dir(adapter_dir: str | Path) -> None:
         raise QtalignError(f"{p}: not a LoRA adapter folder (no adapter_config.json)")
     if not any((p / f).is_file() for f in ADAPTER_WEIGHTS):
         raise QtalignError(f"{p}: the adapter folder has no weights ({' or '.join(ADAPTER_WEIGHTS)})")
+    _check_adapter_weights(next(p / f for f in ADAPTER_WEIGHTS if (p / f).is_file()))
+    if (p / ADAPTER_MANIFEST).is_file():
+        from qtalign.io import read_json
+
+        want = (read_json(p / ADAPTER_MANIFEST) or {}).get("files") or {}
+        if not want:
+            raise QtalignError(f"{p / ADAPTER_MANIFEST}: unreadable or lists no files")
+        for name, sha in want.items():
+            if not (p / name).is_file() or file_sha256(p / name) != sha:
+                raise QtalignError(f"{p / name}: does not match the sha256 its manifest {ADAPTER_MANIFEST} records "
+                                   "(the published adapter was changed or cut); restore it from the repository")
+
+
+def _check_adapter_weights(w: Path) -> None:
+    """The adapter's weights file is readable as what its name says: a complete safetensors file, or a torch file of
+    plain tensors (loaded with weights_only, so a pickle that would run code is refused, never run)."""
+    try:
+        if w.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(w), framework="pt") as f:  # reads and checks the header against the file's size
+                f.keys()
+            return
+        import torch
+
+        sd = torch.load(w, map_location="cpu", weights_only=True)
+        ok = isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+    except Exception as e:  # noqa: BLE001 - safetensors and torch.load raise their own types on a damaged file
+        raise QtalignError(f"{w}: not a readable adapter weights file (truncated, damaged or of another format: "
+                           f"{type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''})") from None
+    if not ok:
+        raise QtalignError(f"{w}: not a state dict of tensors (an adapter's weights)")
 
 
 def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError
+from qtalign.limits import SETTINGS, BatchSize, Count, Index, Seed
 from qtalign.tasks.groups import Group
 from qtalign.tasks.items import DataSource, comma_list, indices_field, parse_range, select_items
 from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
@@ -37,23 +38,23 @@ def parse_items(v):
 class TaskSelection(BaseModel):
     """Model, tasks, languages, label variants and data: what evaluation and the analyses (lens, geometry) share."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     model: ModelConfig = Field(default_factory=ModelConfig)
     tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], min_length=1, description="task names")
     langs: list[str] = Field(default_factory=lambda: ["all"], min_length=1, description="language codes, 'all', 'high' or 'low'")
     variants: list[str] = Field(default_factory=lambda: ["enout"], min_length=1,
                                 description="label variants: enout, native, irrelevant")
-    limit: int | None = Field(None, ge=1, description="first N items per language (after `items`)")
+    limit: Count | None = Field(None, ge=1, description="first N items per language (after `items`)")
     items: str | dict[str, str] | None = Field(None, description="item range START:END for every task (e.g. 0:250), or one "
                                                "per task: {emotion: '0:250', snli: '0:200'} (CLI: emotion=0:250,snli=0:200)")
-    exclude_items: list[int] = Field(default_factory=list, description="item indices never used (e.g. training items)")
+    exclude_items: list[Index] = Field(default_factory=list, description="item indices never used (e.g. training items)")
     data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
     data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or hf:<dataset>")
     split: str = Field("test", description="split for hf: datasets")
     prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
-    batch_size: int = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
-    seed: int = Field(0, description="seed of Python's, NumPy's and torch's generators (the faithful rule's ties; "
+    batch_size: BatchSize = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
+    seed: Seed = Field(0, description="seed of Python's, NumPy's and torch's generators (the faithful rule's ties; "
                       "the analyses' sampling)")
 
     @field_validator("variants")

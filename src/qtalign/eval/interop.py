@@ -42,12 +42,24 @@ def _model_name(results: dict) -> str:
     return name.replace("/", "__")
 
 
-def lm_eval_dir(out: Path, model_name: str):
-    """The io.OutputDir of an evaluation's lm-eval layout: <out>/lm_eval/<model name, '/' as '__'>."""
+def lm_eval_dir(out: Path, model_name: str | None = None):
+    """The io.OutputDir of an evaluation's lm-eval layout: <out>/lm_eval/<model name, '/' as '__'> (<out>/lm_eval
+    without a model name)."""
     from qtalign.io import OutputDir
 
-    return OutputDir(Path(out) / "lm_eval" / _model_name({"model": {"name": model_name}}), "lm_eval",
+    path = Path(out) / "lm_eval"
+    return OutputDir(path / _model_name({"model": {"name": model_name}}) if model_name else path, "lm_eval",
                      option=f"{out}: lm_eval folder")
+
+
+def claim_lm_eval_dir(out: Path, model_name: str):
+    """Own <out>/lm_eval and its model's folder in it, each through a marker of its own (recorded as such in <out>'s
+    marker when qtalign owns <out>)."""
+    from qtalign.io import MARKER, OutputDir
+
+    top = OutputDir(out).subdir("lm_eval", "lm_eval") if (Path(out) / MARKER).is_file() else lm_eval_dir(out).claim()
+    top.option = lm_eval_dir(out).option
+    return top.subdir(_model_name({"model": {"name": model_name}}), "lm_eval")
 
 
 def lm_eval_results(results: dict, records: list[dict], n_shot: dict[str, int], date: str) -> dict:
@@ -119,12 +131,11 @@ def lm_eval_samples(records: list[dict], items: dict, prompts: dict) -> dict[str
 
 def write_lm_eval(out: Path, results: dict, records: list[dict], n_shot: dict[str, int], items: dict, prompts: dict) -> Path:
     """lm_eval/<model>/results_<date>.json and samples_<task>_<date>.jsonl, in a folder owned through io.OutputDir:
-    the files an earlier evaluation wrote there are replaced, anything else in it is left alone (a folder written by
-    a version that kept its own list of files is adopted with the names it lists)."""
+    the files an earlier evaluation wrote there are replaced, anything else in it is left alone."""
     from qtalign.io import write_json, write_jsonl
 
     date = datetime.fromtimestamp(results.get("finished") or time.time()).isoformat().replace(":", "-")
-    folder = lm_eval_dir(out, results.get("model", {}).get("name") or "model").claim()
+    folder = claim_lm_eval_dir(out, results.get("model", {}).get("name") or "model")
     folder.clear()
     samples = lm_eval_samples(records, items, prompts)
     agg = lm_eval_results(results, records, n_shot, date)

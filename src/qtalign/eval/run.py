@@ -21,7 +21,7 @@ from typing import Callable
 
 from qtalign.engine.forward import NUMERICS_VERSION
 from qtalign.engine.models import LoadedModel, check_model, device_type, load_model, load_tokenizer, model_identity, resolve_source
-from qtalign.errors import QtalignError
+from qtalign.errors import QtalignError, data_error
 from qtalign.eval.config import EvalConfig
 from qtalign.eval.metrics import compute_metrics, write_tables
 from qtalign.eval.store import RECORD_VERSION, Store, group_fingerprint, spec_digest
@@ -35,14 +35,6 @@ from qtalign.tracking import check_available, eval_scalars, log_metrics
 
 OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table.csv", "labels.md", "labels.json", "lm_eval",
              "tracking")
-
-
-def item_key(task: str, variant: str, lang: str, index: int) -> str:
-    return Group(task, variant, lang).key(index)
-
-
-def group_name(task: str, variant: str, lang: str) -> str:
-    return Group(task, variant, lang).name
 
 
 def scored_words(task, lang: str, variant: str, method: str) -> tuple[str, list[str]]:
@@ -130,7 +122,8 @@ def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     from qtalign.eval.interop import lm_eval_dir
 
     out.check()
-    lm_eval_dir(out.path, plan.cfg.model.name).check()  # written last: refused now, not after scoring
+    lm_eval_dir(out.path).check()  # written last: refused now, not after scoring
+    lm_eval_dir(out.path, plan.cfg.model.name).check()
     prev = read_json(out.path / "run.json")
     finished = read_json(out.path / "results.json")
     same = prev is not None and prev.get("fingerprint") == plan.fingerprint
@@ -141,7 +134,7 @@ def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
     if prev is not None and not same and finished is not None:
         raise QtalignError(f"{out.path}: holds an evaluation with a different config, data or model (fingerprint "
                            f"{prev.get('fingerprint')} != {plan.fingerprint}); use another --out or --overwrite")
-    if prev is None and any((out.path / n).exists() for n in OUR_FILES):
+    if prev is None and any(out.holds(n) for n in OUR_FILES):
         raise QtalignError(f"{out.path}: holds evaluation files of an unknown run (no run.json); use another --out or "
                            "--overwrite")
     return None
@@ -153,7 +146,7 @@ def _start(out: OutputDir, plan: Plan, overwrite: bool) -> None:
     prev = read_json(out.path / "run.json")
     if prev is not None and prev.get("fingerprint") != plan.fingerprint and not overwrite:
         print(f"qtalign: {out.path}: replacing an unfinished evaluation of another config", file=sys.stderr)
-    out.claim(adopt=OUR_FILES)
+    out.claim()
     if overwrite or (prev is not None and prev.get("fingerprint") != plan.fingerprint):
         out.remove(*[n for n in OUR_FILES if out.is_ours(n)],
                    *[p.name for p in out.path.glob("predictions.rank*.jsonl") if out.is_ours(p.name)])
@@ -209,6 +202,21 @@ def _record(task, g: Group, it, s, cf, method: str) -> dict:
     return rec
 
 
+def _check_context(scorer: Scorer, plan: Plan, todo: dict[Group, list]) -> None:
+    """Before any item is scored: every prompt (with its label) fits the model's context, else one line naming the
+    file, the record and the length (a 100,000-character review is refused, not allocated)."""
+    for g, items in todo.items():
+        task = plan.specs.task(g.task)
+        hit = scorer.too_long(build_requests(task, g.lang, g.variant, items, plan.cfg.method))
+        if hit is not None:
+            r, n = hit
+            source = plan.cfg.source()
+            where = source.path(task, g.lang) or source.describe()
+            raise data_error(where, f"the prompt is {n} tokens long with its label, more than the model's context "
+                             f"({scorer.context} positions); shorten the text or leave the item out (exclude_items)",
+                             record=Group.of_key(r.key)[1])
+
+
 def _score_groups(scorer: Scorer, plan: Plan, todo: dict[Group, list], shard: Path, progress) -> dict[str, dict]:
     """Score the items still to do, group by group, appending each batch's records to ``shard``. Returns per group
     the wall seconds ('wall') and this process's CPU seconds ('cpu': on a shared machine, what the scoring itself
@@ -242,11 +250,15 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
              overwrite: bool = False, progress: bool = True) -> dict:
     """Evaluate ``cfg`` into ``out``; returns the results dict (also results.json). ``loaded``: a loaded model, or a
     function returning one (called only when some item is not already in the run dir or the store)."""
+    from transformers import set_seed
+
     from qtalign.engine.parallel import barrier_group, distributed_state, finish_barrier, on_main_then_share
-    from qtalign.environment import environment, seed_everything
+    from qtalign.environment import environment
     from qtalign.progress import Progress
 
-    check_available(cfg.report_to)
+    check_available(cfg.report_to, cfg.tracking_dir)
+    if cfg.store:
+        Store().check()
     backend = _server_backend(cfg)  # None for the native engine
     if isinstance(loaded, LoadedModel) and backend is None:
         model_id = loaded.info.get("identity") or model_identity(cfg.model)
@@ -262,8 +274,8 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite))
     if finished is not None:
         return finished if state.is_main_process else {}
-    seed_everything(cfg.seed)
-    store = Store() if cfg.store else None
+    set_seed(cfg.seed)
+    store = Store().check() if cfg.store else None
     done, n_store = _done(out_dir.path, plan, None if overwrite else store)  # --overwrite recomputes everything
     rank, world = state.process_index, state.num_processes
     todo = {g: [it for k, it in enumerate(its) if k % world == rank and g.key(it.index) not in done]
@@ -283,6 +295,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     timings: dict[str, dict] = {"wall": {}, "cpu": {}}
     if lm is not None:
         scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
+        _check_context(scorer, plan, todo)
         with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
             timings = _score_groups(scorer, plan, todo, shard, bar)
     finish_barrier(state, group)
@@ -456,7 +469,7 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
     n = sum(len(v) for v in by_group.values())
     if n != len(want):
         raise QtalignError(f"{src / 'predictions.jsonl'}: {n} records for {len(want)} planned items; not imported")
-    store = store or Store()
+    store = (store or Store()).check()
     added = sum(store.add(plan.group_fp[g], recs,
                           {"group": g.name, "imported_from": str(src),
                            "covers": {**plan.covers(), "data_sha256": plan.data[f"{g.task}/{g.lang}"]}})

@@ -21,7 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from qtalign.io import cache_root, canonical, file_lock, fingerprint, read_json, read_jsonl, repair_jsonl_tail, text_sha256, write_json
+from qtalign.errors import QtalignError
+from qtalign.io import cache_root, canonical, check_folder, file_lock, fingerprint, read_json, read_jsonl, repair_jsonl_tail, text_sha256, write_json
 from qtalign.tasks.groups import Group
 from qtalign.tasks.specs import TaskSpec
 
@@ -31,7 +32,7 @@ RECORD_VERSION = "1"
 
 
 def store_root() -> Path:
-    return Path(os.environ.get("QTALIGN_STORE") or cache_root() / "store")
+    return Path(os.environ.get("QTALIGN_STORE") or cache_root() / "store").expanduser()
 
 
 def spec_digest(task: TaskSpec, lang: str) -> str:
@@ -50,6 +51,11 @@ def group_fingerprint(group: Group, task: TaskSpec, scoring: dict, data: dict, m
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else store_root()
+
+    def check(self) -> "Store":
+        """One line, before any work, when the store's folder is a file or cannot be written."""
+        check_folder(self.root, "result store")
+        return self
 
     def entry(self, fp: str) -> Path:
         return self.root / fp[:2] / fp
@@ -77,8 +83,9 @@ class Store:
                     with open(d / "records.jsonl", "a", encoding="utf-8") as f:
                         f.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
             return len(new)
-        except OSError:
-            return 0  # a read-only or full store never fails an evaluation
+        except OSError as e:  # a read-only or full store is said, never taken for "nothing new"
+            raise QtalignError(f"result store {self.root}: cannot write {d} ({e.strerror or e}); free space or fix "
+                               "$QTALIGN_STORE, or evaluate with --no-store") from None
 
     def meta(self, fp: str) -> dict | None:
         return read_json(self.entry(fp) / "meta.json")

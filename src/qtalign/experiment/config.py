@@ -9,12 +9,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, create_model, field_validator, model_validator
 
 from qtalign.analysis.config import GeometryConfig, LensConfig
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError, validation_message
 from qtalign.io import read_config, yaml_load
+from qtalign.limits import SETTINGS, Seed
 from qtalign.eval.config import EvalConfig
 from qtalign.qtdata.config import QTDataConfig
 from qtalign.tasks.items import comma_list
@@ -57,7 +58,7 @@ GeometrySection = section(GeometryConfig, ("model", "seed", "compare"))
 class ReportConfig(BaseModel):
     """What the report shows besides the stage outputs."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     title: str | None = Field(None, description="report title (default: the experiment name)")
     notes: str | None = Field(None, description="free text shown under the title (what the experiment tests, caveats)")
@@ -88,11 +89,18 @@ _split = comma_list
 class ExperimentConfig(BaseModel):
     """One experiment: question-translation data → LoRA tuning → evaluation of base and tuned → analyses → report."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     name: str = Field("experiment", description="short name: the report title and the default run dir runs/<name>")
     out: str | None = Field(None, description="run dir (default runs/<name>); every stage writes a folder in it")
-    seed: int = Field(0, description="seed of every stage (sampling, shuffling, LoRA init, training)")
+    seed: Seed = Field(0, description="seed of every stage (sampling, shuffling, LoRA init, training)")
+    seeds: list[Seed] = Field(default_factory=list, description="training seeds: with any, each seed is a run of its own "
+                             "(<out>/seed<k>, or <out>/<arm>/seed<k>) with seed=k, all sharing the base evaluation "
+                             "through the result store; a seed redraws everything random in training (the row sample, "
+                             "its order, LoRA init, dropout); empty: the one run of 'seed'")
+    arms: dict[str, dict] = Field(default_factory=dict, description="named arms, each a run of its own (<out>/<arm>) "
+                                  "with the settings that differ, as dotted keys (e.g. {copy: {data.control: copy}}); "
+                                  "arms x seeds runs in all, compared side by side in <out>/compare")
     stages: list[StageName] = Field(default_factory=lambda: list(STAGES),
                                     description="stages this experiment has (without 'train' only the base model is evaluated)")
     data_dir: str | None = Field(None, description="folder in the official layout, given to every section that reads data "
@@ -108,6 +116,25 @@ class ExperimentConfig(BaseModel):
     lens: LensSection = Field(default_factory=LensSection, description="logit lens (lens.LensConfig)")
     geometry: GeometrySection = Field(default_factory=GeometrySection, description="representation geometry (geometry.GeometryConfig)")
     report: ReportConfig = Field(default_factory=ReportConfig, description="report options")
+
+    @field_validator("seeds", mode="before")
+    @classmethod
+    def _seeds(cls, v):
+        v = _split(v)
+        return [int(x) if isinstance(x, str) and x.strip().lstrip("-").isdigit() else x for x in v] if isinstance(v, list) else v
+
+    @field_validator("arms")
+    @classmethod
+    def _arm_names(cls, v):
+        for name, over in v.items():
+            if not name or "/" in name or name.startswith(".") or name == "compare" or name.startswith("seed"):
+                raise ValueError(f"arm name {name!r}: a plain folder name, not 'compare' or 'seed...'")
+            if not isinstance(over, dict):
+                raise ValueError(f"arm {name!r}: expected a mapping of dotted keys to values")
+            for key in over:
+                if key.split(".")[0] in ("arms", "seeds", "out", "name"):
+                    raise ValueError(f"arm {name!r}: '{key}' cannot differ between arms")
+        return v
 
     @field_validator("report_to", mode="before")
     @classmethod
@@ -140,7 +167,7 @@ class ExperimentConfig(BaseModel):
 
     @property
     def run_dir(self) -> Path:
-        return Path(self.out or f"runs/{self.name}")
+        return Path(self.out or f"runs/{self.name}").expanduser()  # `out: ~/x` is the home's x
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -243,6 +270,26 @@ def load_experiment(configs: str | list[str] | None = None, overrides: list[str]
         return ExperimentConfig.model_validate(d)
     except ValidationError as e:
         raise QtalignError(validation_message(e, where)) from None
+
+
+def expand(cfg: ExperimentConfig) -> list[tuple[str, ExperimentConfig]]:
+    """The runs of an experiment: itself when it lists no arms and no seeds; else one config per arm x seed, each
+    with its own run dir (<out>[/<arm>][/seed<k>]), name and seed, and no arms or seeds of its own. An arm's dotted
+    keys are applied as overrides to the experiment's config and validated like any config."""
+    if not cfg.arms and not cfg.seeds:
+        return [(cfg.name, cfg)]
+    base = cfg.model_dump(mode="json", exclude={"arms", "seeds"})
+    out = []
+    for arm, over in (cfg.arms or {"": {}}).items():
+        for seed in cfg.seeds or [cfg.seed]:
+            parts = [p for p in (arm, f"seed{seed}" if cfg.seeds else "") if p]
+            d = apply_overrides(base, [f"{k}={json.dumps(v)}" for k, v in over.items()])
+            d.update(seed=seed, out=str(cfg.run_dir.joinpath(*parts)), name=f"{cfg.name}/{'/'.join(parts)}")
+            try:
+                out.append(("/".join(parts), ExperimentConfig.model_validate(d)))
+            except ValidationError as e:
+                raise QtalignError(validation_message(e, f"arm '{arm}'" if arm else "seeds")) from None
+    return out
 
 
 def dump_config(cfg: ExperimentConfig) -> str:

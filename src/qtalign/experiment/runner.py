@@ -10,7 +10,8 @@ Run dir layout (`out`, default runs/<name>):
     data/ train/ eval/base/ eval/tuned/ lens/ geometry/      one folder per unit, each with stage.json
     report/              the report's own figures;  report.md, report.html
 
-Every unit folder holds `stage.json` = {stage, fingerprint, status, timing_s} (experiment/stages.py says what the
+Every unit folder is owned through a marker of its own (io.OutputDir): a unit that reruns clears the files it wrote
+there, never a file of the user's beside them. Every unit folder holds `stage.json` = {stage, fingerprint, status, timing_s} (experiment/stages.py says what the
 fingerprint covers). A unit whose status is done, whose fingerprint matches and whose marker file exists is skipped;
 one whose fingerprint changed is cleared and rerun; one that was interrupted (status running, same fingerprint) is
 called again and resumes where the stage supports it (evaluation from predictions.jsonl, training from its
@@ -27,10 +28,11 @@ from typing import Callable
 
 from qtalign.engine.models import LoadedModel, ModelConfig
 from qtalign.errors import QtalignError
-from qtalign.experiment.config import STAGES, ExperimentConfig, dump_config
+from qtalign.experiment.config import STAGES, ExperimentConfig, dump_config, expand
 from qtalign.experiment.overlap import check_overlap
 from qtalign.experiment.stages import REGISTRY, Unit
 from qtalign.io import OutputDir, read_json, write_json, write_text
+from qtalign.tracking import check_available
 
 RUN_FILES = ("config.yaml", "experiment.json", "report.md", "report.html", "tracking")
 
@@ -102,7 +104,7 @@ class Experiment:
 
     # -- the plan -----------------------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
-        units = [u for name in STAGES if name in self.cfg.stages for u in REGISTRY[name].units(self)]
+        units = [u for name in STAGES if name in self.cfg.stages for u in REGISTRY[name](self)]
         fps: dict[str, str] = {}
         for u in units:
             if u.stage == "report":
@@ -125,26 +127,21 @@ class Experiment:
     def owned_dir(self) -> OutputDir:
         return OutputDir(self.run_dir, "experiment", option="out")
 
-    def _legacy_entries(self) -> list[str]:
-        """What a run dir made before ownership markers holds of qtalign's own: its run files, and the stage folders
-        that have qtalign's stage.json (a folder merely named like a stage is the user's)."""
-        rd = self.run_dir
-        names = [n for n in RUN_FILES if (rd / n).exists()]
-        for name in STAGES:
-            inside = [rd / name / "stage.json", *(rd / name).glob("*/stage.json")] if (rd / name).is_dir() else []
-            if any(p.is_file() for p in inside):
-                names.append(name)
-        return names
-
-    def claim(self) -> OutputDir:
-        """Own the run dir (or adopt one qtalign made before markers) and check that every folder the stages write is
-        qtalign's or absent."""
+    def claim(self, units: list[Unit]) -> OutputDir:
+        """Own the run dir and check that every folder the stages write is qtalign's or absent (each unit folder, and
+        the folders on its way, through their own markers)."""
         out = self.owned_dir().check()
-        out.claim(adopt=self._legacy_entries())
+        out.claim()
         for name in [*[s for s in STAGES if s in self.cfg.stages], *RUN_FILES]:
             if (self.run_dir / name).exists() and not out.is_ours(name):
                 raise QtalignError(f"{self.run_dir / name}: exists and was not written by qtalign; move it away or choose "
                                    "another --out (qtalign never deletes or overwrites files it did not write)")
+        for u in units:
+            parts = u.folder.split("/")
+            for i in range(len(parts)):
+                if (self.run_dir.joinpath(*parts[:i + 1])).exists():
+                    OutputDir(self.run_dir.joinpath(*parts[:i + 1]), u.stage if i == len(parts) - 1 else "experiment",
+                              option="out").check()
         out.record(*[s for s in STAGES if s in self.cfg.stages], *RUN_FILES)
         return out
 
@@ -234,7 +231,7 @@ class Experiment:
             self.owned_dir().remove(u.folder)
             if u.stage == "report":
                 self.owned_dir().remove(*u.outputs)
-        OutputDir(rd / u.folder, u.stage).claim(adopt=("stage.json",)).record("stage.json")
+        self.owned_dir().subdir(u.folder, u.stage).record("stage.json")
         self.log(f"[{u.folder}] {'resuming' if st == 'partial' and not forced else 'running'} …")
         sj_path = rd / u.folder / "stage.json"
         attempts = (read_json(sj_path) or {}).get("attempts", 0) + 1
@@ -252,11 +249,13 @@ class Experiment:
         cfg, rd = self.cfg, self.run_dir
         only = list(cfg.stages) if not only else only
         force = self._check_stages(only, set(force or []))
+        check_available(sorted({*cfg.report_to, *(cfg.train.report_to if "train" in cfg.stages else []),
+                                *(cfg.eval.report_to if "eval" in cfg.stages else [])}))
         units = self.units()  # every input read and checked before the run dir is touched
         seen = self._seen_langs()
         states = {u.folder: self.state(u) for u in units if u.stage != "report"}
         self._check_inputs(units, states, only)
-        self.claim()
+        self.claim(units)
         self._start(seen)
         self._withdraw_reruns(units, states, only, force)
         states = {u.folder: self.state(u) for u in units if u.stage != "report"}  # withdrawn units now rerun
@@ -307,3 +306,36 @@ class Experiment:
                         out[f"experiment/{t}/{v}/tuned_{k}"] = tt
                         out[f"experiment/{t}/{v}/delta_{k}"] = tt - b
         log_metrics(self.cfg.report_to, self.run_dir / "tracking" / "experiment", out, run_name=self.cfg.name)
+
+
+def run_label(label: str) -> str:
+    """A run's label in a comparison: 'copy/seed1' -> 'copy-seed1' (compare labels are plain names)."""
+    return label.replace("/", "-")
+
+
+def run_experiments(cfg: ExperimentConfig, only: list[str] | None = None, force: list[str] | None = None,
+                    log: Callable[[str], None] | None = None) -> list[Path]:
+    """Run an experiment, or each of its arms x seeds (experiment.config.expand) one after the other, each a
+    resumable run of its own; with several, compare them side by side in <out>/compare (the change tuned - base per
+    run, and per arm the mean over seeds with its spread). Returns the run dirs."""
+    log = log or (lambda s: print(s, flush=True))
+    runs = expand(cfg)
+    if not cfg.arms and not cfg.seeds:
+        Experiment(cfg, log).run(only, force)
+        return [cfg.run_dir]
+    top = OutputDir(cfg.run_dir, "experiments", option="out").check()
+    top.claim()
+    top.record(*sorted({label.split("/")[0] for label, _ in runs}), "compare", "config.yaml")
+    write_text(cfg.run_dir / "config.yaml", dump_config(cfg))
+    for label, sub in runs:
+        log(f"=== {label} ({sub.run_dir}) ===")
+        Experiment(sub, log).run(only, force)
+    done = [(label, sub) for label, sub in runs if (sub.run_dir / "eval" / "base" / "results.json").exists()]
+    if len(done) > 1:
+        from qtalign.report.compare import compare_runs
+
+        which = "change" if all("train" in sub.stages for _, sub in done) else "base"
+        compare_runs([f"{run_label(label)}={sub.run_dir}" for label, sub in done], cfg.run_dir / "compare",
+                     title=f"{(cfg.report.title or cfg.name)}: {len(done)} runs (arms x seeds)", which=which)
+        log(f"[compare] {cfg.run_dir / 'compare' / 'compare.md'}")
+    return [sub.run_dir for _, sub in runs]

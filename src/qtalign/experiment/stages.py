@@ -88,10 +88,8 @@ def data_units(exp: Experiment) -> list[Unit]:
 
 
 def train_units(exp: Experiment) -> list[Unit]:
-    from qtalign.train.config import NOT_FINGERPRINTED
-
     tc = exp.stage_config("train", tracking_dir=str(exp.run_dir / "tracking" / "train"))
-    conf = {**tc.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED) | {"model", "data", "val_data"}), "seed": exp.cfg.seed}
+    conf = {**tc.result_config(), "seed": exp.cfg.seed}
 
     def run():
         from qtalign.train.recipe import train
@@ -153,18 +151,8 @@ def report_units(exp: Experiment) -> list[Unit]:
                  outputs=["report.md", "report.html"])]
 
 
-@dataclass(frozen=True)
-class StageSpec:
-    name: str
-    units: Callable[[Experiment], list[Unit]]
-    help: str
-
-
-REGISTRY: dict[str, StageSpec] = {
-    "data": StageSpec("data", data_units, "question-translation data (qtdata)"),
-    "train": StageSpec("train", train_units, "LoRA tuning on data/train.jsonl"),
-    "eval": StageSpec("eval", eval_units, "evaluation of the base and the tuned model"),
-    "lens": StageSpec("lens", analysis_units("lens"), "language logit lens, base vs tuned"),
-    "geometry": StageSpec("geometry", analysis_units("geometry"), "representation geometry, base vs tuned"),
-    "report": StageSpec("report", report_units, "report.md and report.html from the stages' artifacts"),
+# stage name -> the function that makes its units
+REGISTRY: dict[str, Callable[[Experiment], list[Unit]]] = {
+    "data": data_units, "train": train_units, "eval": eval_units, "lens": analysis_units("lens"),
+    "geometry": analysis_units("geometry"), "report": report_units,
 }

@@ -16,7 +16,16 @@ Output dir (every file written atomically: tmp + rename):
     alpaca.json          (alpaca=True) LLaMA-Factory records {"instruction": input, "input": "", "output": output}
     dataset_info.json    (alpaca=True) {"<dataset_name>": {"file_name": "alpaca.json", "columns": {...}}}, merged into
                          an existing file
-    stats.json           rows per source language, item index ranges, duplicates removed, excluded counts, config
+    stats.json           rows per source language, item index ranges, duplicates removed, excluded counts, the
+                         control (if any) and what it changed, config
+
+Controls (``control``; the rows are selected exactly as without one, then changed, so a control run trains on the
+same number of rows with the same responses and the same mix):
+    copy       input = the row's own target-language question + "Translate the input from T to T": the format, the
+               task's questions and the target language, without any cross-lingual content (src becomes the target)
+    shuffled   each row keeps its source question but gets another item's target question as its response (a seeded
+               derangement: no row keeps its own translation): the format and both languages' text, without the
+               translation correspondence
     summary.json         the stage artifact (architecture.md), written last
 """
 
@@ -248,6 +257,50 @@ def _stats(records: list[dict], pool: _Pool, chosen: dict, warnings: list[str]) 
     }
 
 
+def _copy_control(records: list[dict], specs: SpecSet) -> dict:
+    """Each row's input becomes its own response (the target-language question) with the target -> target
+    instruction; src becomes the target language."""
+    for r in records:
+        name = specs.language(r["tgt"]).instruction_name
+        r.update(input=r["output"] + INSTRUCTION_TEMPLATE.format(src=name, tgt=name), src=r["tgt"], control="copy")
+    return {"rows_changed": len(records)}
+
+
+def _shuffled_control(records: list[dict], seed: int) -> dict:
+    """A seeded derangement of the responses: the multiset of responses is kept, and no row keeps a response equal to
+    its own (rows of one item in several source languages share a response, so equality is by text)."""
+    n = len(records)
+    outs = [r["output"] for r in records]
+    if len(set(outs)) < 2:
+        raise QtalignError("control 'shuffled': every row has the same response; there is nothing to pair it with")
+    rng = random.Random(f"{seed}/shuffled")
+    order = list(range(n))
+    rng.shuffle(order)
+    new = [""] * n
+    for k, i in enumerate(order):  # a cycle through a random order: a derangement of positions
+        new[i] = outs[order[(k + 1) % n]]
+    for i in range(n):  # rows of the same item met in the cycle: swap with a row where both then differ
+        if new[i] != outs[i]:
+            continue
+        for j in [*order[order.index(i) + 1:], *order]:
+            if new[j] != outs[i] and new[i] != outs[j] and j != i:
+                new[i], new[j] = new[j], new[i]
+                break
+        else:
+            raise QtalignError("control 'shuffled': cannot pair every row with another item's response")
+    for r, o in zip(records, new):
+        r.update(output=o, control="shuffled")
+    return {"rows_changed": n}
+
+
+def apply_control(records: list[dict], cfg: QTDataConfig, specs: SpecSet) -> dict | None:
+    """Change the selected rows into the configured control (None without one); returns what it did for stats.json."""
+    if cfg.control == "none":
+        return None
+    done = _copy_control(records, specs) if cfg.control == "copy" else _shuffled_control(records, cfg.seed)
+    return {"kind": cfg.control, **done, "repeated_inputs": len(records) - len({r["input"] for r in records})}
+
+
 def build_records(cfg: QTDataConfig, specs: SpecSet | None = None) -> tuple[list[dict], dict]:
     """The records (in output order) and their stats, without writing anything."""
     specs = specs or load_specs(cfg.prompts)
@@ -264,11 +317,15 @@ def build_records(cfg: QTDataConfig, specs: SpecSet | None = None) -> tuple[list
     records = [r for rs in chosen.values() for r in rs]
     if cfg.shuffle:
         random.Random(cfg.seed).shuffle(records)
+    stats = _stats(records, pool, chosen, _warnings(cfg, specs, records, pool, chosen, rng is not None))
+    control = apply_control(records, cfg, specs)
+    if control is not None:
+        stats["control"] = control
     guard = LeakGuard(specs, [cfg.task] if cfg.task else None)
     for k, r in enumerate(records):
         del r["_order"]
         guard.check(r, f"record {k} ({r['id']})")
-    return records, _stats(records, pool, chosen, _warnings(cfg, specs, records, pool, chosen, rng is not None))
+    return records, stats
 
 
 OUR_FILES = ("train.jsonl", "alpaca.json", "dataset_info.json", "stats.json", "summary.json")
@@ -295,11 +352,11 @@ def build_question_data(cfg: QTDataConfig, out_dir: str | Path) -> dict:
     records, stats = build_records(cfg)
     if not records:
         raise QtalignError("no records left after the item range, exclusions and de-duplication")
-    out.claim(adopt=OUR_FILES)
+    out.claim()
     out.remove("summary.json")  # present again only once this build has finished
     out.record(*OUR_FILES)
-    keys = ("id", "task", "index", "src", "tgt", "input", "output")
-    write_jsonl(out.path / "train.jsonl", ({k: r[k] for k in keys} for r in records))
+    keys = ("id", "task", "index", "src", "tgt", "input", "output", "control")
+    write_jsonl(out.path / "train.jsonl", ({k: r[k] for k in keys if k in r} for r in records))
     files = ["train.jsonl"]
     if cfg.alpaca:
         write_json(out.path / "alpaca.json", [{"instruction": r["input"], "input": "", "output": r["output"]} for r in records])

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from typing import Literal
 
+from pydantic import BaseModel, Field, field_validator
+
+from qtalign.limits import SETTINGS, Count, Index, Seed
 from qtalign.tasks.items import DataSource, comma_list, indices_field
 
 KEYWORDS = ("all", "high", "low")
@@ -20,22 +23,27 @@ def split_mix(v):
 class QTDataConfig(BaseModel):
     """Question-translation data settings (round-trips to YAML/JSON)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = SETTINGS
 
     task: str | None = Field(None, description="task whose questions are translated (emotion, snli, paws, ...); "
                                                "not needed when only question_files are given")
     sources: list[str] = Field(default_factory=list, description="source language codes (or all/high/low); the "
                                "paper's mixes: zhde = zh,de; zhdeit = zh,de,it; swhi = sw,hi")
     target: str = Field("en", description="target language code (the paper: en, also zh)")
-    rows_per_lang: int | None = Field(None, ge=1, description="rows per source language (default: all available)")
+    rows_per_lang: Count | None = Field(None, ge=1, description="rows per source language (default: all available)")
     items: str | None = Field(None, description="item index range START:END (e.g. 60:120), applied to every source")
-    exclude_items: list[int] = Field(default_factory=list, description="item indices never used (e.g. evaluation items)")
+    exclude_items: list[Index] = Field(default_factory=list, description="item indices never used (e.g. evaluation items)")
     exclude_file: str | None = Field(None, description="more excluded indices: a text file of indices/START:END ranges, "
                                      "a JSON list, or an evaluation predictions.jsonl (its 'index' of this task)")
     shuffle: bool = Field(True, description="sample rows_per_lang at random and shuffle the mix (else first rows, in order)")
     paired: bool = Field(False, description="use the same item indices for every source language")
-    seed: int = Field(0, description="seed of the sampling and the shuffle")
+    seed: Seed = Field(0, description="seed of the sampling and the shuffle")
     dedup: bool = Field(True, description="drop records whose input text repeats an earlier one")
+    control: Literal["none", "copy", "shuffled"] = Field(
+        "none", description="a control set with the same rows and the same responses: copy = each row's input becomes "
+        "its own target-language question (target -> target, e.g. English -> English: no cross-lingual content); "
+        "shuffled = each source question paired with another item's target question (the translation "
+        "correspondence removed); none = the question-translation rows themselves")
     data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
     data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or "
                                    "hf:<dataset>; e.g. snli/snli_{lang}10k_train.json under data_dir")

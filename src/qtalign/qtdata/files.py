@@ -6,7 +6,7 @@ import json
 import re
 from pathlib import Path
 
-from qtalign.errors import QtalignError, data_error
+from qtalign.errors import QtalignError, check_text, data_error
 from qtalign.tasks.items import parse_indices, read_records
 from qtalign.tasks.specs import SpecSet, load_specs
 
@@ -48,6 +48,7 @@ def load_question_records(path: str | Path, specs: SpecSet | None = None) -> lis
                 raise data_error(path, "missing", record=n, field=f)
             if not isinstance(r[f], str):
                 raise data_error(path, f"expected a string, got {type(r[f]).__name__}", record=n, field=f)
+            check_text(path, r[f], n, f)
         if kind == "alpaca":
             extra = r.get("input") or ""
             text, target = r["instruction"] + (("\n" + extra) if extra else ""), r["output"]

@@ -47,8 +47,19 @@ def build_report(run_dir: str | Path) -> tuple[Doc, S.Ctx]:
 
 
 def write_report(run_dir: str | Path) -> tuple[Path, Path]:
-    """Write run_dir/report.md (images linked) and run_dir/report.html (self-contained); returns both paths."""
+    """Write run_dir/report.md (images linked) and run_dir/report.html (self-contained), and the report's figures into
+    run_dir/report/; returns both paths. Only into a run dir or an export qtalign wrote (one with its marker): a
+    report.md, report.html or report/ of someone else's there is refused, never written over."""
+    from qtalign.errors import QtalignError
+    from qtalign.io import MARKER, OutputDir
+
     run_dir = Path(run_dir)
+    if not (run_dir / MARKER).is_file():
+        raise QtalignError(f"{run_dir}: not written by qtalign (no {MARKER}); qtalign writes a report only into a run "
+                           "dir or export of its own")
+    out = OutputDir(run_dir, option="report")
+    out.record("report.md", "report.html")
+    out.subdir("report", "report")
     doc, _ = build_report(run_dir)
     md_path, html_path = run_dir / "report.md", run_dir / "report.html"
     write_text(md_path, doc.render(embed=False))

@@ -13,6 +13,7 @@ language or task missing from a run is shown as '—'.
 from __future__ import annotations
 
 import os
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -70,27 +71,59 @@ def _group(rec: dict) -> tuple[str, str, str]:
     return rec["task"], rec["variant"], rec["lang"]
 
 
-def common_items(cols: list[tuple[str, Run, str]]) -> dict[tuple[str, str, str], set[str]]:
-    """Per task x variant x language, the items every column that evaluated it has: the only fair comparison (runs of
-    items 0-99 and 0-59 are compared on 0-59). A group only some columns evaluated is kept for those."""
-    common: dict[tuple[str, str, str], set[str]] = {}
-    for _, run, w in cols:
-        mine: dict[tuple[str, str, str], set[str]] = {}
+def data_identity(run: Run, which: str, task: str, lang: str) -> str | None:
+    """The content of the data one evaluation read for a task and language (the sha256 of each file, as its
+    results.json records them); for a change, None unless base and tuned read the same."""
+    import json
+
+    def one(res: dict | None) -> str | None:
+        d = ((res or {}).get("covers") or {}).get("data_sha256", {}).get(f"{task}/{lang}")
+        return json.dumps(d, sort_keys=True) if d else None
+
+    if which == "change":
+        b, t = one(run.base), one(run.tuned)
+        return b if b == t else None
+    return one(run.base if which == "base" else run.tuned)
+
+
+def common_items(cols: list[tuple[str, Run, str]], excluded: list | None = None) -> dict[tuple, dict[str, set[str]]]:
+    """Per task x variant x language, the items every column that evaluated it has — matched by the content of the
+    data they read, not by index: the only fair comparison (runs of items 0-99 and 0-59 of the same files are compared
+    on 0-59). Returns group -> column label -> its keys. A column whose data for a group differ from the first
+    column's (other files under the same names, or none recorded) is left out of that group and listed in
+    ``excluded`` as (label, 'task/variant/lang', why)."""
+    ref: dict[tuple, str | None] = {}
+    mine: dict[tuple, dict[str, set[str]]] = {}
+    for label, run, w in cols:
+        per: dict[tuple, set[str]] = {}
         for k, r in _preds(run, w).items():
-            mine.setdefault(_group(r), set()).add(k)
-        for g, keys in mine.items():
-            common[g] = common[g] & keys if g in common else keys
+            per.setdefault(_group(r), set()).add(k)
+        for g, keys in per.items():
+            ident = data_identity(run, w, g[0], g[2])
+            if ident is None or ref.setdefault(g, ident) != ident:
+                if excluded is not None:
+                    excluded.append((label, "/".join(g), "its data content is not recorded (or base and tuned read "
+                                     "different data)" if ident is None else "it read other data than the first run"))
+                continue
+            mine.setdefault(g, {})[label] = keys
+    common: dict[tuple, dict[str, set[str]]] = {}
+    for g, by in mine.items():
+        shared = set.intersection(*by.values())
+        common[g] = {label: shared for label in by}
     return common
 
 
-def _restrict(preds: dict[str, dict], keep: dict | None) -> dict[str, dict]:
-    return preds if keep is None else {k: r for k, r in preds.items() if k in keep.get(_group(r), ())}
+def _restrict(preds: dict[str, dict], keep: dict | None, label: str | None = None) -> dict[str, dict]:
+    """The records of ``keep`` (group -> column label -> keys; a column absent from a group keeps none of it)."""
+    if keep is None:
+        return preds
+    return {k: r for k, r in preds.items() if k in keep.get(_group(r), {}).get(label, ())}
 
 
-def _rows(run: Run, which: str, keep: dict | None = None) -> list[LangRow]:
+def _rows(run: Run, which: str, keep: dict | None = None, label: str | None = None) -> list[LangRow]:
     """Per-language rows of one evaluation of a run (as a 'base' column: the comparison is across runs), on the
     ``keep`` items."""
-    preds = _restrict(_preds(run, which), keep)
+    preds = _restrict(_preds(run, which), keep, label)
     if not preds:
         return []
     return compare(preds, {}, run.resource, run.seen)
@@ -151,12 +184,17 @@ def _head(cols: list[tuple[str, Run, str]], title: str, out: Path, tuned_task: b
     keys = list(next(iter(facts.values())))
     doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
     runs = {label: {"facts": facts[label], "dir": _where(run, out), "which": w} for label, run, w in cols}
-    return doc, {"runs": runs}, common_items(cols)
+    excluded: list = []
+    keep = common_items(cols, excluded)
+    if excluded:
+        doc.md("**Not compared** (items are matched by the content of the data they read, not by index): "
+               + "; ".join(f"{label}: {g} ({why})" for label, g, why in excluded) + ".")
+    return doc, {"runs": runs, "not_compared": [{"run": a, "group": g, "why": w} for a, g, w in excluded]}, keep
 
 
 def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
     doc, numbers, keep = _head(cols, title, out)
-    per_run = {label: _by_task(_rows(run, w, keep)) for label, run, w in cols}
+    per_run = {label: _by_task(_rows(run, w, keep, label)) for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
     numbers["tasks"] = {}
     if tasks:
@@ -173,18 +211,18 @@ def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[
     return doc, numbers
 
 
-def _paired_rows(run: Run, keep: dict | None = None) -> list[LangRow]:
+def _paired_rows(run: Run, keep: dict | None = None, label: str | None = None) -> list[LangRow]:
     """Per-language base vs tuned rows of a run (only items both evaluated, and of those the ``keep`` items), in the
     run's language order."""
-    rows = compare(_restrict(run.base_preds, keep), run.tuned_preds, run.resource, run.seen, run.clusters)
+    rows = compare(_restrict(run.base_preds, keep, label), run.tuned_preds, run.resource, run.seen, run.clusters)
     order = {c: i for i, c in enumerate(run.order)}
     return sorted(rows, key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
 
 
-def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None) -> dict:
+def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None, label: str | None = None) -> dict:
     """'task/variant' -> language group -> the paired changes of one run (group_summary with intervals)."""
     out: dict = {}
-    for tv, rs in _by_task(_paired_rows(run, keep)).items():
+    for tv, rs in _by_task(_paired_rows(run, keep, label)).items():
         out["/".join(tv)] = {g: s for g in GROUPS if (s := group_summary(rs, g, n_boot=n_boot)) is not None}
     return out
 
@@ -192,13 +230,14 @@ def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None) -> 
 def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
     doc, numbers, keep = _head(cols, title, out, tuned_task=True)
     facts = {label: r["facts"] for label, r in numbers["runs"].items()}
-    changes = {label: change_numbers(run, keep=keep) for label, run, _ in cols}
+    changes = {label: change_numbers(run, keep=keep, label=label) for label, run, _ in cols}
     tasks = sorted({tv for d in changes.values() for tv in d})
     numbers["changes"] = changes
     if tasks:
         fig = _change_figure(changes, tasks, out / "compare.png")
         doc.img(fig, "Change tuned − base over all languages (macro average): raw accuracy, calibrated accuracy (points) and "
                 "AUC (x100), with cluster-bootstrap 95 % intervals, per run and task.")
+    adj = {label: holm_family(ch) for label, ch in changes.items()}
     for tv in tasks:
         doc.h(2, f"{tv.replace('/', ' (')} labels)")
         body = []
@@ -212,20 +251,98 @@ def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) ->
                 raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
                 body.append([label if g == "all" else "", "yes" if tuned_task and g == "all" else "", g, s["n_langs"],
                              pct(raw.get("base")), pct(raw.get("tuned")), interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")),
-                             pval(raw.get("p")), interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")), pval(cal.get("p")),
+                             pval(raw.get("p")), pval(adj[label].get((tv, g, "raw"))),
+                             interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")), pval(cal.get("p")),
+                             pval(adj[label].get((tv, g, "cal"))),
                              interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3)])
-        doc.md(md_table(["run", "tuned task", "languages", "langs", "base %", "tuned %", "Δ [95 % CI]", "p",
-                         "Δ cal [95 % CI]", "p cal", "Δ AUC [95 % CI]"], body, "lll" + "r" * 8))
+        doc.md(md_table(["run", "tuned task", "languages", "langs", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm",
+                         "Δ cal [95 % CI]", "p cal", "p cal Holm", "Δ AUC [95 % CI]"], body, "lll" + "r" * 10))
+    for label, ch in changes.items():
+        for tv, d in ch.items():
+            for g, s in d.items():
+                for kind in ("raw", "cal"):
+                    if kind in s:
+                        s[kind]["p_holm"] = adj[label].get((tv, g, kind))
+    seeds = _seed_section(doc, changes, tasks)
+    if seeds:
+        numbers["seeds"] = seeds
     trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
     if trained:
         numbers["training"] = _training_section(doc, trained, out)
     doc.md("Δ = tuned − base of the macro average over the group's languages, on the items both evaluations scored. The "
            "intervals resample clusters of item indices with all their languages (SNLI: premise triples), p is the "
            "sign-flip permutation test over the same clusters (McNemar's exact test for one language of independent "
-           "items); * marks an interval that excludes 0 or p < 0.05 (not corrected for multiple comparisons). seen = the "
+           "items); * marks an interval that excludes 0 or p < 0.05; p Holm = p adjusted by Holm's method over each "
+           "run's family of tests (every task x group x raw/calibrated of that run). seen = the "
            "languages of each run's question-translation data. Every run is compared on the items all runs evaluated "
            "(base and tuned) in that task and language.")
     return doc, numbers
+
+
+def holm_family(change: dict) -> dict:
+    """Holm-adjusted p of one run's family of tests: every task x group x raw/calibrated change, keyed (tv, group, kind)."""
+    from qtalign.stats import holm
+
+    keys = [(tv, g, k) for tv, d in change.items() for g, s in d.items() for k in ("raw", "cal") if k in s]
+    return dict(zip(keys, holm([change[tv][g][k].get("p") for tv, g, k in keys])))
+
+
+SEED_LABEL = re.compile(r"^(?:(.*?)[-_: ])?seed(-?\d+)$")
+
+
+def seed_arms(labels: list[str]) -> dict[str, list[str]]:
+    """Runs that differ only in their training seed, by label: 'copy-seed1', 'copy-seed2' -> {'copy': [...]} ('seed0',
+    'seed1' -> {'': [...]}); arms with fewer than two seeds are left out."""
+    arms: dict[str, list[str]] = {}
+    for label in labels:
+        m = SEED_LABEL.match(label)
+        if m:
+            arms.setdefault(m.group(1) or "", []).append(label)
+    return {a: ls for a, ls in arms.items() if len(ls) > 1}
+
+
+def seed_summary(deltas: list[float]) -> dict:
+    """Mean change over seeds and its between-seed spread (sample SD; min, max)."""
+    import statistics
+
+    xs = [d for d in deltas if d is not None and d == d]
+    return {"n_seeds": len(xs), "mean": statistics.fmean(xs) if xs else float("nan"),
+            "sd": statistics.stdev(xs) if len(xs) > 1 else float("nan"),
+            "min": min(xs) if xs else float("nan"), "max": max(xs) if xs else float("nan")}
+
+
+def _seed_section(doc: Doc, changes: dict, tasks: list[str]) -> dict:
+    """Per arm with several training seeds: the mean change over seeds with the between-seed SD, beside each seed's
+    item-level bootstrap interval (items vary within a run; the seed varies training)."""
+    arms = seed_arms(list(changes))
+    if not arms:
+        return {}
+    out: dict = {}
+    body = []
+    for arm, labels in arms.items():
+        for tv in tasks:
+            for g in GROUPS:
+                for kind, scale, digits in (("raw", 100, 1), ("cal", 100, 1), ("auc", 1, 3)):
+                    per = [((changes[lab].get(tv) or {}).get(g) or {}).get(kind) or {} for lab in labels]
+                    if not any(per):
+                        continue
+                    sm = seed_summary([d.get("delta") for d in per])
+                    out.setdefault(arm or "(one arm)", {}).setdefault(tv, {}).setdefault(g, {})[kind] = {
+                        **sm, "per_seed": {lab: d for lab, d in zip(labels, per)}}
+                    if g in ("all", "seen", "unseen"):
+                        f = (lambda x: f"{scale * x:+.{digits}f}" if x == x else DASH)  # noqa: E731
+                        body.append([arm or "—", tv.replace("/", " (") + ")", g, kind, sm["n_seeds"], f(sm["mean"]),
+                                     f"{scale * sm['sd']:.{digits}f}" if sm["sd"] == sm["sd"] else DASH,
+                                     "; ".join(interval(d.get("delta"), d.get("ci_low"), d.get("ci_high"), scale=scale,
+                                                        digits=digits) for d in per)])
+    doc.h(2, "Across training seeds")
+    doc.md("Per arm, the change tuned − base averaged over its training seeds, the standard deviation between seeds (what "
+           "training randomness moves) and each seed's own item-level 95 % interval (what the choice of items moves). A "
+           "change is reproducible only where every seed's interval excludes 0 on the same side; the item-level "
+           "intervals of one seed do not cover training randomness.")
+    doc.md(md_table(["arm", "task", "languages", "measure", "seeds", "mean Δ", "SD between seeds", "per seed: Δ [95 % CI]"],
+                    body, "llllrrrl"))
+    return out
 
 
 def _change_figure(changes: dict, tasks: list[str], path: Path) -> Path:

@@ -59,31 +59,43 @@ class Run:
     @property
     def clusters(self) -> dict[str, dict[int, int]]:
         """task -> item index -> cluster (items sharing e.g. an SNLI premise), as the evaluation recorded them; for
-        evaluations made before they were recorded, derived from the evaluated data when it is still at hand."""
+        evaluations made before they were recorded, derived from the evaluated data, which must then be at hand (a
+        report never falls back to treating clustered items as independent: its p-values would change silently)."""
         if self.base is None:
             return {}
         if "clusters" in self.base:
             return {t: {int(i): c for i, c in d.items()} for t, d in self.base["clusters"].items()}
-        return _derive_clusters(self.base.get("config") or {})
+        return derive_clusters(self.base.get("config") or {}, self.dir / "eval" / "base" / "results.json")
 
 
-def _derive_clusters(config: dict) -> dict[str, dict[int, int]]:
-    """Clusters of an evaluation that did not record them, from its config's data (empty when that is gone)."""
+def derive_clusters(config: dict, where: Path | str) -> dict[str, dict[int, int]]:
+    """Clusters of an evaluation that did not record them, from its config's data; QtalignError naming the missing
+    files when a task has clusters and its data is not here."""
+    from pydantic import ValidationError
+
+    from qtalign.errors import QtalignError
     from qtalign.eval.config import EvalConfig
     from qtalign.tasks.items import cluster_ids
     from qtalign.tasks.specs import load_specs
 
     try:
         cfg = EvalConfig.model_validate(config)
-        specs, source, out = load_specs(cfg.prompts), cfg.source(), {}
-        for t in cfg.tasks:
-            task = specs.task(t)
-            if task.cluster_field and source.exists(task, "en"):
-                its = cfg.select(task, "en", source)
-                out[t] = dict(zip((it.index for it in its), cluster_ids(task, its)))
-        return out
-    except Exception:  # noqa: BLE001 - the data moved or the config is of an older version: items stay single units
-        return {}
+    except ValidationError as e:
+        raise QtalignError(f"{where}: records no item clusters and its config cannot be read to derive them "
+                           f"({e.errors()[0].get('msg')})") from None
+    specs, source, out = load_specs(cfg.prompts), cfg.source(), {}
+    for t in cfg.tasks:
+        task = specs.task(t)
+        if not task.cluster_field:
+            continue
+        if not source.exists(task, "en"):
+            raise QtalignError(f"{where}: records no item clusters for task '{t}' (items sharing a premise are tested "
+                               f"together), and the data to derive them ({source.path(task, 'en') or source.describe()}) "
+                               "is not on this machine: run the report where that data is (tests that treated the items as "
+                               "independent would give other p-values and intervals)")
+        its = cfg.select(task, "en", source)
+        out[t] = dict(zip((it.index for it in its), cluster_ids(task, its)))
+    return out
 
 
 def _language_info(results: dict | None) -> tuple[dict[str, dict], list[str]]:

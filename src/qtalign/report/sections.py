@@ -14,6 +14,9 @@ from qtalign.report.format import (
 from qtalign.report.html import Doc
 from qtalign.report.paired import GROUPS, N_BOOT, N_PERM, LangRow, compare, group_summary, unpaired
 from qtalign.report.read import Run
+from qtalign.stats import holm
+
+KINDS = ("raw", "cal")  # the accuracies a report tests (AUC has intervals, no test)
 
 
 @dataclass
@@ -23,6 +26,7 @@ class Ctx:
     tasks: dict[tuple[str, str], list[LangRow]] = field(default_factory=dict)
     unpaired: dict[str, int] = field(default_factory=dict)  # task/variant/lang -> base items without a tuned record
     _summaries: dict = field(default_factory=dict)
+    _holm: dict = field(default_factory=dict)
 
     def summary(self, rows: list[LangRow], name: str, boot: bool = True) -> dict | None:
         """group_summary with bootstrap intervals (when there is a tuned run), computed once per rows and group."""
@@ -31,6 +35,27 @@ class Ctx:
         if key not in self._summaries:
             self._summaries[key] = group_summary(rows, name, n_boot=n)
         return self._summaries[key]
+
+    def holm(self, family: str) -> dict:
+        """Holm-adjusted p of every test in one of the report's two families, keyed (task, variant, group or
+        language, kind): 'groups' = every task x group (all, seen, unseen, high, low) x raw/calibrated test of this
+        report; 'langs' = every task x language x raw/calibrated test."""
+        if family not in self._holm:
+            keys, ps = [], []
+            for (t, v), rs in self.tasks.items():
+                if family == "groups":
+                    for g in GROUPS:
+                        s = self.summary(rs, g) or {}
+                        keys += [(t, v, g, k) for k in KINDS if k in s]
+                        ps += [s[k].get("p") for k in KINDS if k in s]
+                else:
+                    keys += [(t, v, r.lang, k) for r in rs for k in KINDS]
+                    ps += [r.p(k) for r in rs for k in KINDS]
+            self._holm[family] = dict(zip(keys, holm(ps)))
+        return self._holm[family]
+
+    def family_size(self, family: str) -> int:
+        return sum(1 for p in self.holm(family).values() if not math.isnan(p))
 
     @property
     def has_tuned(self) -> bool:
@@ -106,8 +131,11 @@ def header(doc: Doc, ctx: Ctx) -> None:
                  "the raw class scores (class-prior free) are shown beside it. Δ = tuned − base in points (AUC: in AUC units). "
                  "Tests and intervals are paired and resample clusters: an item (or an SNLI premise triple) with all its "
                  f"translations. [lo, hi] = bootstrap 95 % interval ({N_BOOT} resamples of clusters; * = excludes 0); p = "
-                 f"sign-flip permutation test over the same clusters ({N_PERM} permutations; per language without "
-                 "clusters it is McNemar's exact test; * p < 0.05, uncorrected); accuracy intervals are Wilson 95 %.")
+                 f"sign-flip permutation test over the same clusters ({N_PERM} permutations, so the smallest it can "
+                 f"show is < {1 / (N_PERM + 1):.1e}; per language without clusters it is McNemar's exact test; * p < 0.05, "
+                 "uncorrected); p Holm = the same p adjusted by Holm's method over its family, every group test "
+                 "(tasks x language groups x raw/calibrated) or every per-language test of this report; accuracy "
+                 "intervals are Wilson 95 %.")
     doc.md(" ".join(intro))
     if not ctx.tasks:
         return
@@ -118,14 +146,15 @@ def header(doc: Doc, ctx: Ctx) -> None:
         tuned = ctx.has_tuned
         hl.append([f"{t} ({v})", s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
                    interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) if tuned else DASH,
-                   pval(raw.get("p")) if tuned else DASH, pct(cal.get("base")),
+                   pval(raw.get("p")) if tuned else DASH,
+                   pval(ctx.holm("groups").get((t, v, "all", "raw"))) if tuned else DASH, pct(cal.get("base")),
                    pct(cal.get("tuned")) if tuned else DASH,
                    interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH,
                    num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
                    interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
     doc.md("**Headline (macro average over languages)**\n\n" + md_table(
-        ["task (labels)", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
-         "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], hl))
+        ["task (labels)", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm", "base cal %", "tuned cal %",
+         "Δ cal [95 % CI]", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], hl))
     from qtalign.report.figures import headline_figure
 
     p = headline_figure(ctx.tasks, ctx.figdir / "headline.png", ctx.has_tuned)
@@ -184,18 +213,18 @@ def overlap(doc: Doc, ctx: Ctx) -> None:
 # accuracy
 
 
-def _lang_line(r: LangRow, has_tuned: bool, with_cal: bool, with_auc: bool) -> list:
+def _lang_line(r: LangRow, has_tuned: bool, with_cal: bool, with_auc: bool, adj: dict) -> list:
     b, c, _ = r.raw.mcnemar()
     line = [r.lang + (" *" if r.seen else ""), r.group, r.raw.n,
             f"{pct(r.raw.acc('base'))} [{pct(r.raw.ci('base')[0])}–{pct(r.raw.ci('base')[1])}]"]
     if has_tuned:
         line += [f"{pct(r.raw.acc('tuned'))} [{pct(r.raw.ci('tuned')[0])}–{pct(r.raw.ci('tuned')[1])}]",
-                 signed(r.delta), f"{b}/{c}", pval(r.p("raw"))]
+                 signed(r.delta), f"{b}/{c}", pval(r.p("raw")), pval(adj.get((r.task, r.variant, r.lang, "raw")))]
     if with_cal:  # a language without calibration keeps its columns, as "—"
         line += [pct(r.cal.acc("base")) if r.cal else DASH]
         if has_tuned:
-            line += ([pct(r.cal.acc("tuned")), signed(r.cal.acc("tuned") - r.cal.acc("base")), pval(r.p("cal"))] if r.cal
-                     else [DASH] * 3)
+            line += ([pct(r.cal.acc("tuned")), signed(r.cal.acc("tuned") - r.cal.acc("base")), pval(r.p("cal")),
+                      pval(adj.get((r.task, r.variant, r.lang, "cal")))] if r.cal else [DASH] * 4)
     if with_auc:
         line += [num(r.auc("base"))]
         if has_tuned:
@@ -211,17 +240,19 @@ def accuracy(doc: Doc, ctx: Ctx) -> None:
         doc.h(3, f"{t} ({v} labels)")
         head = ["lang", "resource", "n", "base % [95 % CI]"]
         if tuned:
-            head += ["tuned % [95 % CI]", "Δ", "b/c", "p"]
+            head += ["tuned % [95 % CI]", "Δ", "b/c", "p", "p Holm"]
         with_cal, with_auc = any(r.cal is not None for r in rs), any(r.scores is not None for r in rs)
         if with_cal:
-            head += ["base cal %"] + (["tuned cal %", "Δ cal", "p cal"] if tuned else [])
+            head += ["base cal %"] + (["tuned cal %", "Δ cal", "p cal", "p cal Holm"] if tuned else [])
         if with_auc:
             head += ["base AUC"] + (["tuned AUC", "Δ AUC [95 % CI]"] if tuned else [])
-        doc.md(md_table(head, [_lang_line(r, tuned, with_cal, with_auc) for r in rs], "ll" + "r" * (len(head) - 2)))
+        adj = ctx.holm("langs") if tuned else {}
+        doc.md(md_table(head, [_lang_line(r, tuned, with_cal, with_auc, adj) for r in rs], "ll" + "r" * (len(head) - 2)))
     if ctx.rows and tuned:
         doc.md("b/c = items right only in base / right only in tuned (the discordant pairs). p: McNemar's exact test; for "
                "a task whose items come in clusters (SNLI's premise triples) the sign-flip permutation test over the "
-               "clusters. AUC: of the raw class scores (binary for two classes, macro one-vs-rest for more); its interval "
+               f"clusters. p Holm: adjusted over every per-language test of this report (m = {ctx.family_size('langs')}). "
+               "AUC: of the raw class scores (binary for two classes, macro one-vs-rest for more); its interval "
                "is the paired bootstrap over the language's clusters of items.")
 
 
@@ -234,21 +265,25 @@ def summaries(doc: Doc, ctx: Ctx) -> None:
             if s is None:
                 continue
             raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+            adj = ctx.holm("groups") if tuned else {}
             body.append([g, s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
                          interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) if tuned else DASH,
-                         pval(raw.get("p")), pct(cal.get("base")),
+                         pval(raw.get("p")), pval(adj.get((t, v, g, "raw"))), pct(cal.get("base")),
                          pct(cal.get("tuned")) if tuned else DASH,
                          interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH, pval(cal.get("p")),
+                         pval(adj.get((t, v, g, "cal"))),
                          num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
                          interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
         doc.h(3, f"{t} ({v} labels)")
-        doc.md(md_table(["languages", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "base cal %", "tuned cal %",
-                         "Δ cal [95 % CI]", "p cal", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], body))
+        doc.md(md_table(["languages", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm", "base cal %",
+                         "tuned cal %", "Δ cal [95 % CI]", "p cal", "p cal Holm", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], body))
     if ctx.tasks:
         doc.md("Accuracies and AUCs are macro averages over the group's languages. p is the sign-flip permutation test of "
                "the macro change over clusters of item indices (an item with all its translations flips together; "
                "translations are not independent items), and the intervals resample the same clusters. seen = languages "
-               "in the question-translation data (sources and target).")
+               "in the question-translation data (sources and target)."
+               + (f" p Holm: adjusted over every group test of this report (m = {ctx.family_size('groups')}: tasks x "
+                  "groups x raw/calibrated); a subgroup change is a finding only where it survives it." if tuned else ""))
     else:
         doc.md("_No evaluation results._")
 
@@ -386,10 +421,26 @@ def _budget(doc: Doc, ctx: Ctx) -> None:
                [["this run", *ours], ["the paper", *paper]], "l" + "r" * 6))
 
 
+def evaluated_checkpoint(summary: dict | None) -> str:
+    """Which training step the tuned evaluation used, and why (every report states it)."""
+    n = (summary or {}).get("numbers", {})
+    steps, best = n.get("steps"), n.get("best_step")
+    if not steps:
+        return ""
+    if best is not None:
+        why = ("the last step" if best == steps else f"not the last: {steps - best} more steps raised the held-out loss")
+        return (f"**Evaluated checkpoint:** the adapter of step {best} of {steps} — the lowest held-out loss "
+                f"({n.get('best_eval_loss', float('nan')):.4f}), kept by the Trainer's best-checkpoint rule ({why}).")
+    return f"**Evaluated checkpoint:** the adapter of the last step, {steps} of {steps} (no held-out rows: nothing to choose by)."
+
+
 def training(doc: Doc, ctx: Ctx) -> None:
     from qtalign.io import read_json
 
     tdir = ctx.run.dir / "train"
+    line = evaluated_checkpoint(ctx.run.summary("train"))
+    if line:
+        doc.md(line)
     _budget(doc, ctx)
     listed = {f["path"] for f in (read_json(tdir / "summary.json") or {}).get("figures", [])}
     if (tdir / "loss.png").exists() and "loss.png" not in listed:

@@ -42,6 +42,12 @@ def softmax(xs: list[float]) -> list[float]:
     return normalise(e)
 
 
+def usable(raw: list[float]) -> bool:
+    """Whether an item's raw class numbers can decide it: none is NaN or +inf and at least one is finite (a
+    log-probability may be -inf; a NaN is a broken model, never a tie)."""
+    return not any(math.isnan(x) or x == math.inf for x in raw) and any(math.isfinite(x) for x in raw)
+
+
 def argmax(xs: list[float]) -> int:
     """The first class with the greatest number (ties go to the lower class index)."""
     return max(range(len(xs)), key=lambda i: (xs[i], -i))

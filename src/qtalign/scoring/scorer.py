@@ -7,7 +7,7 @@
 Rules ask the scorer's backend (engine/backend.py: the native torch engine, or a vLLM / SGLang server) for token-id
 log-probs; tokenisation, candidate sets and the decision stay here. Every rule returns, per item, raw per-class numbers, class probabilities normalised over the classes, and the
 predicted class; calibration is in scoring/calibration.py. A new rule is a function ``(scorer, requests, progress)
--> Iterator[ItemScore]`` registered with :func:`register_method`.
+-> Iterator[ItemScore]`` added to ``METHOD_FUNCTIONS`` and to the ``method`` choices of eval/config.py.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from typing import Callable, Iterable, Iterator
 
 from qtalign.engine.backend import TorchBackend
 from qtalign.engine.forward import Engine, Prompt, pad_id
+from qtalign.engine.models import context_length
 from qtalign.errors import QtalignError
-from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax  # noqa: F401 - the public names
+from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax, usable  # noqa: F401 - the public names
 from qtalign.scoring.calibration import CONTENT_FREE, calibrate, content_free_requests, mean_probs  # noqa: F401
 from qtalign.scoring.faithful import faithful_scores
 from qtalign.scoring.first_token import first_token_scores, plan_words
@@ -30,13 +31,6 @@ METHOD_FUNCTIONS: dict[str, Callable[..., Iterator[ItemScore]]] = {
     "sequence": sequence_scores,
 }
 METHODS = tuple(METHOD_FUNCTIONS)
-
-
-def register_method(name: str, fn: Callable[..., Iterator[ItemScore]]) -> None:
-    """Add a scoring rule: ``fn(scorer, requests, progress)`` yields one ItemScore per request."""
-    global METHODS
-    METHOD_FUNCTIONS[name] = fn
-    METHODS = tuple(METHOD_FUNCTIONS)
 
 
 class Scorer:
@@ -53,9 +47,11 @@ class Scorer:
         self.seed = seed  # the faithful rule's random tie-breaking (one generator per group)
         if hasattr(model, "next_logprobs"):
             self.backend, self.engine = model, getattr(model, "engine", None)
+            self.context = context_length(self.engine.model) if self.engine is not None else getattr(model, "context", None)
         else:
             self.engine = Engine(model, pad_id=pad_id(tokenizer), batch_size=batch_size, prefix_cache=prefix_cache)
             self.backend = TorchBackend(self.engine)
+            self.context = context_length(model)
         self._sets: dict[tuple[str, ...], CandidateSets] = {}
 
     def candidates(self, words: list[str]) -> CandidateSets:
@@ -67,13 +63,34 @@ class Scorer:
     def plan(self, words: list[str]) -> tuple[str, list[str]]:
         return plan_words(self.candidates, words)
 
+    def too_long(self, reqs: Iterable[ScoreRequest]) -> tuple[ScoreRequest, int] | None:
+        """The first request whose prompt and longest label word need more positions than the model's context, with
+        that number of tokens; None when all fit. A text of fewer UTF-8 bytes than the context (less a margin for
+        special tokens) fits without being tokenized: a token covers at least one byte."""
+        if not self.context:
+            return None
+        for r in reqs:
+            text = r.prefix + r.question + r.forced
+            if len(text.encode("utf-8")) + 64 < self.context:
+                continue
+            label = max((len(self.tokenizer(w, add_special_tokens=False)["input_ids"]) for w in r.words), default=0)
+            n = len(self.tokenizer(text, add_special_tokens=True)["input_ids"]) + label
+            if n > self.context:
+                return r, n
+        return None
+
     def prompts(self, reqs: list[ScoreRequest]) -> list[Prompt]:
         return [Prompt(r.key, r.group, r.prefix, r.prefix + r.question + r.forced) for r in reqs]
-
-    _prompts = prompts  # the name the analyses used
 
     def score(self, requests: Iterable[ScoreRequest], progress=None) -> Iterator[ItemScore]:
         """One ItemScore per request (in engine order: grouped, longest first); the requests are not modified."""
         reqs = list(requests)
-        if reqs:
-            yield from METHOD_FUNCTIONS[self.method](self, reqs, progress)
+        if not reqs:
+            return
+        for s in METHOD_FUNCTIONS[self.method](self, reqs, progress):
+            if not usable(s.raw):  # host floats already: no device sync added
+                group = next((r.group for r in reqs if r.key == s.key), "?")
+                raise QtalignError(f"{group}: item {s.key}: the model produced non-finite class scores "
+                                   f"({', '.join(f'{x:g}' for x in s.raw)}): its weights or activations are NaN/inf; "
+                                   "evaluation stopped, nothing of it was recorded as a result")
+            yield s

@@ -18,8 +18,3 @@ class Group(NamedTuple):
     def key(self, index: int) -> str:
         """The item key used in every per-item record (predictions.jsonl, the store, the report)."""
         return f"{self.name}/{index}"
-
-    @classmethod
-    def of_key(cls, key: str) -> tuple["Group", int]:
-        t, v, lang, i = key.split("/")
-        return cls(t, v, lang), int(i)

@@ -15,10 +15,11 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from qtalign.errors import QtalignError, data_error
+from qtalign.errors import QtalignError, check_text, data_error
 from qtalign.tasks.specs import TaskSpec
 
 DEMO_DATA_TEMPLATE = "{task}/{lang}.jsonl"
+INDICES_MAX = 10_000_000  # an index list (exclusions) larger than any data file qtalign reads
 
 
 @dataclass
@@ -203,7 +204,7 @@ def parse_records(task: TaskSpec, lang: str, recs: list[dict], path: Path, requi
                 raise data_error(path, f"expected a string, got {type(r[f]).__name__}", record=n, field=f)
             if not r[f].strip():
                 raise data_error(path, "empty text (an item needs its text to be scored)", record=n, field=f)
-            flds[f] = r[f]
+            flds[f] = check_text(path, r[f], n, f)
         gold, word = None, r.get(task.gold_field)
         if task.gold_field in r:
             gold = _decode_gold(task, lang, r[task.gold_field], path, n, dec)
@@ -303,6 +304,8 @@ def parse_indices(v, what: str = "item indices") -> list[int]:
             rng = parse_range(tok, what)
             if rng.start is None or rng.stop is None:
                 raise QtalignError(f"bad {what} {tok!r}: a range needs both ends here (START:END)")
+            if len(out) + rng.stop - rng.start > INDICES_MAX:
+                raise QtalignError(f"bad {what} {tok!r}: more than {INDICES_MAX} indices")
             out += range(rng.start, rng.stop)
             continue
         try:

@@ -251,6 +251,10 @@ def _lang_spec(task: str, code: str, d: dict, classes: list[str], item_fields: l
         qt = d["query_template"].removeprefix("{demos}\n")
     if qt is None:
         qt = derive_question_template(item_fields, fields, answer_cue)
+    try:
+        _template_fields(qt)
+    except ValueError as e:  # a stray '{' or '}'
+        raise data_error(src, f"not a valid template ({e}); write a literal brace as {{{{ or }}}}", rec, "question_template") from None
     if _template_fields(qt) != set(item_fields):
         raise data_error(src, f"placeholders {sorted(_template_fields(qt))} != item fields {item_fields}", rec, "question_template")
     if not qt.endswith(answer_cue):

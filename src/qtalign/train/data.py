@@ -83,6 +83,14 @@ def check_template(tokenizer, template: str, model_name: str) -> None:
     if template == "chat" and not getattr(tokenizer, "chat_template", None):
         raise QtalignError(f"train: template 'chat': the tokenizer of model '{model_name}' has no chat template "
                            "(GGUF files without tokenizer.chat_template, base models); use template: raw")
+    if template == "chat":
+        from jinja2.exceptions import TemplateError
+
+        try:
+            chat_texts(tokenizer, "question", "answer")
+        except TemplateError as e:  # a syntax error, or the template's own raise_exception
+            raise QtalignError(f"train: template 'chat': the chat template of model '{model_name}' does not render "
+                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); fix it or use template: raw") from None
 
 
 class Collator:
@@ -115,11 +123,14 @@ class ListDataset(torch.utils.data.Dataset):
         return self.rows[i]
 
 
-def split_rows(n: int, val_size: float, seed: int) -> tuple[list[int], list[int]]:
-    """(train indices, val indices): a seeded shuffle, the first `val` rows held out."""
+def split_rows(n: int, val_size: float, seed: int, max_rows: int | None = None) -> tuple[list[int], list[int]]:
+    """(train indices, val indices): a seeded shuffle, the first `val` rows held out (a fraction: at most
+    ``max_rows``)."""
     idx = list(range(n))
     random.Random(seed).shuffle(idx)
     n_val = int(val_size) if val_size >= 1 else (max(1, round(n * val_size)) if val_size > 0 else 0)
+    if 0 < val_size < 1 and max_rows is not None:
+        n_val = min(n_val, max_rows)
     if n_val >= n:
         raise QtalignError(f"train: val_size {val_size} leaves no training rows (of {n})")
     return sorted(idx[n_val:]), sorted(idx[:n_val])

@@ -28,6 +28,7 @@ Output dir layout (``train(cfg, data, out)``):
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -46,10 +47,17 @@ from qtalign.train.loss import install_response_loss
 from qtalign.train.trainer import LogCallback, ResponseTrainer, StepProgress, peak_rss_mb, plot_loss, read_log, truncate_log
 
 OUR_FILES = ("train_config.json", "checkpoints", "adapter", "trainer_log.jsonl", "loss.png", "summary.json", "tracking")
+CHECKPOINTS = ("checkpoint-*", "tmp-checkpoint-*")  # the folders the Trainer writes (each whole) into checkpoints/
+ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors", "README.md", "training_args.bin")
 
 
 def _world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def planned_steps(cfg: TrainConfig, n_train: int) -> int:
+    """The optimizer steps of a run: max_steps, else the epochs over the training rows."""
+    return cfg.max_steps or math.ceil(max(1, math.ceil(n_train / cfg.batch_size)) * cfg.epochs)
 
 
 def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, device: str):
@@ -64,9 +72,8 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
             f" x {world} process(es)"
         )
     accum = cfg.batch_size // per
-    steps_per_epoch = max(1, math.ceil(n_train / cfg.batch_size))
-    total = cfg.max_steps or math.ceil(steps_per_epoch * cfg.epochs)
-    eval_steps = cfg.eval_steps or max(1, total // 10)
+    total = planned_steps(cfg, n_train)
+    eval_steps = cfg.eval_steps or min(total, max(total // 10, cfg.min_eval_steps))
     has_val = n_val > 0
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
@@ -157,14 +164,15 @@ def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: boo
                                f"!= {fp}); use another --out or --overwrite")
         if not stale and finished is not None:
             return finished
-    if prev is None and not overwrite and any((out.path / n).exists() for n in OUR_FILES):
+    if prev is None and not overwrite and any(out.holds(n) for n in OUR_FILES):
         raise QtalignError(f"{out.path}: holds training files of an unknown run (no train_config.json); use another --out "
                            "or --overwrite")
     if main:
-        out.claim(adopt=OUR_FILES)
+        out.claim()
         if overwrite or stale:  # --overwrite, or an unfinished run of another config: only qtalign's files go
             out.remove(*[n for n in OUR_FILES if out.is_ours(n)])
         out.record(*OUR_FILES)
+        out.subdir("checkpoints", "checkpoints").record(*CHECKPOINTS)
         write_json(out.path / "train_config.json", {"fingerprint": fp, "world_size": _world()[1], "config": cfg.model_dump(mode="json")})
     return None
 
@@ -194,8 +202,19 @@ def _split(tok, pairs, val_pairs, cfg: TrainConfig) -> tuple[list[dict], list[di
         raise QtalignError(f"train: no row keeps a response token within cutoff_len {cfg.cutoff_len}")
     if cfg.val_data:
         return rows, _encode_rows(tok, val_pairs, cfg)[0], skipped
-    tr_idx, va_idx = split_rows(len(rows), cfg.val_size, cfg.seed)
+    tr_idx, va_idx = split_rows(len(rows), cfg.val_size, cfg.seed, cfg.val_max_rows)
     return [rows[i] for i in tr_idx], [rows[i] for i in va_idx], skipped
+
+
+def _check_context(model, rows: list[dict], cfg: TrainConfig) -> None:
+    """Rows (cut to cutoff_len) fit the model's context, else one line before any step: lower cutoff_len."""
+    from qtalign.engine.models import context_length
+
+    limit = context_length(model)
+    longest = max((len(r["input_ids"]) for r in rows), default=0)
+    if limit and longest > limit:
+        raise QtalignError(f"cutoff_len {cfg.cutoff_len}: a training row keeps {longest} tokens, more than the model's "
+                           f"context ({limit} positions); set cutoff_len to at most {limit}")
 
 
 def _tracking_env(cfg: TrainConfig, out: Path) -> None:
@@ -211,9 +230,19 @@ def _tracking_env(cfg: TrainConfig, out: Path) -> None:
         os.environ["MLFLOW_TRACKING_URI"] = (d / "mlruns").resolve().as_uri()
 
 
+def _record_resolved(out: Path, cfg: TrainConfig, args, n_train: int, n_val: int) -> None:
+    """What the defaults resolved to (rows, steps, evaluation and checkpoint interval), beside the config."""
+    write_json(out / "train_config.json", {**read_json(out / "train_config.json"), "resolved": {
+        "train_rows": n_train, "val_rows": n_val, "steps": planned_steps(cfg, n_train), "eval_steps": args.eval_steps,
+        "save_steps": args.save_steps, "best_checkpoint": args.load_best_model_at_end}})
+
+
 def _with_lora(model, cfg: TrainConfig):
     from peft import LoraConfig, get_peft_model
 
+    hidden = getattr(model.config, "hidden_size", None)
+    if hidden and cfg.lora_r > hidden:  # a rank above the hidden size adds parameters and changes nothing
+        raise QtalignError(f"lora_r {cfg.lora_r}: above the model's hidden size ({hidden}); choose a rank of at most {hidden}")
     lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                       target_modules=list(cfg.target_modules), bias="none", task_type="CAUSAL_LM")
     try:
@@ -253,7 +282,9 @@ def _run_trainer(trainer, out: Path, main: bool) -> tuple[object, int | None]:
         result = trainer.train(resume_from_checkpoint=ckpt)
     finally:
         torch.set_flush_denormal(False)
-    trainer.save_model(str(out / "adapter"))  # writes on the main process only
+    adapter = OutputDir(out, "train").subdir("adapter", "adapter") if main else None
+    with adapter.receiving(ADAPTER_FILES) if main else contextlib.nullcontext():  # what save_model writes is recorded
+        trainer.save_model(str(out / "adapter"))  # writes on the main process only
     trainer.accelerator.wait_for_everyone()
     return result, resumed_from
 
@@ -303,7 +334,7 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
     t_start = time.time()
     out = OutputDir(out_dir, "train")
     files = _data_files(cfg, data_path)
-    check_available(cfg.report_to)
+    check_available(cfg.report_to, cfg.tracking_dir)
     pairs = load_pairs(files, cfg.rows_per_file)  # data errors before anything is written or loaded
     val_pairs = load_pairs(cfg.val_data, cfg.val_rows_per_file) if cfg.val_data else []
     if loaded is None:
@@ -322,9 +353,12 @@ def train(cfg: TrainConfig, data_path: str | Path | list | None, out_dir: str | 
         raise QtalignError("train: the base model already carries an unmerged adapter; set merge_adapter or drop adapter")
     check_template(tok, cfg.template, cfg.model.name)
     train_rows, val_rows, skipped = _split(tok, pairs, val_pairs, cfg)
+    _check_context(model, train_rows + val_rows, cfg)
     device = str(next(model.parameters()).device.type)
     args = training_arguments(cfg, out.path, len(train_rows), len(val_rows), device)  # also sets up the process group
     _tracking_env(cfg, out.path)
+    if rank == 0:
+        _record_resolved(out.path, cfg, args, len(train_rows), len(val_rows))
 
     set_seed(cfg.seed)  # before the adapter is created: same seed -> same adapter
     remove = install_response_loss(model, cfg.loss_chunk_tokens)
