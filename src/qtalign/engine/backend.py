@@ -234,6 +234,12 @@ class HttpBackend:
     # -- subclass API -----------------------------------------------------------------------------------------
     ids_field = ""
 
+    @property
+    def context(self) -> int | None:
+        """The most positions the served model takes (None when the server does not say)."""
+        n = self.identity().get("max_model_len")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
+
     def _request(self, prompts: list[list[int]], ids: list[int]) -> list[dict[int, float]]:
         raise NotImplementedError
 
