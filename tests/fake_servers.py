@@ -25,8 +25,8 @@ class FakeServer:
     max_ids (requests asking for more ids are refused with a 400, as vLLM does above 128), drop (one choice short),
     name_keys (tokens as text instead of 'token_id:<id>')."""
 
-    def __init__(self, model, engine: str = "vllm", block: int = 16, **faults):
-        self.model, self.engine, self.block = model, engine, block
+    def __init__(self, model, engine: str = "vllm", block: int = 16, max_model_len: int = 4096, **faults):
+        self.model, self.engine, self.block, self.max_model_len = model, engine, block, max_model_len
         self.faults = {"fail_503": 0, "die_after": None, "hang": 0, "hang_s": 1.0, "shuffle": False, "ignore_ids": False, "max_ids": 128,
                        "drop": False, "name_keys": False, **faults}
         self.posts: list[dict] = []  # every POST body received (in arrival order)
@@ -76,7 +76,8 @@ class FakeServer:
     # -- answers -----------------------------------------------------------------------------------------------
     def get(self, path: str):
         answers = {"/version": {"version": "0.32.0-fake"},
-                   "/v1/models": {"object": "list", "data": [{"id": "tiny", "root": "/models/tiny", "max_model_len": 4096}]},
+                   "/v1/models": {"object": "list", "data": [{"id": "tiny", "root": "/models/tiny",
+                                                              "max_model_len": self.max_model_len}]},
                    "/get_model_info": {"model_path": "/models/tiny"}, "/get_server_info": {"version": "0.5-fake"}}
         return (200, answers[path]) if path in answers else (404, {"error": "not found"})
 

@@ -278,6 +278,25 @@ def test_a_server_dying_mid_group_leaves_a_run_that_resumes(tmp_path, tiny_llama
     assert recs["cut"] == recs["clean"]
 
 
+def test_the_context_comes_from_the_model_or_the_server(tmp_path, tiny_llama_dir, spm_tokenizer):
+    """A scorer on the native engine (given as a model or as a TorchBackend) knows the model's positions; on a vLLM
+    server, the served max_model_len: a prompt longer than that is refused before anything is scored."""
+    from qtalign.engine.models import ModelConfig, load_model
+    from qtalign.eval.run import EvalConfig, evaluate
+
+    model = tiny_model("llama", spm_tokenizer)
+    assert Scorer(model, spm_tokenizer).context == 4096
+    assert Scorer(TorchBackend(Engine(model)), spm_tokenizer).context == 4096
+    lm = load_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32"))
+    base = dict(model=ModelConfig(name=str(tiny_llama_dir), dtype="fp32"), tasks=["emotion"], langs=["en"],
+                variants=["enout"], data_files="demo", limit=2)
+    with FakeServer(lm.model, max_model_len=40) as srv:
+        assert Scorer(VllmBackend(srv.url), spm_tokenizer).context == 40
+        with pytest.raises(QtalignError, match=r"more than the model's context \(40 positions\)"):
+            evaluate(EvalConfig(**base, backend="vllm", server_url=srv.url), tmp_path / "o", progress=False)
+        assert srv.posts == []  # refused before any request
+
+
 def test_backend_options_are_checked_before_anything_runs(tmp_path):
     import subprocess
     import sys

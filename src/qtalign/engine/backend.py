@@ -148,7 +148,7 @@ class HttpBackend:
                 with urllib.request.urlopen(req, timeout=self.timeout) as resp:
                     return json.loads(resp.read().decode())
             except urllib.error.HTTPError as e:
-                body = e.read().decode(errors="replace")[:300]
+                body = " ".join(e.read().decode(errors="replace").split())[:300]  # one line
                 if e.code in RETRY_STATUS:
                     last = f"HTTP {e.code}"
                     continue
@@ -233,6 +233,12 @@ class HttpBackend:
 
     # -- subclass API -----------------------------------------------------------------------------------------
     ids_field = ""
+
+    @property
+    def context(self) -> int | None:
+        """The most positions the served model takes (None when the server does not say)."""
+        n = self.identity().get("max_model_len")
+        return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else None
 
     def _request(self, prompts: list[list[int]], ids: list[int]) -> list[dict[int, float]]:
         raise NotImplementedError

@@ -214,7 +214,7 @@ def _check_context(scorer: Scorer, plan: Plan, todo: dict[Group, list]) -> None:
             where = source.path(task, g.lang) or source.describe()
             raise data_error(where, f"the prompt is {n} tokens long with its label, more than the model's context "
                              f"({scorer.context} positions); shorten the text or leave the item out (exclude_items)",
-                             record=int(r.key.rsplit("/", 1)[1]))
+                             record={g.key(it.index): it.index for it in items}[r.key])
 
 
 def _score_groups(scorer: Scorer, plan: Plan, todo: dict[Group, list], shard: Path, progress) -> dict[str, dict]:

@@ -47,6 +47,7 @@ class Scorer:
         self.seed = seed  # the faithful rule's random tie-breaking (one generator per group)
         if hasattr(model, "next_logprobs"):
             self.backend, self.engine = model, getattr(model, "engine", None)
+            # the native engine's model, or what a server says of its own (vLLM: max_model_len)
             self.context = context_length(self.engine.parts.model) if self.engine is not None else getattr(model, "context", None)
         else:
             self.engine = Engine(model, pad_id=pad_id(tokenizer), batch_size=batch_size, prefix_cache=prefix_cache)
