@@ -522,3 +522,20 @@ def test_a_tracking_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, tin
     rc, err, _ = cli([*argv, "--report-to", "tensorboard", "--tracking-dir", f, "--out", tmp_path / "o"])
     assert rc == 2 and len(err) == 1 and "tracking_dir" in err[0] and "is a file" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_pipe_given_as_an_input_file_is_one_line(tmp_path, tiny_llama_dir):
+    """A process substitution (`--config <(...)`) is a pipe: qtalign hashes and rereads its inputs, so it says so
+    instead of 'not found' or an internal error."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for argv in (["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--config", fifo],
+                 ["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--prompts", fifo],
+                 ["eval", "--model", tiny_llama_dir, *EVAL_ARGS[:2], "--tasks", "emotion", "--langs", "en", "--data-files", fifo],
+                 ["train", "--model", tiny_llama_dir, "--data", fifo],
+                 ["run", fifo]):
+        rc, err, _ = cli([*argv, "--out", tmp_path / "o"])
+        assert rc == 2 and len(err) == 1 and f"{fifo}: not a regular file" in err[0], (argv, err)
+    assert not (tmp_path / "o").exists()

@@ -191,13 +191,25 @@ def _check_expanded_size(root) -> None:
     size(root)
 
 
+def require_file(path: str | Path, what: str, missing: str | None = None) -> Path:
+    """An input file: one line when it is missing, a folder, or not a regular file (a pipe, a process substitution
+    such as <(...), a device: qtalign hashes its inputs and may read them more than once)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise QtalignError(f"{p}: {missing or what + ' not found'}")
+    if p.is_dir():
+        raise QtalignError(f"{p}: is a folder, not a {what}")
+    raise QtalignError(f"{p}: not a regular file (a pipe or a process substitution such as <(...)); qtalign hashes and "
+                       f"rereads its inputs: save it to a file first")
+
+
 def read_config(path: str | Path) -> dict:
     """A YAML (or JSON) config file as a mapping: one clear line for a missing file, bad YAML or a non-mapping."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise QtalignError(f"{p}: config file not found")
+    p = require_file(path, "config file")
     try:
         d = yaml_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
