@@ -539,3 +539,26 @@ def test_a_pipe_given_as_an_input_file_is_one_line(tmp_path, tiny_llama_dir):
         rc, err, _ = cli([*argv, "--out", tmp_path / "o"])
         assert rc == 2 and len(err) == 1 and f"{fifo}: not a regular file" in err[0], (argv, err)
     assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, tiny_llama_dir, monkeypatch):
+    import errno
+    import json
+    from pathlib import Path
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name.startswith(".results.json.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    out = tmp_path / "e"
+    monkeypatch.setattr(Path, "write_bytes", full)
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
+    assert rc == 2 and len(err) == 1 and f"{out / 'results.json'}: No space left on device" in err[0], err
+    assert not (out / "results.json").exists() and len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(Path, "write_bytes", real)
+    rc, err, stdout = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
+    assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["out"], err
+    assert (out / "results.json").exists()

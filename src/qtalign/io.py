@@ -80,6 +80,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: the error names the file it was writing (the old one is left whole)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
