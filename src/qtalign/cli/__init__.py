@@ -52,7 +52,7 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]):
 
 
 # the faults of a full or read-only disk: the user's to fix (one line naming the file), not a bug
-DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS}
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 # commands that run a model: long CPU jobs, which glibc's malloc slows down as its heap fragments
 HEAVY = {"eval", "labels", "lens", "geometry", "train", "merge", "run"}
 
