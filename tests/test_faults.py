@@ -374,7 +374,7 @@ def test_two_processes_racing_for_one_out_the_second_is_refused_naming_the_holde
     finally:
         holder.kill()
         holder.wait()
-    assert (out / ".qtalign.lock").read_text().strip() == str(holder.pid)  # left behind by a dead process
+    assert (out / ".qtalign.lock").read_text().strip() == str(holder.pid)  # left behind by a killed process
     rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
     assert rc == 0, err  # the stale lock is taken over
     assert json.loads((out / ".qtalign.json").read_text())["lock"] == ".qtalign.lock"
@@ -386,6 +386,7 @@ def test_a_finished_command_gives_its_folder_lock_back(tmp_path, tiny_llama_dir)
 
     out = tmp_path / "e"
     assert cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])[0] == 0  # in this process
+    assert (out / "lm_eval").is_dir() and not list(out.rglob(".qtalign.lock"))  # the lock files go with the locks
     p = subprocess.run([sys.executable, "-c", "import sys\nfrom qtalign.io import OutputDir\nOutputDir(sys.argv[1], 'eval').claim()\n",
                         str(out)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr

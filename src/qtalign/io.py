@@ -401,28 +401,35 @@ class OutputDir:
         return self
 
     def lock(self) -> None:
-        """Hold the folder's lock (LOCK, an fcntl lock on a file that names the holder's pid) until this process
-        ends or the command finishes (release_locks): a second process claiming the folder is refused with the holder's pid. The lock dies with its process,
-        so a lock file left by a killed one is taken over."""
+        """Hold the folder's lock (LOCK: an fcntl lock on a file that names the holder's pid) until the command
+        finishes (release_locks, which removes the file) or the process ends: a second process claiming the folder
+        is refused with the holder's pid. The lock dies with its process, so a file left by a killed one is taken
+        over."""
         import fcntl
 
         key = str(self.path.resolve())
-        if key in _HELD:
-            return
-        f = open(self.path / LOCK, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        while key not in _HELD:
+            f = open(self.path / LOCK, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise QtalignError(f"{self.option} {self.path}: in use by another qtalign process (pid {holder}, "
+                                   f"{self.path / LOCK}); wait for it to finish or stop it") from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == (self.path / LOCK).stat().st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder removed it as we opened it: lock the file that is there now
+                f.close()
+                continue
             f.seek(0)
-            holder = f.read().strip() or "?"
-            f.close()
-            raise QtalignError(f"{self.option} {self.path}: in use by another qtalign process (pid {holder}, "
-                               f"{self.path / LOCK}); wait for it to finish or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        _HELD[key] = f
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _HELD[key] = f
         d = self._load()
         if d.get("lock") != LOCK:
             d["lock"] = LOCK
@@ -499,10 +506,13 @@ class OutputDir:
 
 
 def release_locks() -> None:
-    """Give up the folder locks this process holds (a command has finished; the CLI calls this)."""
+    """Give up the folder locks this process holds (a command has finished; the CLI calls this): each lock file is
+    removed while still locked, then closed (which releases the lock)."""
     while _HELD:
-        _, f = _HELD.popitem()
-        f.close()  # closing the file releases its fcntl lock
+        folder, f = _HELD.popitem()
+        with contextlib.suppress(OSError):
+            os.unlink(Path(folder) / LOCK)
+        f.close()
 
 
 def safe_name(label: str, what: str) -> str:
