@@ -563,3 +563,23 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, t
     rc, err, stdout = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
     assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["out"], err
     assert (out / "results.json").exists()
+
+
+def test_the_store_never_takes_or_gives_a_record_with_non_finite_scores(tmp_path):
+    import json
+
+    from qtalign.eval.store import Store
+
+    store = Store(tmp_path / "store")
+    good = {"key": "emotion/enout/en/0", "index": 0, "scores": {"positive": 0.7, "negative": 0.3}}
+    nan = {"key": "emotion/enout/en/1", "index": 1, "scores": {"positive": float("nan"), "negative": float("nan")}}
+    with pytest.raises(QtalignError_, match="emotion/enout/en/1: non-finite"):
+        store.add("ab" * 8, [good, nan], {})
+    assert store.records("ab" * 8) == {}
+    # an entry written by a version that counted NaN as a tie: its NaN record is no record, and a rescored one is added
+    d = store.entry("cd" * 8)
+    d.mkdir(parents=True)
+    (d / "records.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(nan) + "\n")
+    assert set(store.records("cd" * 8)) == {0}
+    fixed = {**nan, "scores": {"positive": 0.4, "negative": 0.6}}
+    assert store.add("cd" * 8, [good, fixed], {}) == 1 and store.records("cd" * 8)[1] == fixed
