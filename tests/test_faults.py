@@ -195,6 +195,15 @@ def test_nan_scores_stop_the_evaluation_and_nothing_is_recorded(tmp_path, nan_ll
     assert not store.exists() or not [p for p in store.rglob("records.jsonl") if p.stat().st_size]
 
 
+@pytest.mark.parametrize("command", ["lens", "geometry"])
+def test_nan_numbers_stop_the_analyses(tmp_path, nan_llama_dir, command):
+    out = tmp_path / "a"
+    rc, err, _ = cli([command, "--model", nan_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--langs", "en,zh",
+                      "--limit", "4", "--out", out])
+    assert rc == 2 and "NaN/inf" in err[-1] and "item" in err[-1], err
+    assert not (out / "summary.json").exists() and not list(out.glob("*.png"))
+
+
 def test_finite_scores_are_usable_and_nan_or_inf_are_not():
     from qtalign.scoring.base import usable
 
