@@ -195,6 +195,15 @@ def test_nan_scores_stop_the_evaluation_and_nothing_is_recorded(tmp_path, nan_ll
     assert not store.exists() or not [p for p in store.rglob("records.jsonl") if p.stat().st_size]
 
 
+@pytest.mark.parametrize("command", ["lens", "geometry"])
+def test_nan_numbers_stop_the_analyses(tmp_path, nan_llama_dir, command):
+    out = tmp_path / "a"
+    rc, err, _ = cli([command, "--model", nan_llama_dir, "--dtype", "fp32", "--data-files", "demo", "--langs", "en,zh",
+                      "--limit", "4", "--out", out])
+    assert rc == 2 and "NaN/inf" in err[-1] and "item" in err[-1], err
+    assert not (out / "summary.json").exists() and not list(out.glob("*.png"))
+
+
 def test_finite_scores_are_usable_and_nan_or_inf_are_not():
     from qtalign.scoring.base import usable
 
@@ -374,7 +383,7 @@ def test_two_processes_racing_for_one_out_the_second_is_refused_naming_the_holde
     finally:
         holder.kill()
         holder.wait()
-    assert (out / ".qtalign.lock").read_text().strip() == str(holder.pid)  # left behind by a dead process
+    assert (out / ".qtalign.lock").read_text().strip() == str(holder.pid)  # left behind by a killed process
     rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
     assert rc == 0, err  # the stale lock is taken over
     assert json.loads((out / ".qtalign.json").read_text())["lock"] == ".qtalign.lock"
@@ -386,6 +395,7 @@ def test_a_finished_command_gives_its_folder_lock_back(tmp_path, tiny_llama_dir)
 
     out = tmp_path / "e"
     assert cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])[0] == 0  # in this process
+    assert (out / "lm_eval").is_dir() and not list(out.rglob(".qtalign.lock"))  # the lock files go with the locks
     p = subprocess.run([sys.executable, "-c", "import sys\nfrom qtalign.io import OutputDir\nOutputDir(sys.argv[1], 'eval').claim()\n",
                         str(out)], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
@@ -522,3 +532,63 @@ def test_a_tracking_dir_that_is_a_file_is_one_line_before_any_work(tmp_path, tin
     rc, err, _ = cli([*argv, "--report-to", "tensorboard", "--tracking-dir", f, "--out", tmp_path / "o"])
     assert rc == 2 and len(err) == 1 and "tracking_dir" in err[0] and "is a file" in err[0], err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_pipe_given_as_an_input_file_is_one_line(tmp_path, tiny_llama_dir):
+    """A process substitution (`--config <(...)`) is a pipe: qtalign hashes and rereads its inputs, so it says so
+    instead of 'not found' or an internal error."""
+    import os
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    for argv in (["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--config", fifo],
+                 ["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--prompts", fifo],
+                 ["eval", "--model", tiny_llama_dir, *EVAL_ARGS[:2], "--tasks", "emotion", "--langs", "en", "--data-files", fifo],
+                 ["train", "--model", tiny_llama_dir, "--data", fifo],
+                 ["run", fifo]):
+        rc, err, _ = cli([*argv, "--out", tmp_path / "o"])
+        assert rc == 2 and len(err) == 1 and f"{fifo}: not a regular file" in err[0], (argv, err)
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, tiny_llama_dir, monkeypatch):
+    import errno
+    import json
+    from pathlib import Path
+
+    real = Path.write_bytes
+
+    def full(self, data):
+        if self.name.startswith(".results.json.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    out = tmp_path / "e"
+    monkeypatch.setattr(Path, "write_bytes", full)
+    rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
+    assert rc == 2 and len(err) == 1 and f"{out / 'results.json'}: No space left on device" in err[0], err
+    assert not (out / "results.json").exists() and len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(Path, "write_bytes", real)
+    rc, err, stdout = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
+    assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["out"], err
+    assert (out / "results.json").exists()
+
+
+def test_the_store_never_takes_or_gives_a_record_with_non_finite_scores(tmp_path):
+    import json
+
+    from qtalign.eval.store import Store
+
+    store = Store(tmp_path / "store")
+    good = {"key": "emotion/enout/en/0", "index": 0, "scores": {"positive": 0.7, "negative": 0.3}}
+    nan = {"key": "emotion/enout/en/1", "index": 1, "scores": {"positive": float("nan"), "negative": float("nan")}}
+    with pytest.raises(QtalignError_, match="emotion/enout/en/1: non-finite"):
+        store.add("ab" * 8, [good, nan], {})
+    assert store.records("ab" * 8) == {}
+    # an entry written by a version that counted NaN as a tie: its NaN record is no record, and a rescored one is added
+    d = store.entry("cd" * 8)
+    d.mkdir(parents=True)
+    (d / "records.jsonl").write_text(json.dumps(good) + "\n" + json.dumps(nan) + "\n")
+    assert set(store.records("cd" * 8)) == {0}
+    fixed = {**nan, "scores": {"positive": 0.4, "negative": 0.6}}
+    assert store.add("cd" * 8, [good, fixed], {}) == 1 and store.records("cd" * 8)[1] == fixed

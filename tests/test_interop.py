@@ -88,14 +88,14 @@ def _lm_eval_write(eval_dir: Path, out: Path, finished: float) -> Path:
 
 
 def test_lm_eval_folder_replaces_only_its_own_files(eval_dir, tmp_path):
-    from qtalign.io import MARKER
+    from qtalign.io import LOCK, MARKER
 
     folder = _lm_eval_write(eval_dir, tmp_path, 1.7e9)
-    first = sorted(p.name for p in folder.iterdir() if p.name != MARKER)
+    first = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, LOCK))
     assert len(first) == 5 and sum(n.startswith("results_") for n in first) == 1
     (folder / "notes.txt").write_text("mine")
     _lm_eval_write(eval_dir, tmp_path, 1.8e9)  # another date: other file names
-    second = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, "notes.txt"))
+    second = sorted(p.name for p in folder.iterdir() if p.name not in (MARKER, LOCK, "notes.txt"))
     assert len(second) == 5 and not set(first) & set(second)  # the earlier files are gone, not left beside
     assert (folder / "notes.txt").read_text() == "mine"
     assert sorted(json.loads((folder / MARKER).read_text())["entries"]) == second

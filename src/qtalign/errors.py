@@ -7,6 +7,10 @@ class QtalignError(Exception):
     """An error caused by the user's input or configuration. The CLI prints it as one line and exits 2."""
 
 
+class NonFiniteError(QtalignError):
+    """A model produced NaN or infinite numbers: the command stops (never a skipped group, never a counted score)."""
+
+
 def data_error(path, message: str, record: int | str | None = None, field: str | None = None) -> QtalignError:
     where = [str(path)]
     if record is not None:

@@ -79,6 +79,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     try:
         tmp.write_bytes(data)
         os.replace(tmp, path)
+    except OSError as e:  # a full disk: the error names the file it was writing (the old one is left whole)
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
@@ -190,13 +192,25 @@ def _check_expanded_size(root) -> None:
     size(root)
 
 
+def require_file(path: str | Path, what: str, missing: str | None = None) -> Path:
+    """An input file: one line when it is missing, a folder, or not a regular file (a pipe, a process substitution
+    such as <(...), a device: qtalign hashes its inputs and may read them more than once)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if not p.exists():
+        raise QtalignError(f"{p}: {missing or what + ' not found'}")
+    if p.is_dir():
+        raise QtalignError(f"{p}: is a folder, not a {what}")
+    raise QtalignError(f"{p}: not a regular file (a pipe or a process substitution such as <(...)); qtalign hashes and "
+                       f"rereads its inputs: save it to a file first")
+
+
 def read_config(path: str | Path) -> dict:
     """A YAML (or JSON) config file as a mapping: one clear line for a missing file, bad YAML or a non-mapping."""
     import yaml
 
-    p = Path(path)
-    if not p.is_file():
-        raise QtalignError(f"{p}: config file not found")
+    p = require_file(path, "config file")
     try:
         d = yaml_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
@@ -377,28 +391,37 @@ class OutputDir:
         return od
 
     def lock(self) -> None:
-        """Hold the folder's lock (LOCK, an fcntl lock on a file that names the holder's pid) until this process
-        ends or the command finishes (release_locks): a second process claiming the folder is refused with the holder's pid. The lock dies with its process,
-        so a lock file left by a killed one is taken over."""
+        """Hold the folder's lock (LOCK: an fcntl lock on a file that names the holder's pid) until the command
+        finishes (release_locks, which removes the file) or the process ends: a second process claiming the folder
+        is refused with the holder's pid. The lock dies with its process, so a file left by a killed one is taken
+        over."""
         import fcntl
 
         key = str(self.path.resolve())
-        if any(key == h or key.startswith(h.rstrip("/") + "/") for h in _HELD):
-            return  # this process holds it, or a folder around it (a run dir holds its stage folders)
-        f = open(self.path / LOCK, "a+", encoding="utf-8")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        if any(key.startswith(h.rstrip("/") + "/") for h in _HELD):
+            return  # a folder around it is held by this process (a run dir holds its stage folders)
+        while key not in _HELD:
+            f = open(self.path / LOCK, "a+", encoding="utf-8")
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                holder = f.read().strip() or "?"
+                f.close()
+                raise QtalignError(f"{self.option} {self.path}: in use by another qtalign process (pid {holder}, "
+                                   f"{self.path / LOCK}); wait for it to finish or stop it") from None
+            try:
+                same = os.fstat(f.fileno()).st_ino == (self.path / LOCK).stat().st_ino
+            except FileNotFoundError:
+                same = False
+            if not same:  # its holder removed it as we opened it: lock the file that is there now
+                f.close()
+                continue
             f.seek(0)
-            holder = f.read().strip() or "?"
-            f.close()
-            raise QtalignError(f"{self.option} {self.path}: in use by another qtalign process (pid {holder}, "
-                               f"{self.path / LOCK}); wait for it to finish or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        _HELD[key] = f
+            f.truncate()
+            f.write(f"{os.getpid()}\n")
+            f.flush()
+            _HELD[key] = f
         d = self._load()
         if d.get("lock") != LOCK:
             d["lock"] = LOCK
@@ -523,10 +546,13 @@ def _discard(path: Path, marked: bool = False) -> None:
 
 
 def release_locks() -> None:
-    """Give up the folder locks this process holds (a command has finished; the CLI calls this)."""
+    """Give up the folder locks this process holds (a command has finished; the CLI calls this): each lock file is
+    removed while still locked, then closed (which releases the lock)."""
     while _HELD:
-        _, f = _HELD.popitem()
-        f.close()  # closing the file releases its fcntl lock
+        folder, f = _HELD.popitem()
+        with contextlib.suppress(OSError):
+            os.unlink(Path(folder) / LOCK)
+        f.close()
 
 
 def safe_name(label: str, what: str) -> str:

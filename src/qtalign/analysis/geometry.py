@@ -36,7 +36,7 @@ from qtalign.analysis.common import analysis_summary, load_models, prepare_analy
 from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - the geometry stage's config
 from qtalign.engine.forward import Engine, Prompt, encode_prompts, lcp, pad_id
 from qtalign.engine.models import LoadedModel
-from qtalign.errors import QtalignError
+from qtalign.errors import NonFiniteError, QtalignError
 from qtalign.tasks.items import cluster_ids
 
 OUR_FILES = ("geometry_*.npz", "geom_*.png", "summary.json")
@@ -219,6 +219,10 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
             if "query" in out:
                 q0 = max(qstart[key] - plen, 0)
                 out["query"][key] = S[row, :, q0:n].mean(1).cpu().numpy()
+    bad = next((k for by in out.values() for k, v in by.items() if not np.isfinite(v).all()), None)
+    if bad is not None:  # host arrays already: no device sync added
+        raise NonFiniteError(f"item {bad}: the model's hidden states are NaN/inf: its weights or activations are broken; "
+                             "stopped, nothing of it was written")
     return out
 
 

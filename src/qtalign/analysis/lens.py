@@ -39,7 +39,7 @@ import torch
 from qtalign.analysis.common import analysis_summary, fmt, load_models, mean_ci, prepare_analysis, write_summary
 from qtalign.analysis.config import BASE, LensConfig  # noqa: F401 - the lens stage's config
 from qtalign.engine.models import LoadedModel
-from qtalign.errors import QtalignError
+from qtalign.errors import NonFiniteError, QtalignError
 from qtalign.scoring.scorer import ScoreRequest, Scorer
 from qtalign.tasks.specs import TaskSpec
 
@@ -179,6 +179,11 @@ def lens_group(lm: LoadedModel, task: TaskSpec, lang: str, variant: str, items: 
                     res[m][k] = st[m][row]
     order = sorted(per_item)
     arrays = {m: (np.stack([res[m][k] for k in order]) if order else np.zeros((0, L1))) for m in METRICS}
+    for m, a in arrays.items():  # host arrays already: no device sync added
+        bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+        if bad.size:
+            raise NonFiniteError(f"{gname}: item {order[bad[0]]}: the model's lens numbers ({m}) are NaN/inf: its weights "
+                                 "or activations are broken; stopped, nothing of it was written")
     return GroupResult(task.name, variant, lang, np.array(order, dtype=int), np.array([per_item[k][0] for k in order], dtype=int),
                        arrays, dropped, len(items), sets.forced, sets.identical)
 
@@ -197,6 +202,8 @@ def _run_models(cfg: LensConfig, models: dict, specs, groups, items, out: Path, 
             for t, v, lang in groups:
                 try:
                     r = lens_group(lm, specs.task(t), lang, v, items[(t, lang)], cfg.batch_size, cfg.keep_overlap, scorer)
+                except NonFiniteError:
+                    raise
                 except QtalignError as e:  # e.g. label words no first token can tell apart: skipped, as in evaluation
                     skipped.append({"task": t, "variant": v, "lang": lang, "model": name, "reason": str(e)})
                 else:

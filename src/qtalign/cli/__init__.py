@@ -8,6 +8,7 @@ the parser imports configs only, never torch or transformers (`qtalign --help` i
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -51,6 +52,8 @@ def _parse(parser: argparse.ArgumentParser, argv: list[str]):
     return args
 
 
+# the faults of a full or read-only disk: the user's to fix (one line naming the file), not a bug
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES}
 # commands that run a model: long CPU jobs, which glibc's malloc slows down as its heap fragments
 HEAVY = {"eval", "labels", "lens", "geometry", "train", "merge", "run"}
 
@@ -183,9 +186,20 @@ def _main(argv: list[str]) -> int:
     except ValidationError as e:
         print(f"qtalign {args.command}: error: {validation_message(e, 'config')}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in DISK_ERRORS:
+            return _internal_error(args.command, e)
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"qtalign {args.command}: error: {where}{e.strerror}: free space (or fix the folder) and rerun the same "
+              "command to resume", file=sys.stderr)
+        return 2
     except Exception as e:  # noqa: BLE001 - a bug: one line (the traceback with QTALIGN_DEBUG=1)
-        if os.environ.get("QTALIGN_DEBUG"):
-            raise
-        print(f"qtalign {args.command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              "(rerun with QTALIGN_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
-        return 1
+        return _internal_error(args.command, e)
+
+
+def _internal_error(command: str, e: Exception) -> int:
+    if os.environ.get("QTALIGN_DEBUG"):
+        raise e
+    print(f"qtalign {command}: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+          "(rerun with QTALIGN_DEBUG=1 for the traceback, and please report it)", file=sys.stderr)
+    return 1

@@ -17,6 +17,7 @@ Records inside an entry are per item index, so a run that needs items 0-59 reuse
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import time
 from pathlib import Path
@@ -48,6 +49,12 @@ def group_fingerprint(group: Group, task: TaskSpec, scoring: dict, data: dict, m
     return fingerprint(config, data=data, model=model, numerics=numerics)
 
 
+def finite_record(r: dict) -> bool:
+    """Whether a per-item record's class scores are all finite numbers."""
+    scores = r.get("scores")
+    return isinstance(scores, dict) and all(isinstance(v, (int, float)) and math.isfinite(v) for v in scores.values())
+
+
 class Store:
     def __init__(self, root: str | Path | None = None):
         self.root = Path(root) if root else store_root()
@@ -61,13 +68,17 @@ class Store:
         return self.root / fp[:2] / fp
 
     def records(self, fp: str) -> dict[int, dict]:
-        """{item index: record} of an entry (empty when there is none)."""
-        return {r["index"]: r for r in read_jsonl(self.entry(fp) / "records.jsonl")}
+        """{item index: record} of an entry (empty when there is none); a record with non-finite scores (written by
+        a version that counted NaN as a tie) is no record: its item is scored again."""
+        return {r["index"]: r for r in read_jsonl(self.entry(fp) / "records.jsonl") if finite_record(r)}
 
     def add(self, fp: str, records: list[dict], meta: dict) -> int:
         """Append the records whose item is not stored yet; returns how many were added."""
         if not records:
             return 0
+        bad = next((r for r in records if not finite_record(r)), None)
+        if bad is not None:
+            raise QtalignError(f"{bad.get('key')}: non-finite class scores {bad.get('scores')}; not added to the result store")
         d = self.entry(fp)
         try:
             d.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from pydantic import BaseModel, Field, ValidationError, create_model, field_vali
 from qtalign.analysis.config import GeometryConfig, LensConfig
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError, validation_message
-from qtalign.io import read_config, yaml_load
+from qtalign.io import read_config, require_file, yaml_load
 from qtalign.limits import SETTINGS, Seed
 from qtalign.eval.config import EvalConfig
 from qtalign.qtdata.config import QTDataConfig
@@ -189,8 +189,8 @@ def resolve_config_path(name: str | None, relative_to: Path | None = None) -> Pa
     p = Path(name)
     if relative_to is not None and not p.is_absolute() and (relative_to / p).is_file():
         return relative_to / p
-    if p.is_file():
-        return p
+    if p.exists() and not p.is_dir():
+        return require_file(p, "config file")  # a file, or one line for a pipe
     bundled = config_dir() / (name if name.endswith((".yaml", ".yml")) else name + ".yaml")
     if bundled.is_file():
         return bundled

@@ -7,6 +7,7 @@ import re
 from pathlib import Path
 
 from qtalign.errors import QtalignError, check_text, data_error
+from qtalign.io import require_file
 from qtalign.tasks.items import parse_indices, read_records
 from qtalign.tasks.specs import SpecSet, load_specs
 
@@ -72,9 +73,7 @@ def load_question_records(path: str | Path, specs: SpecSet | None = None) -> lis
 def read_exclusions(path: str | Path, task: str | None = None) -> set[int]:
     """Item indices from a text file (integers / START:END, '#' comments), a JSON list of integers or records with
     'index', or an evaluation predictions.jsonl (only records of `task` when they name a task)."""
-    path = Path(path)
-    if not path.is_file():
-        raise QtalignError(f"{path}: exclusion file not found")
+    path = require_file(path, "exclusion file")
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:

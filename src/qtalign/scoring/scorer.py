@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 from qtalign.engine.backend import TorchBackend
 from qtalign.engine.forward import Engine, Prompt, pad_id
 from qtalign.engine.models import context_length
-from qtalign.errors import QtalignError
+from qtalign.errors import NonFiniteError, QtalignError
 from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax, usable  # noqa: F401 - the public names
 from qtalign.scoring.calibration import CONTENT_FREE, calibrate, content_free_requests, mean_probs  # noqa: F401
 from qtalign.scoring.faithful import faithful_scores
@@ -91,7 +91,7 @@ class Scorer:
         for s in METHOD_FUNCTIONS[self.method](self, reqs, progress):
             if not usable(s.raw):  # host floats already: no device sync added
                 group = next((r.group for r in reqs if r.key == s.key), "?")
-                raise QtalignError(f"{group}: item {s.key}: the model produced non-finite class scores "
+                raise NonFiniteError(f"{group}: item {s.key}: the model produced non-finite class scores "
                                    f"({', '.join(f'{x:g}' for x in s.raw)}): its weights or activations are NaN/inf; "
                                    "evaluation stopped, nothing of it was recorded as a result")
             yield s

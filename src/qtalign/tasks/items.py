@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from qtalign.errors import QtalignError, check_text, data_error
+from qtalign.io import require_file
 from qtalign.tasks.specs import TaskSpec
 
 DEMO_DATA_TEMPLATE = "{task}/{lang}.jsonl"
@@ -101,10 +102,7 @@ def fill_template(template: str, **values: str) -> str:
 
 def read_records(path: Path) -> list[dict]:
     """A JSON array or JSONL file -> list of objects (clear errors for everything else)."""
-    if not path.exists():
-        raise QtalignError(f"{path}: file not found")
-    if not path.is_file():
-        raise QtalignError(f"{path}: is a folder, not a data file")
+    require_file(path, "data file", missing="file not found")
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -369,7 +367,6 @@ def data_hashes(task: TaskSpec, lang: str, source: DataSource, english_gold: boo
             recs = _read_hf(source.files, code, source.split)
             out[f"{fill_template(source.files, lang=code)}[{source.split}]"] = text_sha256(canonical(recs))
         else:
-            if not path.is_file():
-                raise QtalignError(f"{path}: file not found")
+            require_file(path, "data file", missing="file not found")
             out[f"{task.name}/{code}"] = file_sha256(path)
     return out

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from qtalign.errors import QtalignError, data_error
+from qtalign.io import require_file
 
 DEFAULT_SPEC_FILES = ("languages.json", "emotion.json", "snli.json", "paws.json")
 VARIANTS = ("enout", "native", "irrelevant")
@@ -179,6 +180,8 @@ class SpecSet:
 
 
 def _read_json(path: Path) -> dict:
+    if path.exists() and not path.is_file() and not path.is_dir():
+        require_file(path, "spec file")  # a pipe: one line, not a file read half
     try:
         with open(path, encoding="utf-8") as f:
             doc = json.load(f)

@@ -39,7 +39,7 @@ import torch
 from qtalign.engine.forward import pad_id
 from qtalign.engine.models import check_model, load_model
 from qtalign.errors import QtalignError
-from qtalign.io import OutputDir, read_json, write_json
+from qtalign.io import OutputDir, read_json, require_file, write_json
 from qtalign.tracking import check_available
 from qtalign.train.config import TrainConfig
 from qtalign.train.data import Collator, ListDataset, check_template, encode_example, load_pairs, split_rows
@@ -144,11 +144,9 @@ def _data_files(cfg: TrainConfig, data_path) -> list[str]:
     if not files:
         raise QtalignError("train: no data files (pass --data or set `data` in the config)")
     for f in files:
-        if not Path(f).is_file():
-            raise QtalignError(f"{f}: data file not found")
+        require_file(f, "data file")
     for f in cfg.val_data:
-        if not Path(f).is_file():
-            raise QtalignError(f"{f}: validation data file not found (val_data)")
+        require_file(f, "validation data file (val_data)")
     return files
 
 
