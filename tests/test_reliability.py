@@ -408,7 +408,7 @@ def test_removal_descends_into_owned_folders_and_leaves_everything_else(tmp_path
     left empty goes, one holding a user's file stays with its marker); a folder listed as written whole goes whole;
     a folder of the user's put where qtalign's marked one was is not touched; an atomic write over a user's file in an
     owned folder is refused."""
-    from qtalign.io import MARKER, OutputDir, write_text
+    from qtalign.io import LOCK, MARKER, OutputDir, write_text
 
     run = OutputDir(tmp_path / "run", "experiment").claim()
     base = run.subdir("eval/base", "eval")
@@ -422,7 +422,7 @@ def test_removal_descends_into_owned_folders_and_leaves_everything_else(tmp_path
     (base.path / "other").mkdir()  # a folder of the user's, beside qtalign's
     (base.path / "other" / "x.txt").write_text("mine")
     run.remove("eval", "checkpoints", "config.yaml")
-    left = sorted(p.relative_to(run.path).as_posix() for p in run.path.rglob("*") if p.is_file())
+    left = sorted(p.relative_to(run.path).as_posix() for p in run.path.rglob("*") if p.is_file() and p.name != LOCK)
     assert left == [MARKER, f"eval/{MARKER}", f"eval/base/{MARKER}", f"eval/base/lm_eval/{MARKER}",
                     f"eval/base/lm_eval/m/{MARKER}", "eval/base/lm_eval/m/notes.txt", "eval/base/other/x.txt"]
     import shutil
