@@ -409,3 +409,52 @@ def test_demo_config_runs_on_gemma(tmp_path):
     assert "has not run" not in md and "_No evaluation results" not in md
     lens = json.loads((tmp_path / "demo" / "lens" / "summary.json").read_text())
     assert lens["numbers"]["emotion/native/zh/kept"] == 2  # zh labels share no first token with English: kept
+
+
+def test_store_import_refuses_edited_flipped_and_cut_records(fresh, tmp_path):
+    """An export carries the digest of its records; `store import` checks it and every record's own consistency
+    (gold against the data, correctness against prediction and gold, the prediction against its scores): flipped
+    predictions, an edited gold label and a cut file are each refused with one line naming the file and record."""
+    import gzip
+
+    from qtalign.eval.run import import_evaluation
+
+    cfg, out = fresh
+    assert main(["report", str(out), "--export", str(tmp_path / "exp")]) == 0
+    base = tmp_path / "exp" / "eval" / "base"
+    assert (base / "predictions.sha256").is_file()
+    assert import_evaluation(base)["records"] > 0  # the genuine export imports
+    recs = [json.loads(x) for x in gzip.decompress((base / "predictions.jsonl.gz").read_bytes()).decode().splitlines()]
+
+    def tampered(name, change, keep_digest=False):
+        d = tmp_path / name
+        shutil.copytree(base, d)
+        rs = [dict(r) for r in recs]
+        change(rs)
+        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rs).encode()
+        (d / "predictions.jsonl.gz").write_bytes(gzip.compress(data, mtime=0))
+        if not keep_digest:
+            (d / "predictions.sha256").unlink()  # as if the editor knew to drop it: the records' own checks remain
+        return d
+
+    def flip(rs):  # every prediction the other way, kept consistent with 'correct': the scores give it away
+        for r in rs:
+            other = next(c for c in r["scores"] if c != r["pred"])
+            r["pred"], r["correct"] = other, other == r["gold"]
+
+    def regold(rs):
+        r = rs[0]
+        other = next(c for c in r["scores"] if c != r["gold"])
+        r["gold"], r["correct"] = other, r["pred"] == other
+
+    with pytest.raises(QtalignError, match=r"record 1 \(.*field 'pred'.*highest scores"):
+        import_evaluation(tampered("flipped", flip))
+    with pytest.raises(QtalignError, match=r"record 1 \(.*field 'gold'.*data's gold label"):
+        import_evaluation(tampered("regold", regold))
+    with pytest.raises(QtalignError, match="do not match the sha256"):
+        import_evaluation(tampered("digest", flip, keep_digest=True))
+    cut = tmp_path / "cut"
+    shutil.copytree(base, cut)
+    (cut / "predictions.jsonl.gz").write_bytes((cut / "predictions.jsonl.gz").read_bytes()[:-20])
+    with pytest.raises(QtalignError, match="cannot be read|do not match"):
+        import_evaluation(cut)

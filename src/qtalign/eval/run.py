@@ -422,6 +422,57 @@ def _recorded_config(src: Path, run: dict) -> EvalConfig:
     return recorded
 
 
+RECORDS_DIGEST = "predictions.sha256"  # an export's digest of its per-item records (the uncompressed JSONL)
+
+
+def records_bytes(folder: Path) -> bytes | None:
+    """The per-item records of an evaluation folder as written (predictions.jsonl, or the export's .gz unpacked)."""
+    import gzip
+
+    if (folder / "predictions.jsonl").is_file():
+        return (folder / "predictions.jsonl").read_bytes()
+    if (folder / "predictions.jsonl.gz").is_file():
+        return gzip.decompress((folder / "predictions.jsonl.gz").read_bytes())
+    return None
+
+
+def check_records_digest(folder: Path) -> None:
+    """An export's records must match the digest it carries (a cut or edited file is refused, naming it)."""
+    from qtalign.io import bytes_sha256
+
+    if not (folder / RECORDS_DIGEST).is_file():
+        return
+    want = (folder / RECORDS_DIGEST).read_text(encoding="utf-8").split()[0]
+    try:
+        data = records_bytes(folder)
+    except (OSError, EOFError) as e:  # a cut or damaged .gz
+        raise QtalignError(f"{folder}: its predictions cannot be read ({type(e).__name__}); not imported") from None
+    got = None if data is None else bytes_sha256(data)
+    if got != want:
+        raise QtalignError(f"{folder}: its predictions do not match the sha256 in {RECORDS_DIGEST} (changed or cut "
+                           "since export); not imported")
+
+
+def check_record(r: dict, gold: str | None, method: str, where: str) -> None:
+    """A record that is consistent in itself: its gold is the data's, its correctness follows from prediction and gold,
+    and (where the rule decides by the highest score: first-token, sequence) its prediction has the highest score, as
+    its calibrated prediction has the highest calibrated score. One line naming the record and field otherwise."""
+    def bad(field: str, why: str) -> QtalignError:
+        return QtalignError(f"{where}: field '{field}': {why}; not imported")
+
+    if gold is not None and r.get("gold") != gold:
+        raise bad("gold", f"{r.get('gold')!r}, but the data's gold label is {gold!r}")
+    for pred, correct, scores in (("pred", "correct", "scores"), ("cal_pred", "cal_correct", "cal_scores")):
+        if pred not in r:
+            continue
+        if correct in r and bool(r[correct]) != (r[pred] == r.get("gold")):
+            raise bad(correct, f"{r[correct]!r} does not follow from {pred} {r[pred]!r} and gold {r.get('gold')!r}")
+        sc = r.get(scores)
+        if method != "faithful" and isinstance(sc, dict) and sc:
+            if r[pred] not in sc or sc[r[pred]] < max(sc.values()):
+                raise bad(pred, f"{r[pred]!r} is not the class with the highest {scores} ({max(sc, key=sc.get)!r})")
+
+
 def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: list[str] | None = None,
                       adapter: str | None = None, store: Store | None = None) -> dict:
     """Add the per-item records of a finished evaluation folder (a run's ``eval/base``, or its ``--export`` copy with
@@ -458,13 +509,16 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
         else:
             why = "prompt or task-spec contents differ here"
         raise QtalignError(f"{src}: its records were computed under another store key ({why}); not imported")
-    want = {g.key(it.index): g for g, its in plan.items.items() for it in its}
+    want = {g.key(it.index): (g, it) for g, its in plan.items.items() for it in its}
+    check_records_digest(src)
     by_group: dict[Group, list[dict]] = {}
     for i, r in enumerate(read_jsonl(src / "predictions.jsonl"), 1):
-        g = want.get(r.get("key"))
+        g, it = want.get(r.get("key"), (None, None))
         if g is None or r.get("index") is None or g.key(r["index"]) != r["key"]:
             raise QtalignError(f"{src / 'predictions.jsonl'}: record {i}: key {r.get('key')!r} is not an item of this "
                                "evaluation's plan")
+        check_record(r, plan.specs.task(g.task).classes[it.gold] if it.gold is not None else None, here.method,
+                     f"{src / 'predictions.jsonl'}: record {i} ({r['key']})")
         by_group.setdefault(g, []).append(r)
     n = sum(len(v) for v in by_group.values())
     if n != len(want):

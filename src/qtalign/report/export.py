@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from qtalign.errors import QtalignError
-from qtalign.io import OutputDir, write_bytes, write_json, write_text
+from qtalign.io import OutputDir, bytes_sha256, write_bytes, write_json, write_text
 from qtalign.report.html import md_to_html
 
 UNITS = ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")
@@ -73,7 +73,11 @@ def export_run(run_dir: str | Path, dest: str | Path) -> Path:
     for which in ("base", "tuned"):
         pred = run_dir / "eval" / which / "predictions.jsonl"
         if pred.is_file():
-            write_bytes(out.path / "eval" / which / "predictions.jsonl.gz", gzip.compress(pred.read_bytes(), mtime=0))
+            data = pred.read_bytes()
+            write_bytes(out.path / "eval" / which / "predictions.jsonl.gz", gzip.compress(data, mtime=0))
+            # the records' digest, checked by `qtalign store import` (a cut or edited export is refused)
+            write_text(out.path / "eval" / which / "predictions.sha256",
+                       bytes_sha256(data) + "  predictions.jsonl\n")
     md = run_dir / "report.md"
     if md.is_file():
         text = md.read_text(encoding="utf-8")
