@@ -199,23 +199,25 @@ def test_models_command_lists_every_embedded_model(capsys):
 
 def test_bf16_on_a_cpu_without_bf16_instructions_is_said_once(tiny_llama_dir, monkeypatch, capsys):
     """bf16 matrix products without avx512_bf16/amx_bf16 take torch's reference path (~90x slower than fp32 on an AVX2
-    EPYC): a one-line warning, once per process, and never where the CPU has them or for fp32."""
+    EPYC): a one-line warning when such a model is loaded, once per process, and never where the CPU has them or for
+    fp32; checking a config says nothing (a config error stays one line)."""
     import qtalign.engine.models as models
     import qtalign.environment as env
-    from qtalign.engine.models import check_model
+    from qtalign.engine.models import check_model, warn_slow_bf16
 
     monkeypatch.setattr(models, "_WARNED", set())
     monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "fma"})
     assert env.bf16_native() is False and env.hardware()["bf16_native"] is False
-    check_model(ModelConfig(name=str(tiny_llama_dir), dtype="fp32", device="cpu"))
+    warn_slow_bf16(ModelConfig(name=str(tiny_llama_dir), dtype="fp32", device="cpu"), "cpu")
+    check_model(ModelConfig(name=str(tiny_llama_dir), dtype="bf16", device="cpu"))
     assert "bf16" not in capsys.readouterr().err
-    check_model(ModelConfig(name=str(tiny_llama_dir), dtype="bf16", device="cpu"))
-    check_model(ModelConfig(name=str(tiny_llama_dir), dtype="bf16", device="cpu"))
+    load_model(ModelConfig(name=str(tiny_llama_dir), dtype="bf16", device="cpu"))
+    load_model(ModelConfig(name=str(tiny_llama_dir), dtype="bf16", device="cpu"))
     err = capsys.readouterr().err
     assert err.count("no bf16 matrix instructions") == 1
     monkeypatch.setattr(models, "_WARNED", set())
     monkeypatch.setattr(env, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
-    check_model(ModelConfig(name=str(tiny_llama_dir), dtype="bf16", device="cpu"))
+    warn_slow_bf16(ModelConfig(name=str(tiny_llama_dir), dtype="bf16", device="cpu"), "cpu")
     assert "bf16" not in capsys.readouterr().err
     monkeypatch.setattr(env, "cpu_flags", lambda: set())  # unknown (not Linux): nothing said
     assert env.bf16_native() is None

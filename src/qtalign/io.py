@@ -541,8 +541,9 @@ def _discard(path: Path, marked: bool = False) -> None:
         for child in sorted(path.iterdir()):
             if child.name != MARKER and od.is_ours(child.name):
                 _discard(child, od.marked(child.name))
-        if {x.name for x in path.iterdir()} <= {MARKER, LOCK}:
-            for name in (LOCK, MARKER):
+        ours = {MARKER, LOCK} if od._load().get("lock") == LOCK else {MARKER}  # the marker proves the lock file is ours
+        if {x.name for x in path.iterdir()} <= ours:
+            for name in sorted(ours):
                 (path / name).unlink(missing_ok=True)
             path.rmdir()
     elif not marked:

@@ -185,16 +185,7 @@ def check_model(cfg: ModelConfig) -> None:
 
         if not torch.cuda.is_available():
             raise QtalignError("load_in_4bit needs CUDA (bitsandbytes NF4); use --dtype bf16 or fp32 on CPU")
-    device = _device(cfg.device)
-    if device == "cpu" and cfg.dtype == "bf16" and "bf16/cpu" not in _WARNED:
-        from qtalign.environment import bf16_native
-
-        if bf16_native() is False:
-            _WARNED.add("bf16/cpu")
-            print("qtalign: warning: this CPU has no bf16 matrix instructions (neither avx512_bf16 nor amx_bf16): "
-                  "bf16 runs on torch's reference path, about 90x slower than fp32 here (it computes the same "
-                  "numbers); a long run belongs on a CPU with them, or in fp32 (another model identity: its results "
-                  "are not shared with bf16 ones)", file=sys.stderr)
+    _device(cfg.device)
     if cfg.trust_remote_code and cfg.name not in _WARNED:
         _WARNED.add(cfg.name)
         print(f"qtalign: warning: trust_remote_code is on: Python code shipped with '{cfg.name}' will run on this "
@@ -202,6 +193,21 @@ def check_model(cfg: ModelConfig) -> None:
 
 
 _WARNED: set[str] = set()
+
+
+def warn_slow_bf16(cfg: ModelConfig, device: str) -> None:
+    """Once per process, when a bf16 model is loaded onto a CPU without bf16 matrix instructions (said at load time,
+    not while checking a config: a config error stays one line)."""
+    if device != "cpu" or cfg.dtype != "bf16" or "bf16/cpu" in _WARNED:
+        return
+    from qtalign.environment import bf16_native
+
+    if bf16_native() is False:
+        _WARNED.add("bf16/cpu")
+        print("qtalign: warning: this CPU has no bf16 matrix instructions (neither avx512_bf16 nor amx_bf16): "
+              "bf16 runs on torch's reference path, about 90x slower than fp32 here (it computes the same "
+              "numbers); a long run belongs on a CPU with them, or in fp32 (another model identity: its results "
+              "are not shared with bf16 ones)", file=sys.stderr)
 
 
 def resolve_source(cfg: ModelConfig) -> tuple[str, str | None]:
@@ -355,6 +361,7 @@ def load_model(cfg: ModelConfig | None = None, **overrides) -> LoadedModel:
     dtype = torch_dtype(cfg.dtype)
     device = _device(cfg.device)
     source, gguf = resolve_source(cfg)  # checks the config first (check_model)
+    warn_slow_bf16(cfg, device)
     # each tensor straight onto the device (no full copy in host memory first: 8 ranks x a 14B model exhaust a node),
     # or spread over the devices with accelerate
     kw: dict = dict(dtype=dtype, trust_remote_code=cfg.trust_remote_code, revision=cfg.revision,

@@ -117,12 +117,6 @@ class ExperimentConfig(BaseModel):
     geometry: GeometrySection = Field(default_factory=GeometrySection, description="representation geometry (geometry.GeometryConfig)")
     report: ReportConfig = Field(default_factory=ReportConfig, description="report options")
 
-    @field_validator("seeds", mode="before")
-    @classmethod
-    def _seeds(cls, v):
-        v = _split(v)
-        return [int(x) if isinstance(x, str) and x.strip().lstrip("-").isdigit() else x for x in v] if isinstance(v, list) else v
-
     @field_validator("arms")
     @classmethod
     def _arm_names(cls, v):
@@ -143,7 +137,7 @@ class ExperimentConfig(BaseModel):
 
         return parse_trackers(v)
 
-    @field_validator("stages", "prompts", mode="before")
+    @field_validator("stages", "prompts", "seeds", mode="before")
     @classmethod
     def _split_lists(cls, v):
         return _split(v)

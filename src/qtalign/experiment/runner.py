@@ -319,10 +319,10 @@ def run_experiments(cfg: ExperimentConfig, only: list[str] | None = None, force:
     resumable run of its own; with several, compare them side by side in <out>/compare (the change tuned - base per
     run, and per arm the mean over seeds with its spread). Returns the run dirs."""
     log = log or (lambda s: print(s, flush=True))
-    runs = expand(cfg)
     if not cfg.arms and not cfg.seeds:
         Experiment(cfg, log).run(only, force)
         return [cfg.run_dir]
+    runs = expand(cfg)
     top = OutputDir(cfg.run_dir, "experiments", option="out").check()
     top.claim()
     top.record(*sorted({label.split("/")[0] for label, _ in runs}), "compare", "config.yaml")

@@ -112,7 +112,7 @@ def _row(c: dict, m: dict | None, runs: dict[str, Run]) -> tuple[list, dict]:
     p = c["paper"]
     if m is None:
         v = VERDICTS[3]
-        return ([c["table"], c["claim"], p.get("model", ""), p.get("change", ""), DASH, DASH, DASH, DASH, DASH, DASH,
+        return ([c["table"], c["claim"], p.get("model", ""), p.get("change", ""), DASH, DASH, DASH, DASH, DASH,
                  f"**{v}**: {c['missing']}"], {"verdict": v, "missing": c["missing"]})
     run = runs[m["run"]]
     s = measure(run, m["task"], m.get("group", "all"))
@@ -125,7 +125,7 @@ def _row(c: dict, m: dict | None, runs: dict[str, Run]) -> tuple[list, dict]:
              interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) + f" (p {pval(raw.get('p'))})",
              interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")),
              interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
-             (run.config.get("name") or m["run"]), f"**{v}**" + (f": {m['note']}" if m.get("note") else "")]
+             f"**{v}**" + (f": {m['note']}" if m.get("note") else "")]
     return cells, {"verdict": v, "run": m["run"], "task": m["task"], "group": group, "summary": s}
 
 
@@ -139,7 +139,6 @@ def write_card(claims_path: str | Path, out: str | Path) -> Path:
     for c in claims:
         for m in c.get("measurements") or [None]:
             cells, rec = _row(c, m, runs)
-            cells.pop(9)  # the run's name is in its link
             body.append(cells)
             key = rec["verdict"].split(" (a")[0]
             counts[key] = counts.get(key, 0) + 1

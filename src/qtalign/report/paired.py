@@ -85,6 +85,7 @@ class LangRow:
     scores: Scores | None = None
     majority: dict = field(default_factory=dict)  # which -> share of the most frequent prediction
     clusters: list = field(default_factory=list)  # per row: its cluster (the item itself when none was recorded)
+    _p: dict = field(default_factory=dict, repr=False, compare=False)  # p of (kind, n_perm, seed), computed once
 
     @property
     def delta(self) -> float:
@@ -102,15 +103,20 @@ class LangRow:
 
     def p(self, kind: str = "raw", n_perm: int = N_PERM, seed: int = 0) -> float:
         """Paired test of the change in raw or calibrated accuracy: McNemar's exact test when each item is its own
-        cluster, else the sign-flip permutation test over the clusters."""
-        cell = self.raw if kind == "raw" else self.cal
-        if cell is None or not cell.tuned:
-            return float("nan")
-        units = self.units()
-        if all(len(u) == 1 for u in units):
-            return cell.mcnemar()[2]
-        n = cell.n
-        return sign_flip_p([sum(cell.tuned[k] - cell.base[k] for k in u) / n for u in units], n_perm, seed)
+        cluster, else the sign-flip permutation test over the clusters (computed once: a report asks for each p in
+        its tables and again in its Holm family)."""
+        key = (kind, n_perm, seed)
+        if key not in self._p:
+            cell = self.raw if kind == "raw" else self.cal
+            if cell is None or not cell.tuned:
+                self._p[key] = float("nan")
+            elif all(len(u) == 1 for u in self.units()):
+                self._p[key] = cell.mcnemar()[2]
+            else:
+                n = cell.n
+                self._p[key] = sign_flip_p([sum(cell.tuned[k] - cell.base[k] for k in u) / n for u in self.units()],
+                                           n_perm, seed)
+        return self._p[key]
 
     def stat(self, kind: str):
         """stat(which, units) -> the statistic of 'raw' | 'cal' | 'auc' over the rows of the drawn units."""
