@@ -10,7 +10,7 @@ import socket
 import pytest
 import yaml
 
-from conftest import OFFICIAL, needs_shared
+from conftest import OFFICIAL, ROOT, needs_shared
 from qtalign.experiment.config import list_configs, load_experiment
 from qtalign.experiment.runner import Experiment
 
@@ -125,3 +125,63 @@ def test_a_bf16_run_is_evaluated_in_4_bits_from_its_config(tmp_path, capsys):
     want_model = exp.cfg.model.model_copy(update={"load_in_4bit": True, "dtype": "fp16", "adapter": adapter})
     assert got == exp.stage_config("eval", model=want_model.model_dump())
     assert got.prompts == [f"{DATA_DIR}/../paper_prompts.json"] and got.data_dir == DATA_DIR
+
+
+# -- the scale recipes shipped with docs/scale.md --------------------------------------------------------------------
+
+RECIPES = ROOT / "docs" / "recipes"
+
+
+def test_the_fsdp_recipe_is_an_fsdp2_launch_for_accelerate(monkeypatch):
+    """accelerate's own launcher reads the shipped config into FSDP2 with one unit per decoder layer and a whole
+    state dict (the adapter saved complete); an unknown key or a wrong version fails here, not on a GPU node."""
+    from accelerate.commands.config.config_args import ClusterConfig
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    path = RECIPES / "fsdp2.yaml"
+    assert ClusterConfig.from_yaml_file(str(path)).distributed_type == "FSDP"
+    args = launch_command_parser().parse_args(["--config_file", str(path), "--num_processes", "2", "x.py"])
+    env = prepare_multi_gpu_env(_validate_launch_command(args)[0])
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    for k, v in env.items():
+        if k.startswith("FSDP_"):
+            monkeypatch.setenv(k, v)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2 and plugin.reshard_after_forward is True
+    assert type(plugin.cpu_offload).__name__ == "OffloadPolicy"  # FSDP2: the no-offload policy (CPUOffloadPolicy offloads)
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert "FULL_STATE_DICT" in str(plugin.state_dict_type)
+
+
+def test_the_llamafactory_recipe_has_paper_base_settings():
+    """Training elsewhere: the shipped LLaMA-Factory file trains with paper/base's settings, on the rows and dataset
+    name the data stage writes for it (data.alpaca=true)."""
+    lf = yaml.safe_load((RECIPES / "llamafactory_qwen1.5_lora.yaml").read_text(encoding="utf-8"))
+    cfg = load_experiment(["paper/zhde_en"], extra={"data_dir": DATA_DIR})
+    t = cfg.train
+    assert lf["model_name_or_path"] == cfg.model.name and lf["finetuning_type"] == "lora"
+    assert lf["lora_target"].split(",") == t.target_modules
+    assert (lf["lora_rank"], lf["lora_alpha"], lf["lora_dropout"]) == (t.lora_r, t.lora_alpha, t.lora_dropout)
+    assert lf["per_device_train_batch_size"] * lf["gradient_accumulation_steps"] == t.batch_size
+    assert (lf["learning_rate"], lf["num_train_epochs"], lf["lr_scheduler_type"], lf["warmup_ratio"]) == (
+        t.learning_rate, t.epochs, t.lr_scheduler, t.warmup_ratio)
+    assert (lf["cutoff_len"], lf["val_size"], lf["eval_steps"], lf["save_steps"]) == (t.cutoff_len, t.val_size, 50, 50)
+    assert lf["load_best_model_at_end"] and lf["metric_for_best_model"] == "eval_loss" and lf["bf16"]
+    assert lf["dataset_dir"] == f"runs/{cfg.name}/data"
+
+
+@needs_shared
+def test_the_data_stage_writes_the_llamafactory_dataset(tmp_path):
+    """`data.alpaca=true` writes alpaca.json and a dataset_info.json whose dataset name is the recipe's."""
+    from qtalign.cli import main
+
+    lf = yaml.safe_load((RECIPES / "llamafactory_qwen1.5_lora.yaml").read_text(encoding="utf-8"))
+    out = tmp_path / "run"
+    assert main(["run", "paper/zhde_en", "--data-dir", str(OFFICIAL), "--stages", "data", "data.alpaca=true",
+                 "data.rows_per_lang=20", f"out={out}"]) == 0
+    info = json.loads((out / "data" / "dataset_info.json").read_text(encoding="utf-8"))
+    assert list(info) == [lf["dataset"]] and info[lf["dataset"]]["file_name"] == "alpaca.json"
+    rows = json.loads((out / "data" / "alpaca.json").read_text(encoding="utf-8"))
+    assert len(rows) == 40 and all(r["instruction"] and r["output"] and r["input"] == "" for r in rows)
