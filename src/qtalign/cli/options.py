@@ -121,6 +121,25 @@ def load_config_file(path: str | None) -> dict:
     return read_config(path) if path else {}
 
 
+def _as_list(v) -> list:
+    return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else list(v or [])
+
+
+def experiment_section(d: dict, section: str, cls: type[BaseModel]) -> dict:
+    """A config's section as the command's own config, with an experiment's shared top-level keys filled in as
+    `qtalign run` does (experiment/runner.py ``stage_config``): a key the section leaves empty (null, [] or absent)
+    takes the top level's value; prompts are the top level's, then the section's."""
+    sec = dict(d[section])
+    for k, v in d.items():
+        if k not in cls.model_fields or k not in SHARED_TOP_LEVEL:
+            continue
+        if k == "prompts" and sec.get(k):
+            sec[k] = list(dict.fromkeys([*_as_list(v), *_as_list(sec[k])]))
+        elif sec.get(k) is None or sec.get(k) in ([], ""):
+            sec[k] = v
+    return sec
+
+
 def build_config(cls: type[BaseModel], args, section: str | None = None, skip: set[str] = frozenset(),
                  extra: dict | None = None) -> BaseModel:
     """``cls`` from --config (flat, or under ``section``) < the command line's flags (< ``extra``); a validation error
@@ -131,8 +150,7 @@ def build_config(cls: type[BaseModel], args, section: str | None = None, skip: s
     d = load_config_file(path)
     where = path or "command line"
     if section and isinstance(d.get(section), dict):
-        top = {k: v for k, v in d.items() if k in cls.model_fields and k in SHARED_TOP_LEVEL}  # an experiment's shared keys
-        d = {**top, **d[section]}
+        d = experiment_section(d, section, cls)
         where = f"{path}: section '{section}'"
     d.update(given(args, cls, skip | {"model"}))
     if "model" in cls.model_fields:
