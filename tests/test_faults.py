@@ -338,6 +338,39 @@ def test_store_import_into_a_store_that_cannot_be_written_is_an_error_not_0_adde
     assert "added" not in out
 
 
+def test_store_import_reads_an_exports_records_once(tmp_path, tiny_llama_dir, monkeypatch):
+    """The records whose digest is checked are the records imported: the file is read once, not once for the digest
+    and again for the records."""
+    import builtins
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from qtalign.eval.run import import_evaluation
+
+    assert cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", tmp_path / "e"])[0] == 0
+    exp = tmp_path / "exp"
+    shutil.copytree(tmp_path / "e", exp)
+    (exp / "predictions.sha256").write_text(hashlib.sha256((exp / "predictions.jsonl").read_bytes()).hexdigest() + "\n")
+    reads = []
+    real_open, real_read = builtins.open, Path.read_bytes
+
+    def counted_open(file, *a, **kw):
+        if Path(str(file)).name.startswith("predictions.jsonl"):
+            reads.append(file)
+        return real_open(file, *a, **kw)
+
+    def counted_read(self):
+        if self.name.startswith("predictions.jsonl"):
+            reads.append(self)
+        return real_read(self)
+
+    monkeypatch.setattr(builtins, "open", counted_open)
+    monkeypatch.setattr(Path, "read_bytes", counted_read)
+    assert import_evaluation(exp)["records"] == 2
+    assert len(reads) == 1, reads
+
+
 def test_a_tracker_that_is_not_installed_stops_the_run_before_any_work(tmp_path, tiny_llama_dir, monkeypatch):
     import qtalign.tracking
 

@@ -159,13 +159,18 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
         return
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rt", encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        yield from parse_jsonl(f)
+
+
+def parse_jsonl(lines: Iterable[str]) -> Iterator[dict]:
+    """Records of JSONL lines (a file's, or a text already read); a line cut by a kill (not valid JSON) is skipped."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 def repair_jsonl_tail(path: str | Path) -> None:
