@@ -607,6 +607,60 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, t
     assert (out / "results.json").exists()
 
 
+def test_a_full_disk_while_training_writes_its_log_is_one_line_naming_it_and_the_run_resumes(tmp_path, tiny_llama_dir,
+                                                                                               monkeypatch):
+    """The log is appended after each step; a full disk there (half a line written, an OSError naming no file, as
+    Python reports it) is one line naming the log, and the rerun resumes to the adapter of an uninterrupted run (the
+    training checkpoints and the disk-full stops inside them: tests/test_train.py)."""
+    import builtins
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = qt_data(tmp_path)
+    args = ["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", data, "--batch-size", "2",
+            "--per-device-batch-size", "2", "--max-steps", "3", "--eval-steps", "1", "--val-size", "2"]
+    assert cli([*args, "--out", tmp_path / "ref"])[0] == 0
+    real_open, opened = builtins.open, []
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        if str(file).endswith("trainer_log.jsonl") and "a" in mode:
+            opened.append(file)
+            return Full(f) if len(opened) == 3 else f
+        return f
+
+    out = tmp_path / "o"
+    with monkeypatch.context() as mp:
+        mp.setattr(builtins, "open", open_)
+        rc, err, _ = cli([*args, "--out", out])
+    assert rc == 2 and len(err) == 1 and f"{out / 'trainer_log.jsonl'}: No space left on device" in err[0], err
+    assert not (out / "summary.json").exists()
+    rc, err, _ = cli([*args, "--out", out])
+    assert rc == 0, err
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "ref", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [[(r["step"], r.get("loss")) for r in map(json.loads, (d / "trainer_log.jsonl").read_text().splitlines())]
+             for d in (tmp_path / "ref", out)]
+    assert steps[0] == steps[1]
+
+
 def test_the_store_never_takes_or_gives_a_record_with_non_finite_scores(tmp_path):
     import json
 
