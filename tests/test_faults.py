@@ -306,6 +306,50 @@ def test_ctrl_c_at_points_of_qtalign_run_exits_130_with_one_line(tmp_path, tiny_
     assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_repeated_at_random_points_of_qtalign_run_each_rerun_resumes_to_the_uninterrupted_result(
+        tmp_path, tiny_llama_dir, monkeypatch):
+    """Ctrl-C at seeded random moments (imports, data, every step's checkpoint write, evaluation), the same command
+    rerun after each: every stop is exit 130 with one line, and the run that finishes has the adapter (bit for bit) and
+    the accuracies of a run never interrupted."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    over = [f"model.name={tiny_llama_dir}", "model.dtype=fp32", "stages=data,train,eval", "train.eval_steps=1",
+            "eval.items=0:8", "eval.langs=en,zh"]
+    assert cli(["run", "demo", "--out", tmp_path / "ref", *over])[0] == 0
+    env = {**os.environ, "QTALIGN_PROGRESS": "0", "OMP_NUM_THREADS": "1", "QTALIGN_STORE": str(tmp_path / "store2")}
+    argv = [sys.executable, "-m", "qtalign", "run", "demo", "--out", str(tmp_path / "r"), *over]
+    rng, stops = random.Random(25), 0
+    for attempt in range(8):
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if attempt < 7:  # the last one runs to the end
+            try:
+                p.wait(timeout=rng.uniform(1.0, 9.0))
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+        if p.returncode == 0:
+            break
+        lines = err.strip().splitlines()
+        assert p.returncode == 130 and lines[-1] == "qtalign run: interrupted; rerun the same command to resume", err[-2000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+        stops += 1
+    assert p.returncode == 0 and stops >= 2, (stops, err[-2000:])
+    a, b = (load_file(str(d / "train" / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "ref", tmp_path / "r"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for arm in ("base", "tuned"):
+        ra, rb = (json.loads((d / "eval" / arm / "results.json").read_text()) for d in (tmp_path / "ref", tmp_path / "r"))
+        assert ra["metrics"] == rb["metrics"], arm
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # nothing quietly turned off
 
@@ -659,6 +703,35 @@ def test_a_full_disk_while_training_writes_its_log_is_one_line_naming_it_and_the
     steps = [[(r["step"], r.get("loss")) for r in map(json.loads, (d / "trainer_log.jsonl").read_text().splitlines())]
              for d in (tmp_path / "ref", out)]
     assert steps[0] == steps[1]
+
+
+def test_a_librarys_own_write_error_is_a_full_disk_only_where_a_probe_write_fails_too(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: io.disk_errors makes it an OSError naming the path when a
+    probe write into the folder fails too; a bug (the probe succeeds) and a QtalignError stay what they are."""
+    import errno
+    import os
+
+    from qtalign.io import disk_errors
+
+    with pytest.raises(RuntimeError, match="unexpected pos"), disk_errors(tmp_path / "ckpt", probe=tmp_path):
+        raise RuntimeError("unexpected pos 576 vs 534")
+    with pytest.raises(QtalignError_, match="mine"), disk_errors(tmp_path / "ckpt", probe=tmp_path):
+        raise QtalignError_("mine")
+    with pytest.raises(OSError) as e, disk_errors(tmp_path / "log"):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write to an open file reports it: no name
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "log")
+    real_open = os.open
+
+    def full(path, flags, *a, **kw):
+        if str(path).startswith(str(tmp_path)) and flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", full)
+    with pytest.raises(OSError) as e, disk_errors(tmp_path / "ckpt", probe=tmp_path):
+        raise RuntimeError("unexpected pos 576 vs 534")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "ckpt")
+    assert not list(tmp_path.glob(".qtalign-probe*"))
 
 
 def test_the_store_never_takes_or_gives_a_record_with_non_finite_scores(tmp_path):

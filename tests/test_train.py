@@ -408,6 +408,42 @@ def test_a_full_disk_at_every_write_of_a_checkpoint_is_one_line_and_the_rerun_re
     assert not failed, "\n".join(failed)
 
 
+def test_checkpoint_completeness_names_the_missing_or_cut_file_and_accepts_another_world_sizes_rng(ckpt_reference,
+                                                                                                    tmp_path):
+    """The completeness check on a real checkpoint: whole, it passes; each file the resume reads, cut or missing, is
+    named; the RNG files of a run with another number of processes are accepted (the Trainer resumes without them),
+    a process's file missing among them is not."""
+    import shutil
+    import types
+
+    from qtalign.train.trainer import checkpoint_problem, resume_files
+
+    ref, _ = ckpt_reference
+    src = next((ref / "checkpoints").glob("checkpoint-*"))
+    one = types.SimpleNamespace(args=types.SimpleNamespace(world_size=1), accelerator=types.SimpleNamespace(scaler=None))
+    two = types.SimpleNamespace(args=types.SimpleNamespace(world_size=2), accelerator=types.SimpleNamespace(scaler=None))
+    assert checkpoint_problem(src, resume_files(one, src)) is None
+    needed = resume_files(one, src)
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "adapter_model.safetensors"} <= set(needed)
+    for name in needed:
+        for how in ("cut", "missing"):
+            d = tmp_path / f"{how}-{name}" / src.name
+            shutil.copytree(src, d)
+            if how == "cut":
+                (d / name).write_bytes((d / name).read_bytes()[:-7])
+            else:
+                (d / name).unlink()
+            assert checkpoint_problem(d, resume_files(one, d)) == f"{name} is {'cut or unreadable' if how == 'cut' else 'missing'}"
+    d = tmp_path / "two" / src.name
+    shutil.copytree(src, d)
+    assert checkpoint_problem(d, resume_files(two, d)) is None  # written by one process, resumed by two
+    (d / "rng_state.pth").rename(d / "rng_state_0.pth")
+    shutil.copy(d / "rng_state_0.pth", d / "rng_state_1.pth")
+    assert checkpoint_problem(d, resume_files(one, d)) is None and checkpoint_problem(d, resume_files(two, d)) is None
+    (d / "rng_state_1.pth").unlink()
+    assert checkpoint_problem(d, resume_files(two, d)) == "rng_state_1.pth is missing"
+
+
 def test_seed_decides_the_adapter_and_micro_batch_and_checkpointing_do_not(base_run, tiny_llama_dir, toy_file, tmp_path):
     wa = _adapter(base_run)
     train(_cfg(tiny_llama_dir, max_steps=8), toy_file, tmp_path / "same")

@@ -99,6 +99,8 @@ def disk_errors(path: str | Path, probe: str | Path | None = None):
         if e.filename:
             raise
         raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except QtalignError:
+        raise
     except Exception:
         err = _write_probe(Path(probe or path))
         if err is None:

@@ -265,7 +265,7 @@ def _trainer(peft_model, args, tok, train_rows, val_rows, cfg: TrainConfig, out:
     return trainer
 
 
-def _discard_incomplete(folder: Path, files: list[str]) -> None:
+def _discard_incomplete(folder: Path, trainer) -> None:
     """Remove from checkpoints/ (qtalign's: the Trainer's folders are listed there by pattern) every staging folder
     left by a kill and every checkpoint-N that is not complete (``checkpoint_problem``: written by a version that
     wrote in place, cut by a power loss, or half removed by a rotation), saying which and why."""
@@ -278,7 +278,7 @@ def _discard_incomplete(folder: Path, files: list[str]) -> None:
         if d.name.startswith(STAGING):
             why = "its writing was stopped before it was complete"
         elif re.fullmatch(r"checkpoint-\d+", d.name):
-            why = checkpoint_problem(d, files)
+            why = checkpoint_problem(d, resume_files(trainer, d))
         else:
             continue
         if why:
@@ -292,7 +292,7 @@ def _resume_point(trainer, out: Path, main: bool) -> str | None:
 
     folder = out / "checkpoints"
     if main and folder.is_dir():
-        _discard_incomplete(folder, resume_files(trainer))
+        _discard_incomplete(folder, trainer)
     trainer.accelerator.wait_for_everyone()  # an --overwrite or a discard by the main process is done
     return get_last_checkpoint(str(folder)) if folder.is_dir() else None
 

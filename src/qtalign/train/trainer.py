@@ -63,18 +63,20 @@ class ResponseTrainer(Trainer):
         finally:
             self._staging = None
         self.accelerator.wait_for_everyone()  # every process's files (rng_state_<i>.pth) are in
+        best = self.state.best_model_checkpoint == str(staging / name)
+        if best:  # every process: the Trainer recorded the staging path; the best is loaded from the final one
+            self.state.best_model_checkpoint = str(root / name)
         if self.args.should_save:
             with disk_errors(root / name, probe=staging):
-                self._place(staging / name, root / name)
+                self._place(staging / name, root / name, best)
         self.accelerator.wait_for_everyone()
 
-    def _place(self, staged: Path, final: Path) -> None:
-        """Rename a complete staged checkpoint into place (its recorded path, when it is the best, made the final
-        one), then keep save_total_limit checkpoints as the Trainer does (the newest and the best kept)."""
+    def _place(self, staged: Path, final: Path, best: bool) -> None:
+        """Rename a complete staged checkpoint into place (its state recording the final path when it is the best),
+        then keep save_total_limit checkpoints as the Trainer does (the newest and the best kept)."""
         from transformers.trainer_utils import rotate_checkpoints
 
-        if self.state.best_model_checkpoint == str(staged):
-            self.state.best_model_checkpoint = str(final)
+        if best:
             self.state.save_to_json(str(staged / "trainer_state.json"))
         for f in staged.iterdir():  # on disk before the rename (a power cut does not leave a renamed empty file)
             with open(f, "rb") as fh:
@@ -201,11 +203,16 @@ class StepProgress(TrainerCallback):
 # checkpoints
 
 
-def resume_files(trainer) -> list[str]:
-    """The files a resume from one of this trainer's checkpoints reads: the adapter, the optimizer and scheduler, every
-    process's RNG state, the loss scaler's (fp16 on CUDA) and the Trainer's state."""
+def resume_files(trainer, path: Path) -> list[str]:
+    """The files a resume of this trainer from the checkpoint folder ``path`` reads: the adapter, the optimizer and
+    scheduler, every process's RNG state, the loss scaler's (fp16 on CUDA) and the Trainer's state. A checkpoint whose
+    RNG files are all of another number of processes (a resume with another world size: the Trainer goes on without
+    them) needs those it holds whole."""
     world = trainer.args.world_size
     rng = ["rng_state.pth"] if world <= 1 else [f"rng_state_{i}.pth" for i in range(world)]
+    held = sorted(f.name for f in path.glob("rng_state*.pth"))
+    if held and not set(held) & set(rng):
+        rng = held
     scaler = ["scaler.pt"] if getattr(trainer.accelerator, "scaler", None) is not None else []
     return ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", *rng, *scaler,
             "trainer_state.json"]
