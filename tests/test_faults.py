@@ -717,6 +717,9 @@ def test_a_librarys_own_write_error_is_a_full_disk_only_where_a_probe_write_fail
         raise RuntimeError("unexpected pos 576 vs 534")
     with pytest.raises(QtalignError_, match="mine"), disk_errors(tmp_path / "ckpt", probe=tmp_path):
         raise QtalignError_("mine")
+    (tmp_path / "log").write_text("")
+    with pytest.raises(TypeError), disk_errors(tmp_path / "log"):  # the probe goes into the file's folder
+        raise TypeError("not JSON serializable")
     with pytest.raises(OSError) as e, disk_errors(tmp_path / "log"):
         raise OSError(errno.ENOSPC, "No space left on device")  # as a write to an open file reports it: no name
     assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "log")

@@ -91,8 +91,9 @@ def disk_errors(path: str | Path, probe: str | Path | None = None):
     """A block in which a library writes ``path`` (a file or a folder): a failed write is an OSError naming a path.
     An OSError that names no file is given ``path``; a library that reports a failed write as something else
     (torch.save: a RuntimeError "unexpected pos"; safetensors: its own error) is checked by writing a probe file into
-    the folder ``probe`` (default ``path``): when the probe fails too (a full, read-only or forbidden disk), its
-    OSError is raised naming ``path``; otherwise the library's error goes on unchanged (a bug is not a disk error)."""
+    the folder ``probe`` (default: ``path`` when it is a folder, else the folder it is in): when the probe fails too (a
+    full, read-only or forbidden disk), its OSError is raised naming ``path``; otherwise the library's error goes on
+    unchanged (a bug is not a disk error, and neither is a QtalignError)."""
     try:
         yield
     except OSError as e:
@@ -102,7 +103,7 @@ def disk_errors(path: str | Path, probe: str | Path | None = None):
     except QtalignError:
         raise
     except Exception:
-        err = _write_probe(Path(probe or path))
+        err = _write_probe(Path(probe) if probe else Path(path) if Path(path).is_dir() else Path(path).parent)
         if err is None:
             raise
         raise OSError(err.errno, err.strerror, str(path)) from None
