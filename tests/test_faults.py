@@ -466,6 +466,34 @@ def test_two_processes_racing_for_one_out_the_second_is_refused_naming_the_holde
     assert json.loads((out / ".qtalign.json").read_text())["lock"] == ".qtalign.lock"
 
 
+@pytest.mark.slow
+def test_two_evals_started_together_into_one_out_one_writes_and_the_other_is_refused_or_reuses(tmp_path, tiny_llama_dir):
+    """Two real `qtalign eval` processes started at once into one --out: the one that claims the folder writes it; the
+    other is refused with one line naming the holder's pid, or (started after the first finished) returns the
+    finished result. Either way the folder holds one whole evaluation."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "e"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "qtalign", "eval", "--model", str(tiny_llama_dir), *EVAL_ARGS, "--out", str(out)]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [(p.pid, *p.communicate(timeout=300), p.returncode) for p in procs]
+    codes = sorted(rc for *_, rc in done)
+    assert codes in ([0, 0], [0, 2]), done
+    for pid, _, err, rc in done:
+        if rc == 2:
+            other = next(q for q, *_ in done if q != pid)
+            line = err.strip().splitlines()[-1]
+            assert "in use by another qtalign process" in line and f"pid {other}" in line, err
+            assert "Traceback" not in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["fingerprint"] and len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    assert not list(out.rglob(".qtalign.lock")) and not list(out.glob(".*.tmp*"))
+
+
 def test_a_finished_command_gives_its_folder_lock_back(tmp_path, tiny_llama_dir):
     import subprocess
     import sys
