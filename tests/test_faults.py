@@ -306,6 +306,50 @@ def test_ctrl_c_at_points_of_qtalign_run_exits_130_with_one_line(tmp_path, tiny_
     assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_repeated_at_random_points_of_qtalign_run_each_rerun_resumes_to_the_uninterrupted_result(
+        tmp_path, tiny_llama_dir, monkeypatch):
+    """Ctrl-C at seeded random moments (imports, data, every step's checkpoint write, evaluation), the same command
+    rerun after each: every stop is exit 130 with one line, and the run that finishes has the adapter (bit for bit) and
+    the accuracies of a run never interrupted."""
+    import json
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    import torch
+    from safetensors.torch import load_file
+
+    over = [f"model.name={tiny_llama_dir}", "model.dtype=fp32", "stages=data,train,eval", "train.eval_steps=1",
+            "eval.items=0:8", "eval.langs=en,zh"]
+    assert cli(["run", "demo", "--out", tmp_path / "ref", *over])[0] == 0
+    env = {**os.environ, "QTALIGN_PROGRESS": "0", "OMP_NUM_THREADS": "1", "QTALIGN_STORE": str(tmp_path / "store2")}
+    argv = [sys.executable, "-m", "qtalign", "run", "demo", "--out", str(tmp_path / "r"), *over]
+    rng, stops = random.Random(25), 0
+    for attempt in range(8):
+        p = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if attempt < 7:  # the last one runs to the end
+            try:
+                p.wait(timeout=rng.uniform(1.0, 9.0))
+            except subprocess.TimeoutExpired:
+                p.send_signal(signal.SIGINT)
+        out, err = p.communicate(timeout=300)
+        if p.returncode == 0:
+            break
+        lines = err.strip().splitlines()
+        assert p.returncode == 130 and lines[-1] == "qtalign run: interrupted; rerun the same command to resume", err[-2000:]
+        assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+        stops += 1
+    assert p.returncode == 0 and stops >= 2, (stops, err[-2000:])
+    a, b = (load_file(str(d / "train" / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "ref", tmp_path / "r"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    for arm in ("base", "tuned"):
+        ra, rb = (json.loads((d / "eval" / arm / "results.json").read_text()) for d in (tmp_path / "ref", tmp_path / "r"))
+        assert ra["metrics"] == rb["metrics"], arm
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # nothing quietly turned off
 
@@ -336,6 +380,39 @@ def test_store_import_into_a_store_that_cannot_be_written_is_an_error_not_0_adde
     rc, err, out = cli(["store", "import", tmp_path / "e"])
     assert rc == 2 and len(err) == 1 and "result store" in err[0] and "cannot write" in err[0], (err, out)
     assert "added" not in out
+
+
+def test_store_import_reads_an_exports_records_once(tmp_path, tiny_llama_dir, monkeypatch):
+    """The records whose digest is checked are the records imported: the file is read once, not once for the digest
+    and again for the records."""
+    import builtins
+    import hashlib
+    import shutil
+    from pathlib import Path
+
+    from qtalign.eval.run import import_evaluation
+
+    assert cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", tmp_path / "e"])[0] == 0
+    exp = tmp_path / "exp"
+    shutil.copytree(tmp_path / "e", exp)
+    (exp / "predictions.sha256").write_text(hashlib.sha256((exp / "predictions.jsonl").read_bytes()).hexdigest() + "\n")
+    reads = []
+    real_open, real_read = builtins.open, Path.read_bytes
+
+    def counted_open(file, *a, **kw):
+        if Path(str(file)).name.startswith("predictions.jsonl"):
+            reads.append(file)
+        return real_open(file, *a, **kw)
+
+    def counted_read(self):
+        if self.name.startswith("predictions.jsonl"):
+            reads.append(self)
+        return real_read(self)
+
+    monkeypatch.setattr(builtins, "open", counted_open)
+    monkeypatch.setattr(Path, "read_bytes", counted_read)
+    assert import_evaluation(exp)["records"] == 2
+    assert len(reads) == 1, reads
 
 
 def test_a_tracker_that_is_not_installed_stops_the_run_before_any_work(tmp_path, tiny_llama_dir, monkeypatch):
@@ -387,6 +464,34 @@ def test_two_processes_racing_for_one_out_the_second_is_refused_naming_the_holde
     rc, err, _ = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
     assert rc == 0, err  # the stale lock is taken over
     assert json.loads((out / ".qtalign.json").read_text())["lock"] == ".qtalign.lock"
+
+
+@pytest.mark.slow
+def test_two_evals_started_together_into_one_out_one_writes_and_the_other_is_refused_or_reuses(tmp_path, tiny_llama_dir):
+    """Two real `qtalign eval` processes started at once into one --out: the one that claims the folder writes it; the
+    other is refused with one line naming the holder's pid, or (started after the first finished) returns the
+    finished result. Either way the folder holds one whole evaluation."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "e"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    argv = [sys.executable, "-m", "qtalign", "eval", "--model", str(tiny_llama_dir), *EVAL_ARGS, "--out", str(out)]
+    procs = [subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    done = [(p.pid, *p.communicate(timeout=300), p.returncode) for p in procs]
+    codes = sorted(rc for *_, rc in done)
+    assert codes in ([0, 0], [0, 2]), done
+    for pid, _, err, rc in done:
+        if rc == 2:
+            other = next(q for q, *_ in done if q != pid)
+            line = err.strip().splitlines()[-1]
+            assert "in use by another qtalign process" in line and f"pid {other}" in line, err
+            assert "Traceback" not in err
+    res = json.loads((out / "results.json").read_text())
+    assert res["fingerprint"] and len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    assert not list(out.rglob(".qtalign.lock")) and not list(out.glob(".*.tmp*"))
 
 
 def test_a_finished_command_gives_its_folder_lock_back(tmp_path, tiny_llama_dir):
@@ -572,6 +677,92 @@ def test_a_full_disk_is_one_line_naming_the_file_and_the_run_resumes(tmp_path, t
     rc, err, stdout = cli(["eval", "--model", tiny_llama_dir, *EVAL_ARGS, "--out", out])
     assert rc == 0 and json.loads(stdout.strip().splitlines()[-1])["out"], err
     assert (out / "results.json").exists()
+
+
+def test_a_full_disk_while_training_writes_its_log_is_one_line_naming_it_and_the_run_resumes(tmp_path, tiny_llama_dir,
+                                                                                               monkeypatch):
+    """The log is appended after each step; a full disk there (half a line written, an OSError naming no file, as
+    Python reports it) is one line naming the log, and the rerun resumes to the adapter of an uninterrupted run (the
+    training checkpoints and the disk-full stops inside them: tests/test_train.py)."""
+    import builtins
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    data = qt_data(tmp_path)
+    args = ["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--data", data, "--batch-size", "2",
+            "--per-device-batch-size", "2", "--max-steps", "3", "--eval-steps", "1", "--val-size", "2"]
+    assert cli([*args, "--out", tmp_path / "ref"])[0] == 0
+    real_open, opened = builtins.open, []
+
+    class Full:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            self.f.write(text[: len(text) // 2])
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    def open_(file, mode="r", *a, **kw):
+        f = real_open(file, mode, *a, **kw)
+        if str(file).endswith("trainer_log.jsonl") and "a" in mode:
+            opened.append(file)
+            return Full(f) if len(opened) == 3 else f
+        return f
+
+    out = tmp_path / "o"
+    with monkeypatch.context() as mp:
+        mp.setattr(builtins, "open", open_)
+        rc, err, _ = cli([*args, "--out", out])
+    assert rc == 2 and len(err) == 1 and f"{out / 'trainer_log.jsonl'}: No space left on device" in err[0], err
+    assert not (out / "summary.json").exists()
+    rc, err, _ = cli([*args, "--out", out])
+    assert rc == 0, err
+    a, b = (load_file(str(d / "adapter" / "adapter_model.safetensors")) for d in (tmp_path / "ref", out))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    steps = [[(r["step"], r.get("loss")) for r in map(json.loads, (d / "trainer_log.jsonl").read_text().splitlines())]
+             for d in (tmp_path / "ref", out)]
+    assert steps[0] == steps[1]
+
+
+def test_a_librarys_own_write_error_is_a_full_disk_only_where_a_probe_write_fails_too(tmp_path, monkeypatch):
+    """torch.save reports a full disk as a RuntimeError: io.disk_errors makes it an OSError naming the path when a
+    probe write into the folder fails too; a bug (the probe succeeds) and a QtalignError stay what they are."""
+    import errno
+    import os
+
+    from qtalign.io import disk_errors
+
+    with pytest.raises(RuntimeError, match="unexpected pos"), disk_errors(tmp_path / "ckpt", probe=tmp_path):
+        raise RuntimeError("unexpected pos 576 vs 534")
+    with pytest.raises(QtalignError_, match="mine"), disk_errors(tmp_path / "ckpt", probe=tmp_path):
+        raise QtalignError_("mine")
+    (tmp_path / "log").write_text("")
+    with pytest.raises(TypeError), disk_errors(tmp_path / "log"):  # the probe goes into the file's folder
+        raise TypeError("not JSON serializable")
+    with pytest.raises(OSError) as e, disk_errors(tmp_path / "log"):
+        raise OSError(errno.ENOSPC, "No space left on device")  # as a write to an open file reports it: no name
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "log")
+    real_open = os.open
+
+    def full(path, flags, *a, **kw):
+        if str(path).startswith(str(tmp_path)) and flags & os.O_CREAT:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real_open(path, flags, *a, **kw)
+
+    monkeypatch.setattr(os, "open", full)
+    with pytest.raises(OSError) as e, disk_errors(tmp_path / "ckpt", probe=tmp_path):
+        raise RuntimeError("unexpected pos 576 vs 534")
+    assert e.value.errno == errno.ENOSPC and e.value.filename == str(tmp_path / "ckpt")
+    assert not list(tmp_path.glob(".qtalign-probe*"))
 
 
 def test_the_store_never_takes_or_gives_a_record_with_non_finite_scores(tmp_path):

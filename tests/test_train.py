@@ -226,6 +226,224 @@ def test_killed_run_resumes_to_the_same_weights(base_run, tiny_llama_dir, toy_fi
         train(_cfg(tiny_llama_dir, learning_rate=1e-3), toy_file, tmp_path)
 
 
+# -- a kill or a full disk at every phase of a checkpoint write ----------------------------------------------------
+
+
+class Killed(BaseException):
+    """A simulated kill: no `except Exception` handler of the code under test catches it."""
+
+
+class WriteFaults:
+    """Counts the writes into ``folder`` (every file a writer creates there: torch.save, safetensors, open() for
+    writing; every folder renamed into it or removed from it) and, at the ``at``-th, leaves that write half done (half
+    the file's bytes; half the removed folder's files; the rename not made) and stops: ``Killed`` (a kill) or an
+    OSError ENOSPC (a full disk). With ``at`` None it only records the writes (the phases a test enumerates)."""
+
+    def __init__(self, folder: Path, at: int | None = None, fault: str = "kill"):
+        self.folder, self.at, self.fault, self.events, self.full = str(folder), at, fault, [], False
+
+    def _hit(self, kind: str, path) -> bool:
+        """Record a write; whether it is the one to stop at."""
+        path = os.path.abspath(os.fspath(path))
+        if not path.startswith(self.folder + os.sep):
+            return False
+        self.events.append(f"{kind} {os.path.relpath(path, self.folder)}")
+        return len(self.events) - 1 == self.at
+
+    def _stop(self, full_error: Exception | None = None):
+        """Stop: a kill, or a full disk (then every later file created in the folder fails too) reported as the
+        writing library reports it: torch.save a RuntimeError, safetensors its own error, Python an OSError naming
+        no file."""
+        if self.fault == "kill":
+            raise Killed(self.events[-1])
+        self.full = True
+        raise full_error or OSError(28, "No space left on device")
+
+    def install(self, mp: pytest.MonkeyPatch) -> "WriteFaults":
+        import builtins
+        import io
+        import shutil
+
+        import peft.peft_model
+        import safetensors.torch
+
+        real_save, real_safe, real_open = torch.save, peft.peft_model.safe_save_file, builtins.open
+        real_rename, real_rmtree, real_os_open = os.rename, shutil.rmtree, os.open
+
+        def cut(path, data: bytes, full_error: Exception | None = None):
+            Path(path).write_bytes(data[: len(data) // 2])
+            self._stop(full_error)
+
+        def save(obj, f, *a, **kw):
+            if isinstance(f, (str, os.PathLike)) and self._hit("write", f):
+                buf = io.BytesIO()
+                real_save(obj, buf, *a, **kw)
+                cut(f, buf.getvalue(), RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534"))
+            return real_save(obj, f, *a, **kw)
+
+        def safe_save(tensors, filename, metadata=None):
+            if self._hit("write", filename):
+                cut(filename, safetensors.torch.save(tensors, metadata=metadata), safetensors.SafetensorError(
+                    "Error while serializing: I/O error: No space left on device (os error 28)"))
+            return real_safe(tensors, filename, metadata=metadata)
+
+        def os_open(path, flags, *a, **kw):
+            if self.full and flags & os.O_CREAT and os.path.abspath(os.fspath(path)).startswith(self.folder + os.sep):
+                raise OSError(28, "No space left on device", os.fspath(path))
+            return real_os_open(path, flags, *a, **kw)
+
+        class CutText(io.StringIO):
+            def __init__(self, path):
+                super().__init__()
+                self.path = path
+
+            def close(self):  # the text reaches the file when it is closed: half of it does
+                if not self.closed:
+                    text = self.getvalue()
+                    super().close()
+                    cut(self.path, text.encode())
+
+            def __exit__(self, *exc):
+                self.close()
+
+        def open_(file, mode="r", *a, **kw):
+            if isinstance(file, (str, os.PathLike)) and any(c in mode for c in "wax") and self._hit("write", file):
+                assert "b" not in mode, mode
+                return CutText(file)
+            return real_open(file, mode, *a, **kw)
+
+        def rename(src, dst, *a, **kw):
+            if self._hit("rename", dst):
+                self._stop()
+            return real_rename(src, dst, *a, **kw)
+
+        def rmtree(path, *a, **kw):
+            if self._hit("remove", path):
+                files = sorted(p for p in Path(path).rglob("*") if p.is_file())
+                for p in files[: max(1, len(files) // 2)]:
+                    p.unlink()
+                self._stop()
+            return real_rmtree(path, *a, **kw)
+
+        mp.setattr(torch, "save", save)
+        mp.setattr(peft.peft_model, "safe_save_file", safe_save)
+        mp.setattr(builtins, "open", open_)
+        mp.setattr(os, "rename", rename)
+        mp.setattr(shutil, "rmtree", rmtree)
+        mp.setattr(os, "open", os_open)
+        return self
+
+
+def _ckpt_cfg(model_dir):
+    """2 steps, a checkpoint (and validation) after each, one checkpoint kept besides the best: the second checkpoint
+    write rotates the first out."""
+    return _cfg(model_dir, max_steps=2, eval_steps=1, save_total_limit=1)
+
+
+@pytest.fixture(scope="module")
+def ckpt_reference(tiny_llama_dir, toy_file, tmp_path_factory):
+    """An uninterrupted run, recording the writes into checkpoints/ (the phases to stop at)."""
+    out = tmp_path_factory.mktemp("ckpt_ref")
+    with pytest.MonkeyPatch.context() as mp:
+        faults = WriteFaults(out / "checkpoints").install(mp)
+        train(_ckpt_cfg(tiny_llama_dir), toy_file, out)
+    assert any(e.startswith("write") for e in faults.events) and any("trainer_state.json" in e for e in faults.events)
+    return out, faults.events
+
+
+def _same_run(ref: Path, out: Path) -> None:
+    wa, wb = _adapter(ref), _adapter(out)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa), "the adapter differs"
+    log_a, log_b = ([(r["step"], r.get("loss"), r.get("eval_loss")) for r in read_log(d / "trainer_log.jsonl")]
+                    for d in (ref, out))
+    assert log_b == log_a, f"the log differs: {sorted(set(log_a) ^ set(log_b), key=str)} ({len(log_b)} != {len(log_a)} records)"
+
+
+def test_a_training_killed_at_every_phase_of_a_checkpoint_write_resumes_to_the_same_adapter(
+        ckpt_reference, tiny_llama_dir, toy_file, tmp_path, capsys):
+    ref, events = ckpt_reference
+    failed = []
+    for at, event in enumerate(events):
+        out = tmp_path / f"k{at}"
+        with pytest.MonkeyPatch.context() as mp:
+            WriteFaults(out / "checkpoints", at, "kill").install(mp)
+            with pytest.raises(Killed):
+                train(_ckpt_cfg(tiny_llama_dir), toy_file, out)
+        assert not (out / "summary.json").exists()
+        try:
+            train(_ckpt_cfg(tiny_llama_dir), toy_file, out)  # the rerun resumes and finishes
+            _same_run(ref, out)
+        except Exception as e:  # noqa: BLE001 - collected: every phase is tried
+            failed.append(f"killed at {event!r}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+    assert not failed, "\n".join(failed)
+    assert "discarded, an incomplete checkpoint" in capsys.readouterr().err
+
+
+def test_a_full_disk_at_every_write_of_a_checkpoint_is_one_line_and_the_rerun_resumes_to_the_same_adapter(
+        ckpt_reference, tiny_llama_dir, toy_file, tmp_path):
+    from test_reliability import cli
+
+    ref, events = ckpt_reference
+    args = ["train", "--model", tiny_llama_dir, "--dtype", "fp32", "--device", "cpu", "--data", toy_file, "--batch-size",
+            "8", "--per-device-batch-size", "4", "--max-steps", "2", "--eval-steps", "1", "--learning-rate", "5e-2",
+            "--val-size", "8", "--seed", "0", "--save-total-limit", "1"]
+    failed = []
+    second = next(i for i, e in enumerate(events) if e.startswith("rename")) + 1  # the first checkpoint is in place
+    for at, event in enumerate(events[second:], second):  # the writes of the second (the same code wrote the first)
+        if not event.startswith("write"):  # a rename or a removal needs no space
+            continue
+        out = tmp_path / f"f{at}"
+        with pytest.MonkeyPatch.context() as mp:
+            WriteFaults(out / "checkpoints", at, "full").install(mp)
+            rc, err, _ = cli([*args, "--out", out])
+        try:
+            assert rc == 2 and len(err) == 1 and "No space left on device" in err[0], err
+            assert f"error: {out / 'checkpoints'}/" in err[0], err  # names the checkpoint it was writing
+            assert not (out / "summary.json").exists()
+            rc, err, _ = cli([*args, "--out", out])
+            assert rc == 0, err
+            _same_run(ref, out)
+        except AssertionError as e:
+            failed.append(f"disk full at {event!r}: {str(e).splitlines()[0]}")
+    assert not failed, "\n".join(failed)
+
+
+def test_checkpoint_completeness_names_the_missing_or_cut_file_and_accepts_another_world_sizes_rng(ckpt_reference,
+                                                                                                    tmp_path):
+    """The completeness check on a real checkpoint: whole, it passes; each file the resume reads, cut or missing, is
+    named; the RNG files of a run with another number of processes are accepted (the Trainer resumes without them),
+    a process's file missing among them is not."""
+    import shutil
+    import types
+
+    from qtalign.train.trainer import checkpoint_problem, resume_files
+
+    ref, _ = ckpt_reference
+    src = next((ref / "checkpoints").glob("checkpoint-*"))
+    one = types.SimpleNamespace(args=types.SimpleNamespace(world_size=1), accelerator=types.SimpleNamespace(scaler=None))
+    two = types.SimpleNamespace(args=types.SimpleNamespace(world_size=2), accelerator=types.SimpleNamespace(scaler=None))
+    assert checkpoint_problem(src, resume_files(one, src)) is None
+    needed = resume_files(one, src)
+    assert {"optimizer.pt", "scheduler.pt", "rng_state.pth", "trainer_state.json", "adapter_model.safetensors"} <= set(needed)
+    for name in needed:
+        for how in ("cut", "missing"):
+            d = tmp_path / f"{how}-{name}" / src.name
+            shutil.copytree(src, d)
+            if how == "cut":
+                (d / name).write_bytes((d / name).read_bytes()[:-7])
+            else:
+                (d / name).unlink()
+            assert checkpoint_problem(d, resume_files(one, d)) == f"{name} is {'cut or unreadable' if how == 'cut' else 'missing'}"
+    d = tmp_path / "two" / src.name
+    shutil.copytree(src, d)
+    assert checkpoint_problem(d, resume_files(two, d)) is None  # written by one process, resumed by two
+    (d / "rng_state.pth").rename(d / "rng_state_0.pth")
+    shutil.copy(d / "rng_state_0.pth", d / "rng_state_1.pth")
+    assert checkpoint_problem(d, resume_files(one, d)) is None and checkpoint_problem(d, resume_files(two, d)) is None
+    (d / "rng_state_1.pth").unlink()
+    assert checkpoint_problem(d, resume_files(two, d)) == "rng_state_1.pth is missing"
+
+
 def test_seed_decides_the_adapter_and_micro_batch_and_checkpointing_do_not(base_run, tiny_llama_dir, toy_file, tmp_path):
     wa = _adapter(base_run)
     train(_cfg(tiny_llama_dir, max_steps=8), toy_file, tmp_path / "same")

@@ -86,6 +86,50 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def disk_errors(path: str | Path, probe: str | Path | None = None):
+    """A block in which a library writes ``path`` (a file or a folder): a failed write is an OSError naming a path.
+    An OSError that names no file is given ``path``; a library that reports a failed write as something else
+    (torch.save: a RuntimeError "unexpected pos"; safetensors: its own error) is checked by writing a probe file into
+    the folder ``probe`` (default: ``path`` when it is a folder, else the folder it is in): when the probe fails too (a
+    full, read-only or forbidden disk), its OSError is raised naming ``path``; otherwise the library's error goes on
+    unchanged (a bug is not a disk error, and neither is a QtalignError)."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename:
+            raise
+        raise OSError(e.errno, e.strerror or str(e), str(path)) from None
+    except QtalignError:
+        raise
+    except Exception:
+        err = _write_probe(Path(probe) if probe else Path(path) if Path(path).is_dir() else Path(path).parent)
+        if err is None:
+            raise
+        raise OSError(err.errno, err.strerror, str(path)) from None
+
+
+def _write_probe(folder: Path, size: int = 1 << 16) -> OSError | None:
+    """The OSError that writing (and syncing) ``size`` bytes into ``folder`` raises, or None when it can be written."""
+    probe = folder / f".qtalign-probe{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            data = memoryview(bytes(size))
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        return e
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink(missing_ok=True)
+    return None
+
+
 def write_text(path: str | Path, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
@@ -118,13 +162,18 @@ def read_jsonl(path: str | Path) -> Iterator[dict]:
         return
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rt", encoding="utf-8") as f:
-        for line in f:
-            if not line.strip():
-                continue
-            try:
-                yield json.loads(line)
-            except json.JSONDecodeError:
-                continue
+        yield from parse_jsonl(f)
+
+
+def parse_jsonl(lines: Iterable[str]) -> Iterator[dict]:
+    """Records of JSONL lines (a file's, or a text already read); a line cut by a kill (not valid JSON) is skipped."""
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue
 
 
 def repair_jsonl_tail(path: str | Path) -> None:

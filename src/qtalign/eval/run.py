@@ -25,7 +25,8 @@ from qtalign.errors import QtalignError, data_error
 from qtalign.eval.config import EvalConfig
 from qtalign.eval.metrics import compute_metrics, write_tables
 from qtalign.eval.store import RECORD_VERSION, Store, group_fingerprint, spec_digest
-from qtalign.io import OutputDir, files_sha256, fingerprint, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
+from qtalign.io import (OutputDir, files_sha256, fingerprint, parse_jsonl, read_json, read_jsonl, repair_jsonl_tail,
+                        write_json, write_jsonl)
 from qtalign.scoring.faithful import official_correct, special_case
 from qtalign.scoring.scorer import ScoreRequest, Scorer, argmax, calibrate, content_free_requests, mean_probs
 from qtalign.tasks.groups import Group
@@ -436,12 +437,13 @@ def records_bytes(folder: Path) -> bytes | None:
     return None
 
 
-def check_records_digest(folder: Path) -> None:
-    """An export's records must match the digest it carries (a cut or edited file is refused, naming it)."""
+def check_records_digest(folder: Path) -> bytes | None:
+    """An export's records must match the digest it carries (a cut or edited file is refused, naming it). Returns the
+    records' bytes it checked (None without a digest): the caller parses those, never a second read of the file."""
     from qtalign.io import bytes_sha256
 
     if not (folder / RECORDS_DIGEST).is_file():
-        return
+        return None
     want = (folder / RECORDS_DIGEST).read_text(encoding="utf-8").split()[0]
     try:
         data = records_bytes(folder)
@@ -451,6 +453,7 @@ def check_records_digest(folder: Path) -> None:
     if got != want:
         raise QtalignError(f"{folder}: its predictions do not match the sha256 in {RECORDS_DIGEST} (changed or cut "
                            "since export); not imported")
+    return data
 
 
 def check_record(r: dict, gold: str | None, method: str, where: str) -> None:
@@ -510,9 +513,11 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
             why = "prompt or task-spec contents differ here"
         raise QtalignError(f"{src}: its records were computed under another store key ({why}); not imported")
     want = {g.key(it.index): (g, it) for g, its in plan.items.items() for it in its}
-    check_records_digest(src)
+    checked = check_records_digest(src)
+    records = parse_jsonl(checked.decode("utf-8").splitlines()) if checked is not None else \
+        read_jsonl(src / "predictions.jsonl")
     by_group: dict[Group, list[dict]] = {}
-    for i, r in enumerate(read_jsonl(src / "predictions.jsonl"), 1):
+    for i, r in enumerate(records, 1):
         g, it = want.get(r.get("key"), (None, None))
         if g is None or r.get("index") is None or g.key(r["index"]) != r["key"]:
             raise QtalignError(f"{src / 'predictions.jsonl'}: record {i}: key {r.get('key')!r} is not an item of this "

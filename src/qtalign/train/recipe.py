@@ -19,7 +19,8 @@ one fused, token-chunked function that computes the loss and the hidden-state gr
 
 Output dir layout (``train(cfg, data, out)``):
     train_config.json   the resolved config and its fingerprint (written first)
-    checkpoints/        Trainer checkpoints (adapter, optimizer, scheduler, RNG): a killed run resumes from here
+    checkpoints/        Trainer checkpoints (adapter, optimizer, scheduler, RNG), each written into tmp-checkpoint-N/
+                        and renamed checkpoint-N when complete: a killed run resumes from the newest complete one
     trainer_log.jsonl   one record per logged step (step, loss, lr, tokens/s, ETA) and per evaluation (eval_loss)
     adapter/            the best checkpoint by validation loss, as a peft adapter dir (the last one without val)
     loss.png            training and validation loss curves
@@ -31,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -39,12 +41,13 @@ import torch
 from qtalign.engine.forward import pad_id
 from qtalign.engine.models import check_model, load_model
 from qtalign.errors import QtalignError
-from qtalign.io import OutputDir, read_json, require_file, write_json
+from qtalign.io import OutputDir, disk_errors, read_json, require_file, write_json
 from qtalign.tracking import check_available
 from qtalign.train.config import TrainConfig
 from qtalign.train.data import Collator, ListDataset, check_template, encode_example, load_pairs, split_rows
 from qtalign.train.loss import install_response_loss
-from qtalign.train.trainer import LogCallback, ResponseTrainer, StepProgress, peak_rss_mb, plot_loss, read_log, truncate_log
+from qtalign.train.trainer import (STAGING, LogCallback, ResponseTrainer, StepProgress, checkpoint_problem, peak_rss_mb,
+                                   plot_loss, read_log, resume_files, truncate_log)
 
 OUR_FILES = ("train_config.json", "checkpoints", "adapter", "trainer_log.jsonl", "loss.png", "summary.json", "tracking")
 CHECKPOINTS = ("checkpoint-*", "tmp-checkpoint-*")  # the folders the Trainer writes (each whole) into checkpoints/
@@ -262,27 +265,57 @@ def _trainer(peft_model, args, tok, train_rows, val_rows, cfg: TrainConfig, out:
     return trainer
 
 
-def _run_trainer(trainer, out: Path, main: bool) -> tuple[object, int | None]:
-    """Train, resuming from the last checkpoint (its log records after that step are dropped)."""
+def _discard_incomplete(folder: Path, trainer) -> None:
+    """Remove from checkpoints/ (qtalign's: the Trainer's folders are listed there by pattern) every staging folder
+    left by a kill and every checkpoint-N that is not complete (``checkpoint_problem``: written by a version that
+    wrote in place, cut by a power loss, or half removed by a rotation), saying which and why."""
+    import re
+
+    od = OutputDir(folder, "checkpoints")
+    for d in sorted(folder.iterdir()):
+        if not d.is_dir() or not od.is_ours(d.name):
+            continue
+        if d.name.startswith(STAGING):
+            why = "its writing was stopped before it was complete"
+        elif re.fullmatch(r"checkpoint-\d+", d.name):
+            why = checkpoint_problem(d, resume_files(trainer, d))
+        else:
+            continue
+        if why:
+            print(f"qtalign train: {d}: discarded, an incomplete checkpoint ({why})", file=sys.stderr)
+            od.remove(d.name)
+
+
+def _resume_point(trainer, out: Path, main: bool) -> str | None:
+    """The newest complete checkpoint (None: start afresh), incomplete ones discarded first by the main process."""
     from transformers.trainer_utils import get_last_checkpoint
 
-    trainer.accelerator.wait_for_everyone()  # an --overwrite by the main process is done
-    ckpt = get_last_checkpoint(str(out / "checkpoints")) if (out / "checkpoints").is_dir() else None
-    resumed_from = None
-    if ckpt:
-        resumed_from = read_json(Path(ckpt) / "trainer_state.json")["global_step"]
-        if main:
-            truncate_log(out / "trainer_log.jsonl", resumed_from)
+    folder = out / "checkpoints"
+    if main and folder.is_dir():
+        _discard_incomplete(folder, trainer)
+    trainer.accelerator.wait_for_everyone()  # an --overwrite or a discard by the main process is done
+    return get_last_checkpoint(str(folder)) if folder.is_dir() else None
+
+
+def _run_trainer(trainer, out: Path, main: bool) -> tuple[object, int | None]:
+    """Train, resuming from the newest complete checkpoint (its log records after that step are dropped). A write
+    that fails for want of space (a checkpoint, the log, the adapter) is an OSError naming what was being written."""
+    ckpt = _resume_point(trainer, out, main)
+    resumed_from = read_json(Path(ckpt) / "trainer_state.json")["global_step"] if ckpt else None
+    if main:  # the records of the steps after the checkpoint (all of them, starting afresh) are lost
+        truncate_log(out / "trainer_log.jsonl", resumed_from or 0)
     # On CPU, tiny LoRA gradients and Adam moments become denormal floats, whose arithmetic is many times slower on
     # x86: flush them to zero (the step rate otherwise falls several-fold after a few dozen steps).
     torch.set_flush_denormal(True)
     try:
-        result = trainer.train(resume_from_checkpoint=ckpt)
+        with disk_errors(out):
+            result = trainer.train(resume_from_checkpoint=ckpt)
     finally:
         torch.set_flush_denormal(False)
     adapter = OutputDir(out, "train").subdir("adapter", "adapter") if main else None
     with adapter.receiving(ADAPTER_FILES) if main else contextlib.nullcontext():  # what save_model writes is recorded
-        trainer.save_model(str(out / "adapter"))  # writes on the main process only
+        with disk_errors(out / "adapter"):
+            trainer.save_model(str(out / "adapter"))  # writes on the main process only
     trainer.accelerator.wait_for_everyone()
     return result, resumed_from
 

@@ -4,14 +4,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import Trainer, TrainerCallback
 
-from qtalign.io import read_jsonl, write_jsonl
+from qtalign.io import disk_errors, read_jsonl, write_jsonl
+
+STAGING = "tmp-"  # a checkpoint is written into checkpoints/tmp-checkpoint-N/ and renamed when complete
 
 class ResponseTrainer(Trainer):
     """Trainer whose loss is the response-only loss, normalised over the target tokens of the whole
@@ -25,6 +30,62 @@ class ResponseTrainer(Trainer):
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch over the accumulation
         self.val_rows = val_rows or []
         self.eval_bs = eval_batch_size
+        self._staging: str | None = None  # where the checkpoint being written goes (see _save_checkpoint)
+
+    def _run_epoch(self, *a, **kw):
+        """An epoch, unless the run already made its steps: resumed from its final checkpoint (killed while the adapter
+        or the summary was written), the Trainer would otherwise make one step more than max_steps."""
+        if self.state.global_step >= self.state.max_steps:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*a, **kw)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """Write the Trainer's checkpoint whole or not at all: it goes into checkpoints/tmp-checkpoint-N/checkpoint-N
+        and is renamed to checkpoints/checkpoint-N (one atomic rename) once every process has written its files, then
+        older ones are rotated out. A kill at any point leaves no checkpoint-N or a complete one (the staging folder is
+        removed by the next save or resume); a full disk is an OSError naming the checkpoint being written."""
+        from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+        root = Path(super()._get_output_dir(trial))
+        name = f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+        staging = root / f"{STAGING}{name}"
+        if self.args.should_save and staging.exists():
+            shutil.rmtree(staging)  # a staging folder left by a kill
+        self.accelerator.wait_for_everyone()
+        self._staging = str(staging)
+        try:
+            with disk_errors(root / name, probe=staging):
+                super()._save_checkpoint(model, trial)  # its rotation sees only the staging folder: nothing to do
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()  # every process's files (rng_state_<i>.pth) are in
+        best = self.state.best_model_checkpoint == str(staging / name)
+        if best:  # every process: the Trainer recorded the staging path; the best is loaded from the final one
+            self.state.best_model_checkpoint = str(root / name)
+        if self.args.should_save:
+            with disk_errors(root / name, probe=staging):
+                self._place(staging / name, root / name, best)
+        self.accelerator.wait_for_everyone()
+
+    def _place(self, staged: Path, final: Path, best: bool) -> None:
+        """Rename a complete staged checkpoint into place (its state recording the final path when it is the best),
+        then keep save_total_limit checkpoints as the Trainer does (the newest and the best kept)."""
+        from transformers.trainer_utils import rotate_checkpoints
+
+        if best:
+            self.state.save_to_json(str(staged / "trainer_state.json"))
+        for f in staged.iterdir():  # on disk before the rename (a power cut does not leave a renamed empty file)
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+        if final.exists():  # an incomplete one of an earlier attempt (a resume discards them; this is the fallback)
+            shutil.rmtree(final)
+        os.rename(staged, final)
+        staged.parent.rmdir()
+        rotate_checkpoints(str(final.parent), self.args.save_total_limit, self.state.best_model_checkpoint)
 
     def _get_train_sampler(self, train_dataset=None):
         sampler = super()._get_train_sampler(train_dataset)
@@ -105,7 +166,7 @@ class LogCallback(TrainerCallback):
             self.t_last, self.tok_last = now, state.num_input_tokens_seen
         else:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with disk_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
 
 class StepProgress(TrainerCallback):
@@ -139,6 +200,58 @@ class StepProgress(TrainerCallback):
 
 
 # ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def resume_files(trainer, path: Path) -> list[str]:
+    """The files a resume of this trainer from the checkpoint folder ``path`` reads: the adapter, the optimizer and
+    scheduler, every process's RNG state, the loss scaler's (fp16 on CUDA) and the Trainer's state. A checkpoint whose
+    RNG files are all of another number of processes (a resume with another world size: the Trainer goes on without
+    them) needs those it holds whole."""
+    world = trainer.args.world_size
+    rng = ["rng_state.pth"] if world <= 1 else [f"rng_state_{i}.pth" for i in range(world)]
+    held = sorted(f.name for f in path.glob("rng_state*.pth"))
+    if held and not set(held) & set(rng):
+        rng = held
+    scaler = ["scaler.pt"] if getattr(trainer.accelerator, "scaler", None) is not None else []
+    return ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "scheduler.pt", *rng, *scaler,
+            "trainer_state.json"]
+
+
+def checkpoint_problem(path: Path, files: list[str]) -> str | None:
+    """Why the checkpoint folder ``path`` (checkpoint-N) cannot be resumed from, or None when it is complete: each of
+    ``files`` is there and whole. JSON files parse (trainer_state.json naming step N); a safetensors file's header
+    parses and its tensors end where the file ends; a torch file is a zip archive whose every member passes its CRC
+    check (torch.save's format): a cut or missing file of any of them is found."""
+    step = path.name.rsplit("-", 1)[-1]
+    for name in files:
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        try:
+            ok = _whole(f, step)
+        except Exception:  # noqa: BLE001 - whatever a cut file makes the parser raise, it is not whole
+            ok = False
+        if not ok:
+            return f"{name} is cut or unreadable"
+    return None
+
+
+def _whole(f: Path, step: str) -> bool:
+    if f.suffix == ".json":
+        doc = json.loads(f.read_text(encoding="utf-8"))
+        return f.name != "trainer_state.json" or str(doc["global_step"]) == step
+    if f.suffix == ".safetensors":
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            header = json.loads(fh.read(n))
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        return 8 + n + end == f.stat().st_size
+    with zipfile.ZipFile(f) as z:
+        return z.testzip() is None
+
+
+# ----------------------------------------------------------------------------------------------------------
 # outputs
 
 
@@ -147,8 +260,9 @@ def read_log(path: Path) -> list[dict]:
 
 
 def truncate_log(path: Path, step: int) -> None:
-    """On resume from a checkpoint at `step`, drop the records of the lost steps after it."""
-    write_jsonl(path, [r for r in read_log(path) if r["step"] <= step])
+    """On resume from a checkpoint at `step` (0: starting afresh), drop the records of the lost steps after it."""
+    if path.exists():
+        write_jsonl(path, [r for r in read_log(path) if r["step"] <= step])
 
 
 def plot_loss(log: list[dict], path: Path, title: str = "LoRA tuning") -> None:
