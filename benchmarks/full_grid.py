@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("QTALIGN_PROGRESS_INTERVAL", "120")
-    out = OutputDir(a.out, "benchmark").claim(adopt=("full_grid.json",))
+    out = OutputDir(a.out, "benchmark").claim()
     mc = ModelConfig(name=a.model, dtype=a.dtype, compile=a.compile)
     lm = load_model(mc)
     shape = model_shape(lm.model)

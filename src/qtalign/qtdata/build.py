@@ -352,7 +352,7 @@ def build_question_data(cfg: QTDataConfig, out_dir: str | Path) -> dict:
     records, stats = build_records(cfg)
     if not records:
         raise QtalignError("no records left after the item range, exclusions and de-duplication")
-    out.claim(adopt=OUR_FILES)
+    out.claim()
     out.remove("summary.json")  # present again only once this build has finished
     out.record(*OUR_FILES)
     keys = ("id", "task", "index", "src", "tgt", "input", "output", "control")
