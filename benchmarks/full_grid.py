@@ -51,10 +51,10 @@ def segment_flops(shape, cfg, lm) -> tuple[float, int]:
     from flops import prompt_flops
 
     from qtalign.engine.forward import encode_prompts
-    from qtalign.eval.run import Plan, build_requests
+    from qtalign.eval.run import build_requests
     from qtalign.scoring.scorer import Scorer
 
-    plan = Plan(cfg, lm.info["identity"])
+    plan = cfg.plan(lm.info["identity"])
     scorer = Scorer(lm.model, lm.tokenizer, "first-token")
     total, n = 0.0, 0
     for g, items in plan.items.items():
