@@ -498,3 +498,26 @@ def test_store_import_refuses_edited_flipped_and_cut_records(fresh, tmp_path):
     (cut / "predictions.jsonl.gz").write_bytes((cut / "predictions.jsonl.gz").read_bytes()[:-20])
     with pytest.raises(QtalignError, match="cannot be read|do not match"):
         import_evaluation(cut)
+
+
+@needs_shared
+def test_a_published_evaluation_imports_and_is_found_again_by_its_plan(tmp_path, monkeypatch):
+    """The published base evaluations keep their store keys: one imports (its recorded fingerprint is recomputed by
+    the plan from this machine's contents) and the plan of the same config finds every item in the store."""
+    from conftest import ROOT
+
+    from qtalign.engine.models import model_identity
+    from qtalign.eval.config import EvalConfig
+    from qtalign.eval.run import import_evaluation, store_keys
+    from qtalign.eval.store import Store
+
+    monkeypatch.setenv("QTALIGN_STORE", str(tmp_path / "store"))
+    pub = ROOT / "docs" / "results" / "qwen05_snli_zhde_en_epyc" / "eval" / "base"
+    got = import_evaluation(pub, data_dir=str(OFFICIAL))
+    assert got["records"] == got["added"] == 8100
+    recorded = json.loads((pub / "results.json").read_text())
+    cfg = EvalConfig.model_validate(recorded["config"]).model_copy(update={"data_dir": str(OFFICIAL)})
+    plan = cfg.plan(model_identity(cfg.model))
+    assert plan.for_model(plan.model, EvalConfig.model_validate(recorded["config"])).fingerprint == recorded["fingerprint"]
+    store, keys = Store(), store_keys(plan)
+    assert all({it.index for it in its} <= set(store.records(keys[g])) for g, its in plan.items.items())

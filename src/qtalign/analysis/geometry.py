@@ -34,7 +34,8 @@ from threadpoolctl import threadpool_limits
 
 from qtalign.analysis.common import analysis_summary, load_models, prepare_analysis, write_summary
 from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - the geometry stage's config
-from qtalign.engine.forward import Engine, Prompt, encode_prompts, lcp, pad_id
+from qtalign.engine.forward import Engine, Prompt, encode_prompts
+from qtalign.tokenids import lcp, pad_id
 from qtalign.engine.models import LoadedModel
 from qtalign.errors import NonFiniteError, QtalignError
 from qtalign.tasks.items import cluster_ids
