@@ -52,7 +52,6 @@ class Models:
         self.cfg, self.log = cfg, log
         self.names = ["base", "tuned"] if "train" in cfg.stages else ["base"]
         self._loaded: dict[str, LoadedModel] = {}
-        self._base_id: dict | None = None
 
     def config(self, which: str) -> ModelConfig:
         if which == "base":
@@ -65,14 +64,11 @@ class Models:
         return next(w for w in self.names if self.config(w).model_dump() == mc.model_dump())
 
     def identity(self, which: str) -> dict:
-        """engine.models.model_identity (the tuned model's covers the trained adapter's content: asked once it exists)."""
+        """engine.models.model_identity (the tuned model's covers the trained adapter's content: asked once it exists;
+        content hashes are cached by path, size and mtime)."""
         from qtalign.engine.models import model_identity
 
-        if which != "base":
-            return model_identity(self.config(which))
-        if self._base_id is None:
-            self._base_id = model_identity(self.cfg.model)
-        return self._base_id
+        return model_identity(self.config(which))
 
     def model(self, which: str) -> LoadedModel:
         if which not in self._loaded:
