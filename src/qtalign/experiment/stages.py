@@ -14,8 +14,8 @@ stage is then two functions of the same arguments, and nothing else:
     data -> train -> eval/base, eval/tuned -> lens -> geometry          (the report is the runner's sink, after them)
 
 A unit that reads another is fingerprinted once that one is done: the tuned model's identity is the trained adapter's
-content, so the tuned evaluation records the same fingerprint in stage.json as in results.json. A new stage is an
-entry in STAGE_FUNCTIONS and a section in experiment/config.py.
+content, so the tuned evaluation records the same fingerprint in stage.json as in results.json. A new stage is its
+two functions in STAGE_FUNCTIONS, its units in plan_units and a section in experiment/config.py.
 """
 
 from __future__ import annotations
