@@ -51,10 +51,10 @@ def segment_flops(shape, cfg, lm) -> tuple[float, int]:
     from flops import prompt_flops
 
     from qtalign.engine.forward import encode_prompts
-    from qtalign.eval.run import Plan, build_requests
+    from qtalign.eval.run import build_requests
     from qtalign.scoring.scorer import Scorer
 
-    plan = Plan(cfg, lm.info["identity"])
+    plan = cfg.plan(lm.info["identity"])
     scorer = Scorer(lm.model, lm.tokenizer, "first-token")
     total, n = 0.0, 0
     for g, items in plan.items.items():
@@ -145,7 +145,7 @@ def main(argv=None) -> int:
     if a.threads:
         torch.set_num_threads(a.threads)
     os.environ.setdefault("QTALIGN_PROGRESS_INTERVAL", "120")
-    out = OutputDir(a.out, "benchmark").claim(adopt=("full_grid.json",))
+    out = OutputDir(a.out, "benchmark").claim()
     mc = ModelConfig(name=a.model, dtype=a.dtype, compile=a.compile)
     lm = load_model(mc)
     shape = model_shape(lm.model)

@@ -13,7 +13,8 @@ import torch
 from conftest import ARCH_TOKENIZER, tiny_model
 from fake_servers import FakeServer, plain_logprobs
 from qtalign.engine.backend import ServerError, SglangBackend, TorchBackend, VllmBackend, open_backend
-from qtalign.engine.forward import Engine, Prompt, encode_prompts, pad_id
+from qtalign.engine.forward import Engine, Prompt, encode_prompts
+from qtalign.tokenids import pad_id
 from qtalign.errors import QtalignError
 from qtalign.scoring.scorer import ScoreRequest, Scorer
 from qtalign.tasks.specs import load_specs

@@ -211,7 +211,7 @@ def test_store_is_not_used_when_data_model_or_numerics_change(tmp_path, tiny_lla
     res = evaluate(cfg.model_copy(update={"model": cfg.model.model_copy(update={"dtype": "bf16"})}), tmp_path / "c",
                    loaded=None, progress=False)
     assert res["timing"]["items_from_store"] == 0
-    import qtalign.eval.run as ev
+    import qtalign.engine.forward as ev
 
     monkeypatch.setattr(ev, "NUMERICS_VERSION", "test-next")
     res = evaluate(cfg, tmp_path / "d", loaded=tiny_loaded, progress=False)
@@ -265,7 +265,7 @@ def test_store_import_verifies_a_published_evaluation_then_serves_it(tmp_path, t
     assert not any(store.root.rglob("records.jsonl"))
 
     # another engine numerics version: refused, nothing added
-    import qtalign.eval.run as ev
+    import qtalign.engine.forward as ev
 
     with monkeypatch.context() as m:
         m.setattr(ev, "NUMERICS_VERSION", "test-next")

@@ -14,8 +14,7 @@ import yaml
 from conftest import OFFICIAL, needs_shared
 from qtalign.cli import main
 from qtalign.errors import QtalignError
-from qtalign.experiment.config import ExperimentConfig, apply_overrides, dump_config, list_configs, load_experiment
-from qtalign.experiment.overlap import check_overlap
+from qtalign.experiment.config import ExperimentConfig, apply_overrides, dump_config, list_configs, load_experiment, stage_config
 from qtalign.experiment.runner import Experiment
 
 
@@ -123,14 +122,19 @@ def test_overrides_and_extends(tmp_path):
 def test_stage_configs_get_top_level_fields(tmp_path):
     cfg = ExperimentConfig.model_validate({**tiny_dict("m", tmp_path), "seed": 7, "data_dir": "/dd", "prompts": ["p.json"]})
     e = Experiment(cfg)
-    ec = e.stage_config("eval", model=e.model_cfg("tuned").model_dump())
+    ec = stage_config(cfg, "eval", model=e.models.config("tuned").model_dump())
     assert ec.seed == 7 and ec.model.adapter == str(tmp_path / "train" / "adapter") and ec.prompts == ["p.json"]
-    assert ec.data_dir == "/dd" and e.stage_config("data").seed == 7 and e.stage_config("train").model.name == "m"
-    assert e.stage_config("eval").model.adapter is None
+    assert ec.data_dir == "/dd" and stage_config(cfg, "data").seed == 7 and stage_config(cfg, "train").model.name == "m"
+    assert stage_config(cfg, "eval").model.adapter is None
 
 
 # ------------------------------------------------------------------------------------------------------------------
 # overlap
+
+
+def overlap_of(cfg: ExperimentConfig) -> dict:
+    """The train/eval overlap check the data stage's plan records (raises on a shared item)."""
+    return next(u.plan for u in Experiment(cfg).units() if u.stage == "data").overlap
 
 
 def test_overlap_detected_before_anything_runs(tmp_path):
@@ -142,8 +146,7 @@ def test_overlap_detected_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()  # nothing was written, the model never loaded
     # exclusions resolve it; the record names the files and ranges
     d["eval"]["exclude_items"] = list(range(60, 70))
-    e = Experiment(ExperimentConfig.model_validate(d))
-    ov = check_overlap(e.stage_config("data"), e.stage_config("eval"))
+    ov = overlap_of(ExperimentConfig.model_validate(d))
     row = ov["tasks"][0]
     assert ov["overlap"] is False and row["n_shared"] == 0 and row["n_eval"] == 10 and "same item files" in row["note"]
     assert ov["seen_langs"] == ["en", "zh", "de"]
@@ -153,8 +156,7 @@ def test_overlap_detected_before_anything_runs(tmp_path):
     for lang in ("de", "en"):
         (tmp_path / f"snli_{lang}.jsonl").write_text(
             "".join(json.dumps({"premise": f"p{i} {lang}", "hypothesis": f"h{i}"}) + "\n" for i in range(10)), encoding="utf-8")
-    e2 = Experiment(ExperimentConfig.model_validate(d2))
-    ov2 = check_overlap(e2.stage_config("data"), e2.stage_config("eval"))
+    ov2 = overlap_of(ExperimentConfig.model_validate(d2))
     assert ov2["tasks"][0]["n_shared"] == 0 and "different data set" in ov2["tasks"][0]["note"]
 
 
@@ -162,8 +164,7 @@ def test_overlap_detected_before_anything_runs(tmp_path):
 def test_overlap_official_question_files_recorded():
     cfg = load_experiment(["studies/snli_zhde_en_gemma"], ["data.rows_per_lang=5", "eval.tasks=snli", "eval.langs=en,de"],
                           extra={"data_dir": str(OFFICIAL)})
-    e = Experiment(cfg)
-    ov = check_overlap(e.stage_config("data"), e.stage_config("eval"))
+    ov = overlap_of(cfg)
     assert ov["n_train_rows"] == 10 and ov["seen_langs"] == ["en", "zh", "de"]
     assert "question files" in ov["tasks"][0]["note"] and ov["tasks"][0]["n_eval"] == 30
 
@@ -202,6 +203,45 @@ def test_run_writes_every_stage(tiny_run):
     preds = [json.loads(x) for x in (out / "eval" / "base" / "predictions.jsonl").read_text().splitlines()]
     tpreds = [json.loads(x) for x in (out / "eval" / "tuned" / "predictions.jsonl").read_text().splitlines()]
     assert len(preds) == len(tpreds) == 18 and [p["scores"] for p in preds] != [p["scores"] for p in tpreds]
+
+
+def test_one_fingerprint_per_unit(tiny_run):
+    """A unit's stage.json records the fingerprint its own outputs record: an evaluation's run.json and results.json
+    (the tuned one's covers the trained adapter's content), an analysis's summary.json (which covers the data); the
+    data stage's summary records the overlap check and the seen languages the run recorded."""
+    cfg, out, _ = tiny_run
+    for which in ("base", "tuned"):
+        fp = _stage(out, f"eval/{which}")["fingerprint"]
+        res = json.loads((out / "eval" / which / "results.json").read_text())
+        assert fp == res["fingerprint"] == json.loads((out / "eval" / which / "run.json").read_text())["fingerprint"]
+    assert _stage(out, "eval/base")["fingerprint"] != _stage(out, "eval/tuned")["fingerprint"]
+    for name in ("lens", "geometry"):
+        summary = json.loads((out / name / "summary.json").read_text())
+        assert _stage(out, name)["fingerprint"] == summary["fingerprint"]
+        assert set(summary["covers"]["model"]) == {"base", "tuned"} and summary["covers"]["data_sha256"]
+    exp = json.loads((out / "experiment.json").read_text())
+    data = json.loads((out / "data" / "summary.json").read_text())
+    assert data["overlap"] == exp["overlap"] and data["seen_langs"] == exp["seen_langs"] == ["en", "zh", "de"]
+
+
+def test_a_run_builds_its_records_once_and_writes_each_record_file_once(fresh, monkeypatch):
+    """The question records are built once per run (the overlap check and the data stage share them); a run that
+    skips everything writes experiment.json twice and each stage.json once; a rerun of the data stage builds once."""
+    import qtalign.experiment.runner as runner
+    import qtalign.qtdata.build as build
+
+    cfg, out = fresh
+    builds, writes = [], []
+    real_build, real_write = build.build_records, runner.write_json
+    monkeypatch.setattr(build, "build_records", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    monkeypatch.setattr(runner, "write_json", lambda p, d: writes.append(Path(p).relative_to(out).as_posix()) or real_write(p, d))
+    assert set(Experiment(cfg, log=lambda s: None).run().values()) == {"skipped"}
+    assert len(builds) == 1 and writes.count("experiment.json") == 2
+    stage_files = [w for w in writes if w.endswith("stage.json")]
+    assert sorted(stage_files) == sorted(set(stage_files)) and len(stage_files) == 7
+    builds.clear()
+    assert Experiment(cfg, log=lambda s: None).run(["data"], force=["data"]) == {"data": "ran"}
+    assert len(builds) == 1 and (out / "data" / "train.jsonl").is_file()
 
 
 @pytest.fixture
@@ -458,3 +498,26 @@ def test_store_import_refuses_edited_flipped_and_cut_records(fresh, tmp_path):
     (cut / "predictions.jsonl.gz").write_bytes((cut / "predictions.jsonl.gz").read_bytes()[:-20])
     with pytest.raises(QtalignError, match="cannot be read|do not match"):
         import_evaluation(cut)
+
+
+@needs_shared
+def test_a_published_evaluation_imports_and_is_found_again_by_its_plan(tmp_path, monkeypatch):
+    """The published base evaluations keep their store keys: one imports (its recorded fingerprint is recomputed by
+    the plan from this machine's contents) and the plan of the same config finds every item in the store."""
+    from conftest import ROOT
+
+    from qtalign.engine.models import model_identity
+    from qtalign.eval.config import EvalConfig
+    from qtalign.eval.run import import_evaluation, store_keys
+    from qtalign.eval.store import Store
+
+    monkeypatch.setenv("QTALIGN_STORE", str(tmp_path / "store"))
+    pub = ROOT / "docs" / "results" / "qwen05_snli_zhde_en_epyc" / "eval" / "base"
+    got = import_evaluation(pub, data_dir=str(OFFICIAL))
+    assert got["records"] == got["added"] == 8100
+    recorded = json.loads((pub / "results.json").read_text())
+    cfg = EvalConfig.model_validate(recorded["config"]).model_copy(update={"data_dir": str(OFFICIAL)})
+    plan = cfg.plan(model_identity(cfg.model))
+    assert plan.for_model(plan.model, EvalConfig.model_validate(recorded["config"])).fingerprint == recorded["fingerprint"]
+    store, keys = Store(), store_keys(plan)
+    assert all({it.index for it in its} <= set(store.records(keys[g])) for g, its in plan.items.items())

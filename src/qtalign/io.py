@@ -417,10 +417,9 @@ class OutputDir:
     def owned(self) -> bool:
         return (self.path / MARKER).is_file() or self.whole()
 
-    def claim(self, adopt: Iterable[str] = ()) -> "OutputDir":
+    def claim(self) -> "OutputDir":
         """Create the folder and write its marker (a folder its owner lists as written whole, without a marker of
-        its own, gets one listing everything in it). ``adopt`` is ignored (report/compare.py and qtdata/build.py
-        still pass it; drop it there and here together)."""
+        its own, gets one listing everything in it)."""
         self.check()
         try:
             self.path.mkdir(parents=True, exist_ok=True)

@@ -12,7 +12,6 @@ import numpy as np
 from qtalign.analysis.config import BASE, AnalysisConfig
 from qtalign.engine.models import LoadedModel, load_model
 from qtalign.io import write_json
-from qtalign.tasks.specs import load_specs
 
 def load_models(cfg: AnalysisConfig) -> dict[str, LoadedModel]:
     """{'base': the base model, label: base model + adapter for every entry of cfg.compare}."""
@@ -37,17 +36,19 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # stage
 
 
-def analysis_summary(stage: str, cfg: AnalysisConfig, models: dict, t0: float, **fields) -> dict:
+def analysis_summary(stage: str, plan, models: dict, t0: float, **fields) -> dict:
     """The summary.json record every analysis stage writes (docs/architecture.md), with stage-specific `fields`; its
-    fingerprint covers the config, the models' identities and the engine's numerics (the data is recorded by the
-    experiment's unit, which reads it before the stage runs)."""
-    from qtalign.engine.forward import NUMERICS_VERSION
-    from qtalign.io import fingerprint
-
-    ids = {n: lm.info.get("identity") for n, lm in models.items()}
-    return {"stage": stage, "fingerprint": fingerprint(cfg.result_config(), model=ids, numerics=NUMERICS_VERSION),
-            "config": cfg.model_dump(mode="json"),
+    fingerprint is the plan's for the models compared: the config, the data, the models' identities and the
+    engine's numerics (the experiment's unit records the same value)."""
+    plan = plan.for_model(model_ids(models))
+    return {"stage": stage, "fingerprint": plan.fingerprint, "covers": plan.covers(),
+            "config": plan.cfg.model_dump(mode="json"),
             "models": {n: lm.info for n, lm in models.items()}, **fields, "timing_s": round(time.time() - t0, 2)}
+
+
+def model_ids(models: dict) -> dict:
+    """{name: identity} of the models an analysis compares (what its fingerprint records of them)."""
+    return {n: lm.info.get("identity") for n, lm in models.items()}
 
 
 def write_summary(out: Path, summary: dict) -> None:
@@ -59,27 +60,20 @@ def fmt(x: float) -> str:
 
 
 def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path, kind: str, own: tuple[str, ...], check=None,
-                     apply_limit: bool = True):
-    """What every analysis run starts with, before any model is loaded: seeds, the specs, the groups that have data,
-    their items (every data error here), the stage's own checks (``check(groups)``), and only then the output dir
-    claimed -> (out, specs, source, groups, skipped, items)."""
+                     apply_limit: bool = True, plan=None):
+    """What every analysis run starts with, before any model is loaded: seeds, the plan (specs, the groups that
+    have data, their items: every data error here; ``plan`` when the caller made it already), the stage's own checks
+    (``check(groups)``), and only then the output dir claimed -> (out, plan)."""
     from transformers import set_seed
 
     from qtalign.io import OutputDir
 
     set_seed(cfg.seed)
     out = OutputDir(out_dir, kind).check()
-    specs = load_specs(cfg.prompts)
-    source = cfg.source()
-    groups, skipped = cfg.plan(specs)
-    sel = cfg if apply_limit else cfg.model_copy(update={"limit": None})
-    items = {}
-    for g in groups:
-        if (g.task, g.lang) not in items:
-            items[(g.task, g.lang)] = sel.select(specs.task(g.task), g.lang, source)
+    plan = plan or cfg.plan(limit=apply_limit)
     if check is not None:
-        check(groups)
+        check(plan.groups)
     out.claim()
     out.remove("summary.json")  # present again only once this run has finished
     out.record(*own)
-    return out.path, specs, source, groups, skipped, items
+    return out.path, plan

@@ -34,7 +34,8 @@ from threadpoolctl import threadpool_limits
 
 from qtalign.analysis.common import analysis_summary, load_models, prepare_analysis, write_summary
 from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - the geometry stage's config
-from qtalign.engine.forward import Engine, Prompt, encode_prompts, lcp, pad_id
+from qtalign.engine.forward import Engine, Prompt, encode_prompts
+from qtalign.tokenids import lcp, pad_id
 from qtalign.engine.models import LoadedModel
 from qtalign.errors import NonFiniteError, QtalignError
 from qtalign.tasks.items import cluster_ids
@@ -339,14 +340,17 @@ def _prompts(task, t: str, v: str, langs: list[str], common: list[int], per_lang
     return out
 
 
-def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True) -> dict:
+def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True,
+                 plan=None) -> dict:
     """Representation geometry for every task x variant of ``cfg`` and every model (``{'base': ..., 'tuned': ...}``;
-    loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
+    loaded from ``cfg`` when None; ``plan``: cfg's plan with every item of the range, eval/plan.py). Returns the
+    summary dict (also written to ``out_dir/summary.json``)."""
     from qtalign.progress import Progress
 
     t0 = time.time()
-    out, specs, source, groups, skipped, items = prepare_analysis(cfg, out_dir, "geometry", OUR_FILES,
-                                                                   check=lambda gs: _check(cfg, gs), apply_limit=False)
+    out, plan = prepare_analysis(cfg, out_dir, "geometry", OUR_FILES, check=lambda gs: _check(cfg, gs), apply_limit=False,
+                                 plan=plan)
+    specs, groups, skipped, items = plan.specs, plan.groups, plan.skipped, plan.by_lang
     models = models or load_models(cfg)
     names = list(models)
     figures, tables, numbers, retrieval = [], [], {}, {}
@@ -375,7 +379,7 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
             numbers[f"{t}/{v}/items"] = len(common)
             retrieval[f"{t}/{v}"] = retrieval_record(res, names, cfg.pools, langs, cfg.reference, len(common), clusters)
     summary = analysis_summary(
-        "geometry", cfg, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
+        "geometry", plan, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
         timing_per_model_s={n: round(x, 2) for n, x in timing.items()}, base=BASE, retrieval=retrieval,
     )
     write_summary(out, summary)

@@ -281,11 +281,14 @@ def _task_outputs(t: str, v: str, sel: dict, names: list[str], out: Path, vocab:
     return {"title": f"Logit lens: {t} ({v} prompts)", "markdown": "\n".join(md)}, figures
 
 
-def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True) -> dict:
+def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel] | None = None, progress: bool = True,
+             plan=None) -> dict:
     """Run the lens for every task x variant x language of ``cfg`` and every model (``{'base': ..., 'tuned': ...}``;
-    loaded from ``cfg`` when None). Returns the summary dict (also written to ``out_dir/summary.json``)."""
+    loaded from ``cfg`` when None; ``plan``: cfg's plan, eval/plan.py). Returns the summary dict (also written to
+    ``out_dir/summary.json``)."""
     t0 = time.time()
-    out, specs, source, groups, skipped, items = prepare_analysis(cfg, out_dir, "lens", OUR_FILES)
+    out, plan = prepare_analysis(cfg, out_dir, "lens", OUR_FILES, plan=plan)
+    specs, groups, skipped, items = plan.specs, plan.groups, plan.skipped, plan.by_lang
     models = models or load_models(cfg)
     results, timing, n_items, vocab = _run_models(cfg, models, specs, groups, items, out, skipped, progress)
     _write_means(results, out)
@@ -299,7 +302,7 @@ def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel
                 tables.append(table)
                 figures += figs
     summary = analysis_summary(
-        "lens", cfg, models, t0, figures=figures, tables=tables, numbers=numbers,
+        "lens", plan, models, t0, figures=figures, tables=tables, numbers=numbers,
         dropped={f"{t}/{v}/{lang}": by[names[0]].dropped for (t, v, lang), by in results.items()},
         skipped=skipped, timing_per_model_s=timing, items_per_s=round(n_items / max(sum(timing.values()), 1e-9), 3),
     )

@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from qtalign.errors import QtalignError
+from qtalign.tokenids import lcp
 
 # The version of the engine's numerics: part of every evaluation fingerprint. Bump it when a change to the forward
 # pass (kernels, batching, caching, dtype handling) can change a score, so that stored results computed before are
@@ -39,22 +40,6 @@ class Encoded:
     group: str
     ids: list[int]
     prefix_len: int = 0  # tokens shared with the group's cached prefix
-
-
-def pad_id(tokenizer) -> int:
-    """The id right-padded batches are filled with (never attended to): the pad token, else EOS, else 0."""
-    if tokenizer.pad_token_id is not None:
-        return tokenizer.pad_token_id
-    return tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-
-
-def lcp(a: list[int], b: list[int]) -> int:
-    """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
 
 
 def encode_prompts(tokenizer, prompts: Iterable[Prompt], max_length: int | None = None) -> list[Encoded]:

@@ -102,7 +102,13 @@ class TaskSelection(BaseModel):
         """The settings that change results: the config part of the fingerprint."""
         return self.model_dump(mode="json", exclude=set(NOT_FINGERPRINTED) & set(type(self).model_fields))
 
-    def plan(self, specs: SpecSet) -> tuple[list[Group], list[dict]]:
+    def plan(self, model: dict | None = None, limit: bool = True):
+        """The one plan (eval/plan.Plan): groups, items, content hashes and the fingerprint for ``model``'s identity."""
+        from qtalign.eval.plan import Plan
+
+        return Plan.build(self, model, limit)
+
+    def groups(self, specs: SpecSet) -> tuple[list[Group], list[dict]]:
         """(groups with data, skipped task x language pairs): an explicit language without data is an error; 'all',
         'high' and 'low' skip it with a note (the public data has no is/ms test files)."""
         source = self.source()

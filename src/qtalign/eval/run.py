@@ -19,19 +19,16 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from qtalign.engine.forward import NUMERICS_VERSION
 from qtalign.engine.models import LoadedModel, check_model, device_type, load_model, load_tokenizer, model_identity, resolve_source
 from qtalign.errors import QtalignError, data_error
 from qtalign.eval.config import EvalConfig
 from qtalign.eval.metrics import compute_metrics, write_tables
-from qtalign.eval.store import RECORD_VERSION, Store, group_fingerprint, spec_digest
-from qtalign.io import (OutputDir, files_sha256, fingerprint, parse_jsonl, read_json, read_jsonl, repair_jsonl_tail,
-                        write_json, write_jsonl)
+from qtalign.eval.plan import Plan
+from qtalign.eval.store import RECORD_VERSION, Store
+from qtalign.io import OutputDir, parse_jsonl, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
 from qtalign.scoring.faithful import official_correct, special_case
 from qtalign.scoring.scorer import ScoreRequest, Scorer, argmax, calibrate, content_free_requests, mean_probs
 from qtalign.tasks.groups import Group
-from qtalign.tasks.items import cluster_ids, data_hashes
-from qtalign.tasks.specs import SpecSet, load_specs
 from qtalign.tracking import check_available, eval_scalars, log_metrics
 
 OUR_FILES = ("run.json", "predictions.jsonl", "results.json", "table.md", "table.csv", "labels.md", "labels.json", "lm_eval",
@@ -62,59 +59,16 @@ def build_requests(task, lang: str, variant: str, items: list, method: str) -> l
 # planning: items, fingerprints, what is already done
 
 
-class Plan:
-    """Everything an evaluation reads and decides before it loads a model: groups, items, data hashes, the run's
-    fingerprint and the store fingerprint of each group."""
-
-    def __init__(self, cfg: EvalConfig, model_id: dict):
-        self.cfg = cfg
-        self.specs: SpecSet = load_specs(cfg.prompts)
-        source = cfg.source()
-        self.groups, self.skipped = cfg.plan(self.specs)
-        self.items: dict[Group, list] = {}
-        self.data: dict[str, dict] = {}
-        for g in self.groups:
-            task = self.specs.task(g.task)
-            tl = f"{g.task}/{g.lang}"
-            if tl not in self.data:
-                self.data[tl] = data_hashes(task, g.lang, source)
-            self.items[g] = cfg.select(task, g.lang, source)
-        self.model_id = model_id
-        self.specs_digest = {f"{g.task}/{g.lang}": spec_digest(self.specs.task(g.task), g.lang) for g in self.groups}
-        self.content = {"items": self.data, "prompts": files_sha256(cfg.prompts), "specs": self.specs_digest}
-        self.fingerprint = fingerprint(cfg.result_config(), data=self.content, model=model_id, numerics=NUMERICS_VERSION)
-        device = device_type(cfg.model.device) if cfg.backend == "torch" else cfg.backend  # a server: its identity is in model_id
-        scoring = {"method": cfg.method, "calibrate": cfg.calibrate, "device": device, "records": RECORD_VERSION}
-        if cfg.method == "sequence":
-            scoring["length_norm"] = cfg.length_norm
-        if cfg.method == "faithful":
-            scoring["seed"] = cfg.seed
-        self.group_fp = {g: group_fingerprint(g, self.specs.task(g.task), scoring, self.data[f"{g.task}/{g.lang}"],
-                                              model_id, NUMERICS_VERSION) for g in self.groups}
-
-    def keys(self) -> set[str]:
-        return {g.key(it.index) for g, its in self.items.items() for it in its}
-
-    def clusters(self) -> dict[str, dict[int, int]]:
-        """task -> item index -> cluster id, for tasks whose items come in clusters (SNLI's premise triples): read
-        from the English items where they are evaluated (parallel items share an index), else the first language's."""
-        out = {}
-        for t in self.cfg.tasks:
-            groups = sorted((g for g in self.items if g.task == t), key=lambda g: g.lang != "en")
-            if groups:
-                its = self.items[groups[0]]
-                ids = cluster_ids(self.specs.task(t), its)
-                if ids is not None:
-                    out[t] = {it.index: c for it, c in zip(its, ids)}
-        return out
-
-    def resource(self) -> dict[str, str]:
-        return {c: lang.resource_group for c, lang in self.specs.languages.items()}
-
-    def covers(self) -> dict:
-        """What the fingerprint covers, as recorded in run.json and results.json."""
-        return {"config": self.cfg.result_config(), "data_sha256": self.data, "model": self.model_id,
-                "numerics": NUMERICS_VERSION}
+def store_keys(plan: Plan) -> dict[Group, str]:
+    """The shared store's key of each group of an evaluation's plan: its scoring settings with the plan's hashes."""
+    cfg = plan.cfg
+    device = device_type(cfg.model.device) if cfg.backend == "torch" else cfg.backend  # a server: its identity is in the model
+    scoring = {"method": cfg.method, "calibrate": cfg.calibrate, "device": device, "records": RECORD_VERSION}
+    if cfg.method == "sequence":
+        scoring["length_norm"] = cfg.length_norm
+    if cfg.method == "faithful":
+        scoring["seed"] = cfg.seed
+    return plan.store_keys(scoring)
 
 
 def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
@@ -171,8 +125,9 @@ def _done(out: Path, plan: Plan, store: Store | None) -> tuple[dict[str, dict], 
             for r in read_jsonl(p) if r.get("key") in want}
     n_store = 0
     if store is not None:
+        keys = store_keys(plan)
         for g, its in plan.items.items():
-            stored = store.records(plan.group_fp[g])
+            stored = store.records(keys[g])
             for it in its:
                 k = g.key(it.index)
                 if k not in done and it.index in stored and stored[it.index].get("key") == k:
@@ -247,10 +202,24 @@ def _score_groups(scorer: Scorer, plan: Plan, todo: dict[Group, list], shard: Pa
     return timings
 
 
+def evaluation_identity(cfg: EvalConfig, loaded=None, backend=None) -> dict:
+    """The model identity an evaluation's fingerprint and store keys record: the loaded model's, else the config's
+    (checked first); a server's engine, version and model are added, so its records never mix with another engine's."""
+    if cfg.backend != "torch" and backend is None:
+        backend = _server_backend(cfg)
+    if isinstance(loaded, LoadedModel) and backend is None:
+        model_id = loaded.info.get("identity") or model_identity(cfg.model)
+    else:
+        check_model(cfg.model)
+        model_id = model_identity(cfg.model)
+    return {**model_id, "backend": backend.identity()} if backend is not None else model_id
+
+
 def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[], LoadedModel] | None = None,
-             overwrite: bool = False, progress: bool = True) -> dict:
+             overwrite: bool = False, progress: bool = True, plan: Plan | None = None) -> dict:
     """Evaluate ``cfg`` into ``out``; returns the results dict (also results.json). ``loaded``: a loaded model, or a
-    function returning one (called only when some item is not already in the run dir or the store)."""
+    function returning one (called only when some item is not already in the run dir or the store). ``plan``: the
+    plan of ``cfg`` for its model (``cfg.plan(evaluation_identity(cfg))``) when the caller made it already."""
     from transformers import set_seed
 
     from qtalign.engine.parallel import barrier_group, distributed_state, finish_barrier, on_main_then_share
@@ -261,14 +230,9 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     if cfg.store:
         Store().check()
     backend = _server_backend(cfg)  # None for the native engine
-    if isinstance(loaded, LoadedModel) and backend is None:
-        model_id = loaded.info.get("identity") or model_identity(cfg.model)
-    else:
-        check_model(cfg.model)
-        model_id = model_identity(cfg.model)
-    if backend is not None:  # the server's engine, version and model: its records never mix with another engine's
-        model_id = {**model_id, "backend": backend.identity()}
-    plan = Plan(cfg, model_id)  # all data read and checked here, before any model or output
+    # all data read and checked here, before any model or output
+    plan = plan or cfg.plan(evaluation_identity(cfg, loaded, backend))
+    model_id = plan.model
     state = distributed_state()
     group = barrier_group(state)  # made while the processes are in step; waited on at the end, however uneven
     out_dir = OutputDir(out, "eval")
@@ -337,8 +301,9 @@ def _finish(plan: Plan, out_dir: OutputDir, store, lm, done: dict, n_store: int,
     write_jsonl(out / "predictions.jsonl", recs)
     out_dir.remove(*[p.name for p in out.glob("predictions.rank*.jsonl") if out_dir.is_ours(p.name)])
     if store is not None:
+        keys = store_keys(plan)
         for g, its in plan.items.items():
-            store.add(plan.group_fp[g], [records[g.key(it.index)] for it in its],
+            store.add(keys[g], [records[g.key(it.index)] for it in its],
                       {"group": g.name, "covers": {**plan.covers(), "data_sha256": plan.data[f"{g.task}/{g.lang}"]}})
     specs = plan.specs
     classes = {t: specs.task(t).classes for t in plan.cfg.tasks}
@@ -348,7 +313,7 @@ def _finish(plan: Plan, out_dir: OutputDir, store, lm, done: dict, n_store: int,
         "config": plan.cfg.model_dump(mode="json"),
         "fingerprint": plan.fingerprint,
         "covers": plan.covers(),
-        "model": lm.info if lm is not None else _model_info(plan.cfg.model, plan.model_id),
+        "model": lm.info if lm is not None else _model_info(plan.cfg.model, plan.model),
         "environment": env,
         "seed": plan.cfg.seed,
         "processes": world,
@@ -497,13 +462,12 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
     if here.model.adapter and not Path(here.model.adapter).expanduser().exists():
         raise QtalignError(f"{src}: its model's adapter {here.model.adapter} is not here; give its path with --adapter")
     model_id = model_identity(here.model)
-    plan = Plan(here, model_id)
+    plan = here.plan(model_id)
     # the recorded config (its paths) with this machine's contents, model and numerics
-    fp = fingerprint(recorded.result_config(), data=plan.content, model=model_id, numerics=NUMERICS_VERSION)
-    if fp != run["fingerprint"]:
-        covers = run.get("covers", {})
-        if covers.get("numerics") != NUMERICS_VERSION:
-            why = f"engine numerics {covers.get('numerics')} != {NUMERICS_VERSION} here"
+    if plan.for_model(model_id, recorded).fingerprint != run["fingerprint"]:
+        covers, numerics = run.get("covers", {}), plan.covers()["numerics"]
+        if covers.get("numerics") != numerics:
+            why = f"engine numerics {covers.get('numerics')} != {numerics} here"
         elif covers.get("model") != model_id:
             why = f"model {covers.get('model')} != {model_id} here"
         elif covers.get("data_sha256") != plan.data:
@@ -529,7 +493,8 @@ def import_evaluation(src: str | Path, data_dir: str | None = None, prompts: lis
     if n != len(want):
         raise QtalignError(f"{src / 'predictions.jsonl'}: {n} records for {len(want)} planned items; not imported")
     store = (store or Store()).check()
-    added = sum(store.add(plan.group_fp[g], recs,
+    keys = store_keys(plan)
+    added = sum(store.add(keys[g], recs,
                           {"group": g.name, "imported_from": str(src),
                            "covers": {**plan.covers(), "data_sha256": plan.data[f"{g.task}/{g.lang}"]}})
                 for g, recs in by_group.items())

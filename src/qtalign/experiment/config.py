@@ -164,6 +164,26 @@ class ExperimentConfig(BaseModel):
         return Path(self.out or f"runs/{self.name}").expanduser()  # `out: ~/x` is the home's x
 
 
+def stage_config(cfg: ExperimentConfig, name: str, **extra):
+    """The section ``name`` as the stage's own config, with the top-level model/seed/data_dir/prompts/trackers filled
+    in and ``extra`` fields set (a tuned model, a tracking folder)."""
+    cls = SECTION_CONFIGS[name]
+    d = getattr(cfg, name).model_dump()
+    f = cls.model_fields
+    if "seed" in f:
+        d["seed"] = cfg.seed
+    if "model" in f:
+        d["model"] = cfg.model.model_dump()
+    if "data_dir" in f and not d.get("data_dir") and cfg.data_dir:
+        d["data_dir"] = cfg.data_dir
+    if "prompts" in f:
+        d["prompts"] = list(dict.fromkeys([*cfg.prompts, *d.get("prompts", [])]))
+    if "report_to" in f and cfg.report_to and not d.get("report_to"):
+        d["report_to"] = list(cfg.report_to)
+    d.update(extra)
+    return cls(**d)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # config files: bundled names, extends, key=value overrides
 

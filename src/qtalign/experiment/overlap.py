@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from qtalign.errors import QtalignError
-from qtalign.eval.config import EvalConfig
 from qtalign.qtdata.config import QTDataConfig
 
 
@@ -24,12 +23,12 @@ def _same_file(a, b) -> bool:
     return False
 
 
-def _task_row(t: str, task, data_cfg: QTDataConfig, eval_cfg: EvalConfig, langs: list[str], from_items: list[dict],
-              n_files: int, problems: list[str]) -> dict:
+def _task_row(t: str, task, data_cfg: QTDataConfig, plan, lang: str, from_items: list[dict], n_files: int,
+              problems: list[str]) -> dict:
     """The overlap record of one evaluated task (a shared item is appended to ``problems``)."""
-    dsrc, esrc = data_cfg.source(), eval_cfg.source()
+    dsrc, esrc = data_cfg.source(), plan.cfg.source()
     train_idx = {r["index"] for r in from_items}
-    eval_idx = {it.index for it in eval_cfg.select(task, langs[0], esrc)}
+    eval_idx = {it.index for it in plan.by_lang[(t, lang)]}
     row = {"task": t, "n_train": 0, "n_eval": len(eval_idx), "n_shared": 0}
     notes = []
     if n_files:
@@ -59,35 +58,31 @@ def _task_row(t: str, task, data_cfg: QTDataConfig, eval_cfg: EvalConfig, langs:
     return row
 
 
-def check_overlap(data_cfg: QTDataConfig, eval_cfg: EvalConfig) -> dict:
-    """Which evaluation items are also question-translation training items (by item index in the same files, the
-    files compared by content).
+def seen_languages(records: list[dict], order: list[str] | None = None) -> list[str]:
+    """The languages of the training rows (sources and targets), in the specs' order."""
+    langs = {r["src"] for r in records if r["src"]} | {r["tgt"] for r in records if r["tgt"]}
+    return sorted(langs, key=lambda c: (order.index(c) if order and c in order else 999, c))
+
+
+def check_overlap(data_cfg: QTDataConfig, plan, records: list[dict]) -> dict:
+    """Which evaluation items (``plan``: the evaluation's eval/plan.Plan) are also question-translation training
+    items (``records``: qtdata.build.build_records(data_cfg)): by item index in the same files, the files compared
+    by content.
 
     Raises QtalignError when any are shared; returns the record of the check (shown in the report) otherwise.
     Rows from ready question files are built from their own files (e.g. the SNLI train set) and are recorded as such.
     """
-    from qtalign.qtdata.build import build_records
-    from qtalign.tasks.specs import load_specs
-
-    records, _ = build_records(data_cfg)
-    item_keys: set = set()
-    if data_cfg.task and data_cfg.sources:
-        cands, _ = build_records(data_cfg.model_copy(update={"question_files": [], "rows_per_lang": None, "shuffle": False}))
-        item_keys = {(r["src"], r["index"], r["input"]) for r in cands}
-    from_items = [r for r in records if (r["src"], r["index"], r["input"]) in item_keys]
+    from_items = [r for r in records if r.get("origin") == "items"]
     n_files = len(records) - len(from_items)
-    specs = load_specs(eval_cfg.prompts)
+    specs = plan.specs
     rows, problems = [], []
-    for t in eval_cfg.tasks:
-        task = specs.task(t)
-        langs = [c for c in specs.resolve_langs(eval_cfg.langs, t) if eval_cfg.source().exists(task, c)]
+    for t in plan.cfg.tasks:
+        langs = [lang for (tt, lang) in plan.by_lang if tt == t]
         if not langs:
             rows.append({"task": t, "n_train": 0, "n_eval": 0, "n_shared": 0, "note": "no evaluation data"})
             continue
-        rows.append(_task_row(t, task, data_cfg, eval_cfg, langs, from_items, n_files, problems))
+        rows.append(_task_row(t, specs.task(t), data_cfg, plan, langs[0], from_items, n_files, problems))
     if problems:
         raise QtalignError("train/eval overlap: " + "; ".join(problems))
-    return {"overlap": False, "n_train_rows": len(records), "tasks": rows,
-            "seen_langs": sorted({r["src"] for r in records if r["src"]} | {r["tgt"] for r in records if r["tgt"]},
-                                 key=lambda c: specs.order.index(c) if c in specs.order else 999),
+    return {"overlap": False, "n_train_rows": len(records), "tasks": rows, "seen_langs": seen_languages(records, specs.order),
             "detail": f"{len(records)} training rows ({len(from_items)} built from task items, {n_files} from question files)."}

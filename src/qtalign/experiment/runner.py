@@ -10,9 +10,12 @@ Run dir layout (`out`, default runs/<name>):
     data/ train/ eval/base/ eval/tuned/ lens/ geometry/      one folder per unit, each with stage.json
     report/              the report's own figures;  report.md, report.html
 
-Every unit folder is owned through a marker of its own (io.OutputDir): a unit that reruns clears the files it wrote
-there, never a file of the user's beside them. Every unit folder holds `stage.json` = {stage, fingerprint, status, timing_s} (experiment/stages.py says what the
-fingerprint covers). A unit whose status is done, whose fingerprint matches and whose marker file exists is skipped;
+The run is a recipe: plan every unit (experiment/stages.plan_units: configs resolved, data built, overlap checked,
+items selected), then for each unit in order skip it or run it, then the report (a sink: it reads what the units
+wrote). Every unit folder is owned through a marker of its own (io.OutputDir): a unit that reruns clears the files it
+wrote there, never a file of the user's beside them. Every unit folder holds `stage.json` = {stage, fingerprint,
+status, timing_s} (experiment/stages.py says what the fingerprint covers; a unit that reads another is fingerprinted
+once that one is done). A unit whose status is done, whose fingerprint matches and whose marker file exists is skipped;
 one whose fingerprint changed is cleared and rerun; one that was interrupted (status running, same fingerprint) is
 called again and resumes where the stage supports it (evaluation from predictions.jsonl, training from its
 checkpoints). Before anything reruns, its done marker and those of every unit downstream of it (the report
@@ -22,19 +25,18 @@ included) are withdrawn, so that a killed rerun never leaves an old result looki
 from __future__ import annotations
 
 import time
-from functools import cached_property
 from pathlib import Path
 from typing import Callable
 
 from qtalign.engine.models import LoadedModel, ModelConfig
 from qtalign.errors import QtalignError
 from qtalign.experiment.config import STAGES, ExperimentConfig, dump_config, expand
-from qtalign.experiment.overlap import check_overlap
-from qtalign.experiment.stages import REGISTRY, Unit
-from qtalign.io import OutputDir, read_json, write_json, write_text
+from qtalign.experiment.stages import STAGE_FUNCTIONS, Inputs, Unit, plan_units, report_unit
+from qtalign.io import OutputDir, fingerprint, read_json, write_json, write_text
 from qtalign.tracking import check_available
 
 RUN_FILES = ("config.yaml", "experiment.json", "report.md", "report.html", "tracking")
+REPORT_OUTPUTS = ("report.md", "report.html")
 
 
 def config_defaults() -> dict:
@@ -42,88 +44,147 @@ def config_defaults() -> dict:
     return ExperimentConfig().model_dump(mode="json")
 
 
+class Models:
+    """The models of a run, each loaded once: base = the configured model; tuned = the same + the trained LoRA adapter
+    (unmerged). The one object through which the stages reach models (stages.Inputs.models)."""
+
+    def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None]):
+        self.cfg, self.log = cfg, log
+        self.names = ["base", "tuned"] if "train" in cfg.stages else ["base"]
+        self._loaded: dict[str, LoadedModel] = {}
+
+    def config(self, which: str) -> ModelConfig:
+        if which == "base":
+            return self.cfg.model
+        adapter = self.cfg.run_dir / "train" / "adapter"
+        return self.cfg.model.model_copy(update={"adapter": str(adapter), "merge_adapter": False})
+
+    def which(self, mc: ModelConfig) -> str:
+        """The name of the model a stage config names."""
+        return next(w for w in self.names if self.config(w).model_dump() == mc.model_dump())
+
+    def identity(self, which: str) -> dict:
+        """engine.models.model_identity (the tuned model's covers the trained adapter's content: asked once it exists;
+        content hashes are cached by path, size and mtime)."""
+        from qtalign.engine.models import model_identity
+
+        return model_identity(self.config(which))
+
+    def model(self, which: str) -> LoadedModel:
+        if which not in self._loaded:
+            from qtalign.engine.models import load_model
+
+            t0 = time.time()
+            self._loaded[which] = load_model(self.config(which))
+            self.log(f"  loaded {which} model ({self.cfg.model.name}) in {time.time() - t0:.1f} s")
+        return self._loaded[which]
+
+    def models(self) -> dict[str, LoadedModel]:
+        return {w: self.model(w) for w in self.names}
+
+
 class Experiment:
     def __init__(self, cfg: ExperimentConfig, log: Callable[[str], None] | None = None):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.log = log or (lambda s: print(s, flush=True))
-        self._models: dict[str, LoadedModel] = {}
-        self.overlap: dict | None = None
+        self.models = Models(cfg, self.log)
 
-    # -- stage configs and models -------------------------------------------------------------------------------
-    def stage_config(self, name: str, **extra):
-        """The section as the stage's own config, with the top-level model/seed/data_dir/prompts filled in."""
-        from qtalign.experiment.config import SECTION_CONFIGS
-
-        cls = SECTION_CONFIGS[name]
-        d = getattr(self.cfg, name).model_dump()
-        f = cls.model_fields
-        if "seed" in f:
-            d["seed"] = self.cfg.seed
-        if "model" in f:
-            d["model"] = self.cfg.model.model_dump()
-        if "data_dir" in f and not d.get("data_dir") and self.cfg.data_dir:
-            d["data_dir"] = self.cfg.data_dir
-        if "prompts" in f:
-            d["prompts"] = list(dict.fromkeys([*self.cfg.prompts, *d.get("prompts", [])]))
-        if "report_to" in f and self.cfg.report_to and not d.get("report_to"):
-            d["report_to"] = list(self.cfg.report_to)
-        d.update(extra)
-        return cls(**d)
-
-    @property
-    def tuned(self) -> bool:
-        return "train" in self.cfg.stages
-
-    def adapter_dir(self) -> Path:
-        return self.run_dir / "train" / "adapter"
-
-    def model_cfg(self, which: str) -> ModelConfig:
-        if which == "base":
-            return self.cfg.model
-        return self.cfg.model.model_copy(update={"adapter": str(self.adapter_dir()), "merge_adapter": False})
-
-    @cached_property
-    def base_identity(self) -> dict:
-        from qtalign.engine.models import model_identity
-
-        return model_identity(self.cfg.model)
-
-    def model(self, which: str) -> LoadedModel:
-        """base = the configured model; tuned = the same + the trained LoRA adapter (unmerged). Loaded once per run."""
-        if which not in self._models:
-            from qtalign.engine.models import load_model
-
-            t0 = time.time()
-            self._models[which] = load_model(self.model_cfg(which))
-            self.log(f"  loaded {which} model ({self.cfg.model.name}) in {time.time() - t0:.1f} s")
-        return self._models[which]
-
-    def models(self) -> dict[str, LoadedModel]:
-        return {w: self.model(w) for w in (["base", "tuned"] if self.tuned else ["base"])}
-
-    # -- the plan -----------------------------------------------------------------------------------------------
     def units(self) -> list[Unit]:
-        units = [u for name in STAGES if name in self.cfg.stages for u in REGISTRY[name](self)]
-        fps: dict[str, str] = {}
-        for u in units:
-            if u.stage == "report":
-                u.inputs = [v.folder for v in units if v.stage != "report"]
-                continue  # fingerprinted at run time from what is actually done
-            u.fingerprint = u.compute_fingerprint({i: fps.get(i) for i in u.inputs})
-            fps[u.folder] = u.fingerprint
-        return units
+        """The units of this experiment, planned: every input read and checked (experiment/stages.plan_units)."""
+        return plan_units(self.cfg, self.models)
 
+    # -- the recipe ---------------------------------------------------------------------------------------------
+    def run(self, only: list[str] | None = None, force: list[str] | None = None) -> dict:
+        """Run the experiment's stages (or the subset `only`); returns {unit folder: 'ran' | 'skipped'}."""
+        cfg = self.cfg
+        only = list(cfg.stages) if not only else only
+        force = self._check_stages(only, set(force or []))
+        check_available(sorted({*cfg.report_to, *(cfg.train.report_to if "train" in cfg.stages else []),
+                                *(cfg.eval.report_to if "eval" in cfg.stages else [])}))
+        units = self.units()  # every input read and checked before the run dir is touched
+        fps, states = self._states(units)
+        self._check_inputs(units, states, only)
+        self.claim(units)
+        if self._withdraw_reruns(units, states, only, force):
+            fps, states = self._states(units)  # the withdrawn units now rerun
+        self._start(units, states, only)
+        done: dict[str, str] = {}
+        outcome: dict[str, str] = {}
+        for u in units:
+            if u.stage in only:
+                fps[u.folder] = fps[u.folder] or self.fingerprint(u, fps)  # what it reads is done now
+                outcome[u.folder] = self._step(u, fps[u.folder], u.stage in force, self.inputs(u, fps))
+            if u.stage in only or states[u.folder] == "done":
+                done[u.folder] = fps[u.folder]
+        if "report" in cfg.stages:
+            self._report(units, done, only, force, outcome)
+        self._write_experiment({"stages": {f: "done" for f in outcome}, "finished": time.time(), "last_run": outcome})
+        self._track()
+        return outcome
+
+    def inputs(self, u: Unit, fps: dict) -> Inputs:
+        return Inputs({r: self.run_dir / r for r in u.reads}, {r: fps[r] for r in u.reads}, self.models)
+
+    def fingerprint(self, u: Unit, fps: dict) -> str:
+        return STAGE_FUNCTIONS[u.stage][0](u.cfg, u.plan, self.inputs(u, fps))
+
+    def _states(self, units: list[Unit]) -> tuple[dict[str, str | None], dict[str, str]]:
+        """Each unit's fingerprint and state; a unit that reads one that is not done has no fingerprint yet (it is
+        fingerprinted when reached, once what it reads has run)."""
+        fps: dict[str, str | None] = {}
+        states: dict[str, str] = {}
+        for u in units:
+            ready = all(states.get(r) == "done" for r in u.reads)
+            fps[u.folder] = self.fingerprint(u, fps) if ready else None
+            states[u.folder] = self.state(u, fps[u.folder])
+        return fps, states
+
+    def _step(self, u: Unit, fp: str, forced: bool, inputs: Inputs | None = None) -> str:
+        """Skip a unit that is up to date, else run it (resuming where it was interrupted): 'skipped' or 'ran'."""
+        st = self.state(u, fp)
+        sj_path = self.run_dir / u.folder / "stage.json"
+        if st == "done" and not forced:
+            self.log(f"[{u.folder}] up to date (fingerprint {fp}): skipped")
+            write_json(sj_path, {**(read_json(sj_path) or {}), "skipped_last_run": True})
+            return "skipped"
+        if st == "stale" or forced:
+            self.owned_dir().remove(u.folder, *(REPORT_OUTPUTS if u.stage == "report" else ()))
+        self.owned_dir().subdir(u.folder, u.stage).record("stage.json")
+        self.log(f"[{u.folder}] {'resuming' if st == 'partial' and not forced else 'running'} …")
+        attempts = (read_json(sj_path) or {}).get("attempts", 0) + 1
+        record = {"stage": u.folder, "fingerprint": fp, "config": u.config, "attempts": attempts}
+        write_json(sj_path, {**record, "status": "running", "started": time.time()})
+        t0 = time.time()
+        if u.stage == "report":
+            from qtalign.report.build import write_report
+
+            write_report(self.run_dir)
+        else:
+            STAGE_FUNCTIONS[u.stage][1](u.cfg, u.plan, inputs, self.run_dir / u.folder)
+        dt = time.time() - t0
+        write_json(sj_path, {**record, "status": "done", "timing_s": round(dt, 2), "finished": time.time(),
+                             "skipped_last_run": False})
+        self.log(f"[{u.folder}] done in {dt:.1f} s")
+        return "ran"
+
+    def _report(self, units: list[Unit], done: dict[str, str], only: list[str], force: set[str], outcome: dict) -> None:
+        """The sink: the report of what the units wrote, fingerprinted by what is done (not rerun otherwise)."""
+        u = report_unit(self.cfg)
+        fp = fingerprint({"stage": "report", "config": u.config, "inputs": {v.folder: done.get(v.folder) for v in units}})
+        if "report" in only:
+            outcome[u.folder] = self._step(u, fp, "report" in force)
+
+    # -- the run dir --------------------------------------------------------------------------------------------
     def downstream(self, units: list[Unit], folder: str) -> list[Unit]:
         """The units that read ``folder``, directly or through others."""
         out, frontier = [], {folder}
         for u in units:
-            if frontier & set(u.inputs):
+            if frontier & set(u.reads):
                 out.append(u)
                 frontier.add(u.folder)
         return out
 
-    # -- the run dir --------------------------------------------------------------------------------------------
     def owned_dir(self) -> OutputDir:
         return OutputDir(self.run_dir, "experiment", option="out")
 
@@ -145,23 +206,21 @@ class Experiment:
         out.record(*[s for s in STAGES if s in self.cfg.stages], *RUN_FILES)
         return out
 
-    def state(self, u: Unit) -> str:
-        """'done' (skippable), 'partial' (same fingerprint, interrupted: resume), 'stale' (other fingerprint, or a
-        withdrawn marker) or 'missing'."""
+    def state(self, u: Unit, fp: str | None) -> str:
+        """'done' (skippable), 'partial' (same fingerprint, interrupted: resume), 'stale' (other fingerprint, a
+        withdrawn marker, or not fingerprinted yet) or 'missing'."""
         sj = read_json(self.run_dir / u.folder / "stage.json")
         if sj is None:
             return "stale" if (self.run_dir / u.folder).exists() else "missing"
-        if sj.get("fingerprint") != u.fingerprint or sj.get("status") == "stale":  # another config, or a withdrawn result
+        if fp is None or sj.get("fingerprint") != fp or sj.get("status") == "stale":  # another config, or withdrawn
             return "stale"
         if sj.get("status") == "done" and (self.run_dir / u.marker).exists():
             return "done"
         return "partial"
 
-    def _write_experiment(self, extra: dict | None = None) -> None:
+    def _write_experiment(self, extra: dict) -> None:
         p = self.run_dir / "experiment.json"
-        d = read_json(p) or {}
-        d.update(extra or {})
-        write_json(p, d)
+        write_json(p, {**(read_json(p) or {}), **extra})
 
     def _withdraw(self, u: Unit) -> None:
         """Take back a unit's done marker (its folder stays: an interrupted stage resumes from it)."""
@@ -170,10 +229,9 @@ class Experiment:
         if sj is not None and sj.get("status") == "done":
             write_json(sj_path, {**sj, "status": "stale", "withdrawn": time.time()})
         if u.stage == "report":
-            for name in u.outputs:
-                self.owned_dir().remove(name)
+            self.owned_dir().remove(*REPORT_OUTPUTS)
 
-    # -- running ------------------------------------------------------------------------------------------------
+    # -- checks before running ----------------------------------------------------------------------------------
     def _check_stages(self, only: list[str], force: set[str]) -> set[str]:
         cfg = self.cfg
         for s in [*only, *force]:
@@ -183,109 +241,41 @@ class Experiment:
                 raise QtalignError(f"stage '{s}' is not part of this experiment (its stages: {', '.join(cfg.stages)})")
         return set(cfg.stages) if "all" in force else force
 
-    def _seen_langs(self) -> list[str]:
-        """Checks the data and the train/eval overlap before anything runs; returns the languages trained on."""
-        if "data" in self.cfg.stages and "eval" in self.cfg.stages:
-            self.overlap = check_overlap(self.stage_config("data"), self.stage_config("eval"))
-            return self.overlap["seen_langs"]
-        if "data" in self.cfg.stages:
-            from qtalign.qtdata.build import build_records
-
-            records, _ = build_records(self.stage_config("data"))
-            return sorted({r[k] for r in records for k in ("src", "tgt") if r[k]})
-        return []
-
-    def _start(self, seen: list[str]) -> None:
+    def _start(self, units: list[Unit], states: dict[str, str], only: list[str]) -> None:
+        """config.yaml, and experiment.json with what is known before anything runs (the facts of an earlier run
+        are dropped, never left looking current)."""
         from qtalign.environment import environment, hardware
 
         write_text(self.run_dir / "config.yaml", dump_config(self.cfg))
-        d = read_json(self.run_dir / "experiment.json") or {}
-        for k in ("finished", "last_run", "stale_stages", "stages"):  # facts of an earlier run: never left looking current
-            d.pop(k, None)
-        write_json(self.run_dir / "experiment.json", d)
-        self._write_experiment({"config": self.cfg.model_dump(mode="json"), "config_defaults": config_defaults(),
-                                "seen_langs": seen, "overlap": self.overlap,
-                                "environment": {**environment(), **hardware()}, "started": time.time()})
+        data = next((u.plan for u in units if u.stage == "data"), None)
+        # outputs on disk that this config does not produce (not rerun in a --stages subset): flagged in the report
+        stale = [u.folder for u in units if u.stage not in only and states[u.folder] != "done" and (self.run_dir / u.folder).exists()]
+        old = {k: v for k, v in (read_json(self.run_dir / "experiment.json") or {}).items()
+               if k not in ("finished", "last_run", "stale_stages", "stages")}
+        write_json(self.run_dir / "experiment.json", {
+            **old, "config": self.cfg.model_dump(mode="json"), "config_defaults": config_defaults(),
+            "seen_langs": data.seen_langs if data else [], "overlap": data.overlap if data else None,
+            "environment": {**environment(), **hardware()}, "started": time.time(), "stale_stages": stale})
 
     def _check_inputs(self, units: list[Unit], states: dict[str, str], only: list[str]) -> None:
         """A --stages subset whose inputs are not up to date is refused before anything is touched."""
         for u in units:
-            if u.stage in only or u.stage == "report" or states[u.folder] == "done":
+            if u.stage in only or states[u.folder] == "done":
                 continue
-            needed_by = [v.folder for v in units if u.folder in v.inputs and v.stage in only and v.stage != "report"]
+            needed_by = [v.folder for v in units if u.folder in v.reads and v.stage in only]
             if needed_by:
                 raise QtalignError(f"stage '{u.folder}' is needed by {', '.join(needed_by)} but is not up to date in "
                                    f"{self.run_dir} ({states[u.folder]}); run it too (--stages {u.stage},"
                                    f"{','.join(sorted({v.split('/')[0] for v in needed_by}))})")
 
-    def _withdraw_reruns(self, units: list[Unit], states: dict[str, str], only: list[str], force: set[str]) -> None:
-        """The markers of the units about to rerun, and of everything downstream of them, are withdrawn first."""
-        rerun = [u for u in units if u.stage in only and u.stage != "report" and (states[u.folder] != "done" or u.stage in force)]
+    def _withdraw_reruns(self, units: list[Unit], states: dict[str, str], only: list[str], force: set[str]) -> bool:
+        """The markers of the units about to rerun, of everything downstream of them and of the report are withdrawn
+        first; returns whether any unit reruns."""
+        rerun = [u for u in units if u.stage in only and (states[u.folder] != "done" or u.stage in force)]
         for u in rerun:
-            for v in [u, *self.downstream(units, u.folder)]:
+            for v in [u, *self.downstream(units, u.folder), *([report_unit(self.cfg)] if "report" in self.cfg.stages else [])]:
                 self._withdraw(v)
-
-    def _run_unit(self, u: Unit, st: str, forced: bool) -> None:
-        rd = self.run_dir
-        if st == "stale" or forced:
-            self.owned_dir().remove(u.folder)
-            if u.stage == "report":
-                self.owned_dir().remove(*u.outputs)
-        self.owned_dir().subdir(u.folder, u.stage).record("stage.json")
-        self.log(f"[{u.folder}] {'resuming' if st == 'partial' and not forced else 'running'} …")
-        sj_path = rd / u.folder / "stage.json"
-        attempts = (read_json(sj_path) or {}).get("attempts", 0) + 1
-        write_json(sj_path, {"stage": u.folder, "fingerprint": u.fingerprint, "status": "running", "config": u.config,
-                             "started": time.time(), "attempts": attempts})
-        t0 = time.time()
-        u.run()
-        dt = time.time() - t0
-        write_json(sj_path, {"stage": u.folder, "fingerprint": u.fingerprint, "status": "done", "config": u.config,
-                             "timing_s": round(dt, 2), "finished": time.time(), "attempts": attempts, "skipped_last_run": False})
-        self.log(f"[{u.folder}] done in {dt:.1f} s")
-
-    def run(self, only: list[str] | None = None, force: list[str] | None = None) -> dict:
-        """Run the experiment's stages (or the subset `only`); returns {unit folder: 'ran' | 'skipped'}."""
-        cfg, rd = self.cfg, self.run_dir
-        only = list(cfg.stages) if not only else only
-        force = self._check_stages(only, set(force or []))
-        check_available(sorted({*cfg.report_to, *(cfg.train.report_to if "train" in cfg.stages else []),
-                                *(cfg.eval.report_to if "eval" in cfg.stages else [])}))
-        units = self.units()  # every input read and checked before the run dir is touched
-        seen = self._seen_langs()
-        states = {u.folder: self.state(u) for u in units if u.stage != "report"}
-        self._check_inputs(units, states, only)
-        self.claim(units)
-        self._start(seen)
-        self._withdraw_reruns(units, states, only, force)
-        states = {u.folder: self.state(u) for u in units if u.stage != "report"}  # withdrawn units now rerun
-        done: dict[str, str] = {}
-        outcome: dict[str, str] = {}
-        for u in units:
-            if u.stage == "report":
-                u.fingerprint = u.compute_fingerprint({i: done.get(i) for i in u.inputs})
-                # outputs on disk that this config did not produce (not rerun in a --stages subset): flagged in the report
-                stale = [v.folder for v in units if v.stage != "report" and v.folder not in done and (rd / v.folder).exists()]
-                self._write_experiment({"stale_stages": stale})
-                states[u.folder] = self.state(u)
-            st = states[u.folder]
-            if u.stage not in only:
-                if st == "done":
-                    done[u.folder] = u.fingerprint
-                continue
-            if st == "done" and u.stage not in force:
-                self.log(f"[{u.folder}] up to date (fingerprint {u.fingerprint}): skipped")
-                sj = read_json(rd / u.folder / "stage.json") or {}
-                write_json(rd / u.folder / "stage.json", {**sj, "skipped_last_run": True})
-                outcome[u.folder] = "skipped"
-            else:
-                self._run_unit(u, st, u.stage in force)
-                outcome[u.folder] = "ran"
-            done[u.folder] = u.fingerprint
-            self._write_experiment({"stages": {**(read_json(rd / "experiment.json") or {}).get("stages", {}), u.folder: "done"}})
-        self._write_experiment({"finished": time.time(), "last_run": outcome})
-        self._track()
-        return outcome
+        return bool(rerun)
 
     def _track(self) -> None:
         """The experiment's headline numbers (macro averages of base and tuned, and their change) to its trackers."""

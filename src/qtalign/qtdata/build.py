@@ -209,7 +209,7 @@ def _add_from_items(pool: _Pool, cfg: QTDataConfig, specs: SpecSet) -> None:
         for it, ti in zip(items[lang], items[cfg.target]):
             inp, outp = render_pair(task, specs, lang, cfg.target, it.fields, ti.fields)
             pool.add(lang, {"id": f"{task.name}/{lang}-{cfg.target}/{it.index}", "task": task.name, "index": it.index,
-                            "src": lang, "tgt": cfg.target, "input": inp, "output": outp})
+                            "src": lang, "tgt": cfg.target, "input": inp, "output": outp, "origin": "items"})
 
 
 def _add_from_files(pool: _Pool, cfg: QTDataConfig, specs: SpecSet) -> None:
@@ -345,14 +345,16 @@ def _summary(cfg: QTDataConfig, stats: dict, t0: float) -> dict:
     }
 
 
-def build_question_data(cfg: QTDataConfig, out_dir: str | Path) -> dict:
-    """Build the records and write train.jsonl (+ alpaca.json, dataset_info.json), stats.json, summary.json."""
+def build_question_data(cfg: QTDataConfig, out_dir: str | Path, built: tuple[list[dict], dict] | None = None,
+                        summary: dict | None = None) -> dict:
+    """Build the records (``built``: build_records(cfg) made already) and write train.jsonl (+ alpaca.json,
+    dataset_info.json), stats.json, summary.json (with the fields of ``summary`` added)."""
     t0 = time.time()
     out = OutputDir(out_dir, "data").check()
-    records, stats = build_records(cfg)
+    records, stats = built or build_records(cfg)
     if not records:
         raise QtalignError("no records left after the item range, exclusions and de-duplication")
-    out.claim(adopt=OUR_FILES)
+    out.claim()
     out.remove("summary.json")  # present again only once this build has finished
     out.record(*OUR_FILES)
     keys = ("id", "task", "index", "src", "tgt", "input", "output", "control")
@@ -366,7 +368,7 @@ def build_question_data(cfg: QTDataConfig, out_dir: str | Path) -> dict:
         files += ["alpaca.json", "dataset_info.json"]
     stats = {**stats, "files": files, "dataset_name": cfg.name(), "fingerprint": cfg.fingerprint(), "config": cfg.model_dump(mode="json")}
     write_json(out.path / "stats.json", stats)
-    write_json(out.path / "summary.json", _summary(cfg, stats, t0))
+    write_json(out.path / "summary.json", {**_summary(cfg, stats, t0), **(summary or {})})
     return stats
 
 

@@ -163,7 +163,7 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
     if not cols:
         raise QtalignError("compare: no evaluations to compare")
     cols = _unique_labels(cols)
-    od = OutputDir(out, "compare").claim(adopt=("compare.md", "compare.html", "compare.json", "compare.png"))
+    od = OutputDir(out, "compare").claim()
     od.record("compare.md", "compare.html", "compare.json", "compare.png")
     od.record("compare_training.png")
     make = _change_document if which == "change" else _document

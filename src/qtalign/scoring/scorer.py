@@ -15,7 +15,8 @@ from __future__ import annotations
 from typing import Callable, Iterable, Iterator
 
 from qtalign.engine.backend import TorchBackend
-from qtalign.engine.forward import Engine, Prompt, pad_id
+from qtalign.engine.forward import Engine, Prompt
+from qtalign.tokenids import pad_id
 from qtalign.engine.models import context_length
 from qtalign.errors import NonFiniteError, QtalignError
 from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax, usable  # noqa: F401 - the public names

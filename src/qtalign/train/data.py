@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from qtalign.engine.forward import lcp
+from qtalign.tokenids import lcp
 from qtalign.errors import QtalignError, data_error
 
 

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from qtalign.engine.forward import pad_id
+from qtalign.tokenids import pad_id
 from qtalign.engine.models import check_model, load_model
 from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, disk_errors, read_json, require_file, write_json
