@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from conftest import OFFICIAL, ROOT, needs_shared
-from qtalign.experiment.config import list_configs, load_experiment
+from qtalign.experiment.config import list_configs, load_experiment, stage_config
 from qtalign.experiment.runner import Experiment
 
 EXPERIMENTS = [n for n in list_configs() if n.startswith("paper/") and not n.startswith("paper/model/")
@@ -41,9 +41,9 @@ def test_the_paper_configs_are_all_checked():
 def test_every_paper_config_resolves_into_its_stage_configs(name, fragment, no_network, tmp_path):
     cfg = load_experiment([name] + ([fragment] if fragment else []), extra={"data_dir": DATA_DIR,
                                                                               "out": str(tmp_path / "run")})
-    exp = Experiment(cfg, log=lambda s: None)
+    Experiment(cfg, log=lambda s: None)
     for stage in ("data", "train", "eval", "lens", "geometry"):
-        sc = exp.stage_config(stage)
+        sc = stage_config(cfg, stage)
         if "prompts" in type(sc).model_fields:
             assert sc.prompts == [f"{DATA_DIR}/../paper_prompts.json"], (name, stage)
         if "model" in type(sc).model_fields and sc.model is not None:
@@ -60,7 +60,7 @@ def test_the_paper_settings(name, tmp_path):
 
     cfg = load_experiment([name], extra={"data_dir": DATA_DIR})
     assert (cfg.model.name, cfg.model.dtype, cfg.model.load_in_4bit) == ("Qwen/Qwen1.5-1.8B", "bf16", False)
-    t = Experiment(cfg).stage_config("train")
+    t = stage_config(cfg, "train")
     assert (t.lora_r, t.lora_alpha, t.lora_dropout, t.target_modules) == (8, 16, 0.0, ["q_proj", "v_proj"])
     assert (t.learning_rate, t.lr_scheduler, t.warmup_ratio, t.epochs, t.max_steps) == (5e-5, "cosine", 0.1, 3, None)
     assert (t.batch_size, t.per_device_batch_size, t.cutoff_len) == (16, 4, 2048)
@@ -78,7 +78,7 @@ def test_twenty_thousand_rows_make_the_papers_3560_steps():
     from qtalign.train.data import split_rows
     from qtalign.train.recipe import planned_steps
 
-    t = Experiment(load_experiment(["paper/zhde_en"], extra={"data_dir": DATA_DIR})).stage_config("train")
+    t = stage_config(load_experiment(["paper/zhde_en"], extra={"data_dir": DATA_DIR}), "train")
     train_idx, val_idx = split_rows(20_000, t.val_size, 0, t.val_max_rows)
     assert (len(train_idx), len(val_idx)) == (19_000, 1_000)
     assert planned_steps(t, len(train_idx)) == 3 * 1_188  # "about 3,560 steps"
@@ -104,7 +104,7 @@ def test_nf4_is_the_official_evaluations_weights_for_a_whole_run():
     cfg = load_experiment(["paper/zhde_en", "paper/model/qwen1.5-14b", "paper/nf4"], extra={"data_dir": DATA_DIR})
     assert (cfg.model.name, cfg.model.dtype, cfg.model.load_in_4bit) == ("Qwen/Qwen1.5-14B", "fp16", True)
     exp = Experiment(cfg)
-    assert exp.stage_config("eval").model.load_in_4bit and exp.model_cfg("tuned").load_in_4bit
+    assert stage_config(exp.cfg, "eval").model.load_in_4bit and exp.models.config("tuned").load_in_4bit
 
 
 def test_a_bf16_run_is_evaluated_in_4_bits_from_its_config(tmp_path, capsys):
@@ -123,7 +123,7 @@ def test_a_bf16_run_is_evaluated_in_4_bits_from_its_config(tmp_path, capsys):
     got = EvalConfig.model_validate(yaml.safe_load(saved.read_text(encoding="utf-8"))["eval"])
     exp = Experiment(load_experiment(["paper/zhde_en"], extra={"data_dir": DATA_DIR}))
     want_model = exp.cfg.model.model_copy(update={"load_in_4bit": True, "dtype": "fp16", "adapter": adapter})
-    assert got == exp.stage_config("eval", model=want_model.model_dump())
+    assert got == stage_config(exp.cfg, "eval", model=want_model.model_dump())
     assert got.prompts == [f"{DATA_DIR}/../paper_prompts.json"] and got.data_dir == DATA_DIR
 
 
