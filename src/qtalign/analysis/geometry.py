@@ -196,7 +196,7 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
     out: dict[str, dict] = {p: {} for p in pools}
 
     def norm(h):
-        return parts.norm(h.to(parts.norm.weight.dtype)).float()
+        return parts.final_norm(h.to(parts.norm.weight.dtype)).float()
 
     for b in eng.run(enc, capture="all"):
         states = list(b.layer_states)

@@ -10,6 +10,7 @@ never computed here: callers unembed only the positions they need (see :func:`Mo
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -97,6 +98,10 @@ class ModelParts:
     embed: Any
     head: Any  # output embedding module
     softcap: float | None
+    # the adapter state this model's forwards run in: a context manager factory, for a model that shares its weights
+    # with others (engine/models.py's ModelSet: base and tuned are one model, adapters switched); None for a model of
+    # its own
+    switch: Any = None
 
     @classmethod
     def of(cls, model) -> "ModelParts":
@@ -117,7 +122,13 @@ class ModelParts:
                 "(supported: decoder-only models with model.layers, model.norm and an output embedding, e.g. Llama, Mistral, Qwen2, Gemma3)"
             )
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        return cls(model, decoder, layers, norm, embed, head, getattr(cfg, "final_logit_softcapping", None))
+        return cls(model, decoder, layers, norm, embed, head, getattr(cfg, "final_logit_softcapping", None),
+                   getattr(model, "adapter_context", None))
+
+    def active(self):
+        """The context every call into the model's modules runs in: its adapter state set on entry, the previous one
+        restored on exit (also after an exception)."""
+        return self.switch() if self.switch is not None else nullcontext()
 
     @property
     def num_layers(self) -> int:
@@ -130,8 +141,9 @@ class ModelParts:
         if type(head) is torch.nn.Linear or not hasattr(head, "base_layer"):
             w = head.weight  # on its own device when a model is spread over several (device_map)
             logits = torch.nn.functional.linear(h.to(w.device, w.dtype), w, getattr(head, "bias", None))
-        else:  # the head itself is adapted (LoRA on lm_head): call the module
-            logits = head(h.to(head.weight.device, head.weight.dtype))
+        else:  # the head itself is adapted (LoRA on lm_head): call the module, in this model's adapter state
+            with self.active():
+                logits = head(h.to(head.weight.device, head.weight.dtype))
         logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -139,7 +151,14 @@ class ModelParts:
 
     def lens(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding of a residual-stream state (the logit lens)."""
-        return self.unembed(self.norm(h.to(self.norm.weight.device, self.norm.weight.dtype)))
+        return self.unembed(self.final_norm(h.to(self.norm.weight.device, self.norm.weight.dtype)))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm, in this model's adapter state where an adapter replaced it (peft modules_to_save)."""
+        if not hasattr(self.norm, "modules_to_save"):
+            return self.norm(h)
+        with self.active():
+            return self.norm(h)
 
 
 def compile_parts(parts: "ModelParts") -> None:
@@ -204,7 +223,8 @@ class Engine:
         elif capture == "all":
             handles = self._hooks(store, lambda h: h.float().to(self.device))
         try:
-            out = self.parts.decoder(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
+            with self.parts.active():
+                out = self.parts.decoder(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
         finally:
             for h in handles:
                 h.remove()
@@ -311,7 +331,8 @@ class Engine:
             ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
             mask[j, N : N + len(c) - 1] = 1
         pos = n_ctx[:, None] + torch.arange(T, device=dev)[None, :]
-        out = self.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        with self.parts.active():
+            out = self.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         h = out.last_hidden_state
         sel_row = torch.tensor([j for j, (_, c) in enumerate(pairs) for _ in c[1:]], device=h.device)
         sel_pos = torch.tensor([t for _, c in pairs for t in range(len(c) - 1)], device=h.device)

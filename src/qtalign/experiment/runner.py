@@ -90,12 +90,15 @@ class Experiment:
         return model_identity(self.cfg.model)
 
     def model(self, which: str) -> LoadedModel:
-        """base = the configured model; tuned = the same + the trained LoRA adapter (unmerged). Loaded once per run."""
+        """base = the configured model; tuned = the same + the trained LoRA adapter (unmerged). One base model in
+        memory per run, the adapter switched per forward (engine.models.ModelSet)."""
         if which not in self._models:
-            from qtalign.engine.models import load_model
+            from qtalign.engine.models import ModelSet
 
             t0 = time.time()
-            self._models[which] = load_model(self.model_cfg(which))
+            if getattr(self, "_model_set", None) is None:
+                self._model_set = ModelSet(self.cfg.model)
+            self._models[which] = self._model_set.load(self.model_cfg(which))
             self.log(f"  loaded {which} model ({self.cfg.model.name}) in {time.time() - t0:.1f} s")
         return self._models[which]
 
