@@ -180,10 +180,10 @@ def _layer_metrics(blocks: list[np.ndarray], ref: int) -> dict[str, np.ndarray]:
 
 @torch.inference_mode()
 def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batch_size: int = 8,
-                  normed_last: bool = True) -> dict[str, dict]:
+                  normed_last: bool = True, batch_tokens: int | None = None) -> dict[str, dict]:
     """{pool: {prompt key: (L+1, d) float32 array}} for prompts that share their group's prefix."""
     tok = lm.tokenizer
-    eng = Engine(lm.model, pad_id=pad_id(tok), batch_size=batch_size)
+    eng = Engine(lm.model, pad_id=pad_id(tok), batch_size=batch_size, batch_tokens=batch_tokens)
     parts = eng.parts
     enc = encode_prompts(tok, prompts)
     # where the item's own tokens begin: after the longest token prefix shared with the tokenized demo block
@@ -277,7 +277,7 @@ def _metrics(cfg: GeometryConfig, models: dict, prompts: list, langs: list[str],
     ref = langs.index(cfg.reference)
     for name, lm in models.items():
         t1 = time.time()
-        states = pooled_states(lm, prompts, cfg.pools, cfg.batch_size, cfg.normed_last)
+        states = pooled_states(lm, prompts, cfg.pools, cfg.batch_size, cfg.normed_last, cfg.batch_tokens)
         for pool in cfg.pools:
             arr = np.stack([np.stack([states[pool][(lang, i)] for i in common]) for lang in langs])  # (n_lang, n, L+1, d)
             arr = arr.transpose(2, 0, 1, 3)  # (L+1, n_lang, n, d)

@@ -196,7 +196,7 @@ def _run_models(cfg: LensConfig, models: dict, specs, groups, items, out: Path, 
     timing, n_items, vocab = {}, 0, 0
     with Progress("lens", len(groups) * len(models), unit="groups", enabled=progress) as bar:
         for name, lm in models.items():
-            scorer = Scorer(lm.model, lm.tokenizer, "first-token", cfg.batch_size)
+            scorer = Scorer(lm.model, lm.tokenizer, "first-token", cfg.batch_size, batch_tokens=cfg.batch_tokens)
             vocab = vocab or scorer.engine.parts.head.weight.shape[0]
             t1 = time.time()
             for t, v, lang in groups:

@@ -294,7 +294,8 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
         out_dir.record(*[f"predictions.rank{r}.jsonl" for r in range(world)])
     timings: dict[str, dict] = {"wall": {}, "cpu": {}}
     if lm is not None:
-        scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
+        scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm,
+                        seed=cfg.seed, batch_tokens=cfg.batch_tokens)
         _check_context(scorer, plan, todo)
         with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
             timings = _score_groups(scorer, plan, todo, shard, bar)
