@@ -208,7 +208,7 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
         S = torch.stack(states, 1)  # (B, L+1, T, d)
         plen = b.prefix_len
         for row, key in enumerate(b.keys):
-            n = int(b.lengths[row])
+            n = b.sizes[row]  # host lengths: no device read per row
             if "last" in out:  # a copy: a view would keep the whole batch's states alive (48 GB over 1,800 prompts)
                 out["last"][key] = S[row, :, n - 1].cpu().numpy().copy()
             if "prompt" in out:

@@ -9,7 +9,7 @@ import time
 
 from qtalign.cli.options import _flatten, add_config_options, add_model_options, model_values
 
-EVAL_OPTIONS = ["tasks", "langs", "variants", "limit", "items", "data_files", "split", "batch_size"]
+EVAL_OPTIONS = ["tasks", "langs", "variants", "limit", "items", "data_files", "split", "batch_size", "batch_tokens"]
 TOP_OPTIONS = ["data_dir", "prompts", "seed", "out", "report_to"]
 
 
