@@ -128,8 +128,8 @@ def lens_stats(parts, h: torch.Tensor, sets: list[dict[str, list[int]]], chunk_r
         ent = (lse[:, 0] - (p * z).sum(-1)) / math.log(2)  # H = log Z - E_p[z], in bits
         where = [divmod(r, n_layers) for r in range(rows.start, rows.stop)]
         # each set's mass summed on the device as before, then read back once per chunk (no sync per row and metric)
-        mass = {m: torch.stack([p[k, ids[b]].sum() if ids[b].numel() else zero for k, (b, _) in enumerate(where)]).tolist()
-                for m, ids in idx.items()}
+        mass = {m: torch.stack([p[k, ids[b]].sum() if ids[b].numel() else zero
+                                for k, (b, _) in enumerate(where)]).tolist() for m, ids in idx.items()}
         ent_host = ent.tolist()
         for k, (b, layer) in enumerate(where):
             out["entropy"][b, layer] = ent_host[k]

@@ -259,7 +259,10 @@ class Engine:
         batches = []
         for g, es in groups.items():
             es = sorted(es, key=lambda e: -(len(e.ids) - (e.prefix_len if self.prefix_cache else 0)))
-            batches += self._split(es) if self.batch_tokens else [es[i : i + self.batch_size] for i in range(0, len(es), self.batch_size)]
+            if self.batch_tokens:
+                batches += self._split(es)
+            else:
+                batches += [es[i : i + self.batch_size] for i in range(0, len(es), self.batch_size)]
         return batches
 
     def _split(self, es: list[Encoded]) -> list[list[Encoded]]:

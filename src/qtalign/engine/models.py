@@ -509,14 +509,14 @@ class ModelSet:
             self._switch(prev)
 
     def _switch(self, name) -> None:
-        if self.peft is None or name is self._state or name == self._state:
+        if self.peft is None or name == self._state:
             return
         self._state = self._UNKNOWN
         if name is None:
             self.peft.base_model.disable_adapter_layers()
         elif name is not self._UNKNOWN:
             self.peft.base_model.enable_adapter_layers()
-            self.peft.set_adapter(name, inference_mode=True)
+            self.peft.set_adapter(name)  # (marks its weights trainable: irrelevant, the engine runs in inference mode)
         self._state = name
 
 
