@@ -223,3 +223,20 @@ def test_qtalign_run_under_two_processes_equals_one(tmp_path, tiny_llama_dir):
     for p, q in zip(l1, l2):
         x, y = np.load(p), np.load(q)
         assert all(np.array_equal(x[k], y[k]) for k in x.files), p.name
+
+
+def test_arms_and_seeds_are_refused_under_several_processes(tmp_path, monkeypatch, tiny_llama_dir):
+    """One line, before any process group work or any file: arms and seeds run under one process."""
+    from types import SimpleNamespace
+
+    import qtalign.engine.parallel as par
+    from qtalign.errors import QtalignError
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.parallel import run_processes
+
+    d = _run_cfg(tiny_llama_dir, tmp_path / "run")
+    monkeypatch.setattr(par, "distributed_state", lambda: SimpleNamespace(num_processes=2, is_main_process=True))
+    monkeypatch.setattr(par, "barrier_group", lambda state: pytest.fail("no process group before the check"))
+    with pytest.raises(QtalignError, match="arms and seeds run under one process"):
+        run_processes(ExperimentConfig.model_validate({**d, "seeds": [0, 1]}))
+    assert not (tmp_path / "run").exists()
