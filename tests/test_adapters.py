@@ -151,11 +151,12 @@ def test_a_failed_forward_leaves_every_adapter_state_right(tiny_llama_dir, adapt
     assert _equal(_scores(base, reqs, "first-token"), ref["base"])
 
 
-def test_lens_and_geometry_of_a_shared_base_equal_separate_models(tiny_llama_dir, adapters):
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_lens_and_geometry_of_a_shared_base_equal_separate_models(tiny_llama_dir, adapters, dtype):
     from qtalign.analysis.geometry import pooled_states
     from qtalign.analysis.lens import lens_group
 
-    cfgs = _cfgs(tiny_llama_dir, adapters, "fp32")
+    cfgs = _cfgs(tiny_llama_dir, adapters, dtype)
     specs = load_specs()
     task = specs.task("emotion")
     items = select_items(task, "zh", DataSource.from_options(None, "demo", "test"), None, 4, set())
