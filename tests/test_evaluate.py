@@ -100,6 +100,80 @@ def test_config_validation_errors():
         EvalConfig(batch_size=0)
 
 
+def _engine_batches(lm, reqs, **kw):
+    from qtalign.engine.forward import Engine, encode_prompts, pad_id
+    from qtalign.scoring.scorer import Scorer
+
+    enc = encode_prompts(lm.tokenizer, Scorer(lm.model, lm.tokenizer).prompts(reqs))
+    return enc, Engine(lm.model, pad_id=pad_id(lm.tokenizer), **kw).order(enc)
+
+
+def _requests(langs=("en", "zh", "de"), variants=("native", "enout"), n=9):
+    from qtalign.eval.run import build_requests
+    from qtalign.tasks.items import DataSource, select_items
+    from qtalign.tasks.specs import load_specs
+
+    task = load_specs().task("emotion")
+    src = DataSource.from_options(None, "demo", "test")
+    return [r for lang in langs for v in variants
+            for r in build_requests(task, lang, v, select_items(task, lang, src, None, n, set()), "first-token")]
+
+
+def test_batch_tokens_pack_each_group_within_its_budget(tiny_loaded):
+    reqs = _requests()
+    for budget in (1, 150, 400, 2000):
+        enc, batches = _engine_batches(tiny_loaded, reqs, batch_size=5, batch_tokens=budget)
+        assert sorted(e.key for b in batches for e in b) == sorted(e.key for e in enc)
+        for i, b in enumerate(batches):
+            width = len(b[0].ids)  # prefix + the longest suffix: the batch's first prompt
+            assert all(e.group == b[0].group for e in b) and all(len(e.ids) <= width for e in b)
+            assert len(b) == 1 or len(b) * width <= budget  # within the budget, or one prompt alone
+            nxt = batches[i + 1] if i + 1 < len(batches) else None
+            if nxt is not None and nxt[0].group == b[0].group:  # packed greedily: the next prompt did not fit
+                assert (len(b) + 1) * width > budget
+    sizes = {len(b) for b in _engine_batches(tiny_loaded, reqs, batch_tokens=400)[1]}
+    assert len(sizes) > 1 and max(sizes) > 1  # counts follow the lengths, not a fixed number
+    # without batch_tokens, batches are batch_size prompts as always
+    assert {len(b) for b in _engine_batches(tiny_loaded, reqs, batch_size=4)[1]} <= {1, 2, 3, 4}
+
+
+@pytest.mark.parametrize("method", ["first-token", "sequence"])
+def test_scores_do_not_depend_on_batch_size_or_batch_tokens(tiny_loaded, method):
+    import copy
+
+    import numpy as np
+
+    from qtalign.scoring.scorer import Scorer
+
+    reqs = _requests()
+    runs = [dict(batch_size=1), dict(batch_size=4), dict(batch_size=64), dict(batch_tokens=1), dict(batch_tokens=300),
+            dict(batch_tokens=100_000)]
+    out = []
+    for kw in runs:
+        scorer = Scorer(tiny_loaded.model, tiny_loaded.tokenizer, method, kw.get("batch_size", 8),
+                        batch_tokens=kw.get("batch_tokens"))
+        out.append({s.key: s for s in scorer.score(copy.deepcopy(reqs))})
+    ref = out[0]
+    for kw, got in zip(runs[1:], out[1:]):
+        assert got.keys() == ref.keys(), kw
+        for k in ref:
+            assert got[k].pred == ref[k].pred, (kw, k)
+            np.testing.assert_allclose(got[k].raw, ref[k].raw, rtol=1e-5, atol=1e-6, err_msg=str(kw))
+
+
+def test_batch_tokens_through_evaluate_keep_the_fingerprint_and_the_records(tmp_path, tiny_llama_dir, tiny_loaded):
+    a = evaluate(_cfg(tiny_llama_dir, store=False), tmp_path / "a", loaded=tiny_loaded, progress=False)
+    b = evaluate(_cfg(tiny_llama_dir, store=False, batch_tokens=500), tmp_path / "b", loaded=tiny_loaded, progress=False)
+    assert a["fingerprint"] == b["fingerprint"]  # how the work is split is not a result setting
+    for x, y in zip(_preds(tmp_path / "a"), _preds(tmp_path / "b")):
+        assert x["key"] == y["key"] and x["pred"] == y["pred"] and x["cal_pred"] == y["cal_pred"]
+        assert max(abs(x["scores"][c] - y["scores"][c]) for c in x["scores"]) < 1e-5
+    with pytest.raises(Exception, match="batch_tokens packs the native engine"):
+        EvalConfig(backend="vllm", server_url="http://127.0.0.1:8000", batch_tokens=4096)
+    p = _cli(["eval", "--model", str(tiny_llama_dir), "--batch-tokens", "0", "--out", str(tmp_path / "c")])
+    assert p.returncode == 2 and "batch_tokens" in p.stderr and not (tmp_path / "c").exists()
+
+
 def _cli(args, **kw):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([sys.executable, "-m", "qtalign", *args], capture_output=True, text=True, env=env, timeout=600, **kw)

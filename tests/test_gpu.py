@@ -5,6 +5,7 @@ dry mode."""
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 from packaging.requirements import Requirement
 
@@ -152,3 +153,90 @@ def test_uneven_ranks_finish_safely_under_two_processes(tmp_path):
         outcome[mode] = [p.communicate(timeout=120)[0].strip().splitlines()[-1:] for p in procs]
     assert outcome["ours"] == [["ok"], ["ok"]]
     assert any(o != ["ok"] for o in outcome["plain"])
+
+
+# -- `qtalign run` under several processes ---------------------------------------------------------------------
+
+
+def _run_cfg(model_dir, out) -> dict:
+    return {
+        "name": "tiny", "out": str(out), "seed": 0, "stages": ["data", "train", "eval", "lens"],
+        "model": {"name": str(model_dir), "dtype": "fp32", "device": "cpu"},
+        "data": {"task": "emotion", "data_files": "demo", "sources": ["zh", "de"], "target": "en", "items": "60:120",
+                 "rows_per_lang": 6},
+        # one process: micro-batches of 2, accumulated twice; two processes: one micro-batch of 2 each (batch 4 both)
+        "train": {"max_steps": 2, "batch_size": 4, "per_device_batch_size": 2, "learning_rate": 5e-3, "val_size": 0,
+                  "cutoff_len": 128},
+        "eval": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh", "sw"], "items": "0:7", "batch_size": 3},
+        "lens": {"tasks": ["emotion"], "data_files": "demo", "langs": ["en", "zh"], "limit": 3},
+    }
+
+
+@pytest.mark.slow
+def test_qtalign_run_under_two_processes_equals_one(tmp_path, tiny_llama_dir):
+    """`accelerate launch --num_processes 2 -m qtalign run` (gloo, CPU): the main process owns the run dir, training runs
+    DDP, evaluation data-parallel, the lens on the main process while the other waits; the items' predictions and
+    scores, the adapter and the lens numbers equal those of one process."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import yaml
+    from safetensors.torch import load_file
+
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump(_run_cfg(tiny_llama_dir, tmp_path / "one")), encoding="utf-8")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    one = subprocess.run([sys.executable, "-m", "qtalign", "run", str(cfg)], capture_output=True, text=True, env=env,
+                         timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    env["QTALIGN_STORE"] = str(tmp_path / "store2")  # nothing served from the first run's records
+    two = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                          "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "qtalign", "run",
+                          str(cfg), f"out={tmp_path / 'two'}"], capture_output=True, text=True, env=env, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = tmp_path / "one", tmp_path / "two"
+    # one process owns the run dir: it alone ran and reported every unit, and no process's shard is left
+    for unit in ("data", "train", "eval/base", "eval/tuned", "lens"):
+        assert two.stdout.count(f"[{unit}] running") == 1 and two.stdout.count(f"[{unit}] done") == 1, two.stdout
+    assert two.stdout.count("done in") - two.stdout.count("] done in") == 1
+    assert not list(b.rglob("predictions.rank*.jsonl"))
+    assert json.loads((b / "train" / "summary.json").read_text())["numbers"]["processes"] == 2
+    for which in ("base", "tuned"):
+        assert json.loads((b / "eval" / which / "results.json").read_text())["processes"] == 2
+        p1, p2 = ([json.loads(x) for x in (d / "eval" / which / "predictions.jsonl").read_text().splitlines()] for d in (a, b))
+        assert [r["key"] for r in p1] == [r["key"] for r in p2] and len(p1) == 21
+        for x, y in zip(p1, p2):
+            assert x["pred"] == y["pred"] and x["cal_pred"] == y["cal_pred"], (which, x["key"])
+            assert max(abs(x["scores"][c] - y["scores"][c]) for c in x["scores"]) < 1e-5
+    # the same global batches: 2 x 2 rows all-reduced, or 2 rows accumulated twice (equal here to float rounding;
+    # the sums' order differs, so bit equality is not promised)
+    w1, w2 = (load_file(d / "train" / "adapter" / "adapter_model.safetensors") for d in (a, b))
+    assert w1.keys() == w2.keys()
+    for k in w1:
+        assert float((w1[k] - w2[k]).norm() / w1[k].norm()) < 1e-5, k
+    l1, l2 = (sorted((d / "lens").rglob("*.npz")) for d in (a, b))
+    assert [p.relative_to(a) for p in l1] == [p.relative_to(b) for p in l2] and l1
+    for p, q in zip(l1, l2):
+        x, y = np.load(p), np.load(q)
+        assert all(np.array_equal(x[k], y[k]) for k in x.files), p.name
+
+
+def test_arms_and_seeds_are_refused_under_several_processes(tmp_path, monkeypatch, tiny_llama_dir):
+    """One line, before any process group work or any file: arms and seeds run under one process."""
+    from types import SimpleNamespace
+
+    import qtalign.engine.parallel as par
+    from qtalign.errors import QtalignError
+    from qtalign.experiment.config import ExperimentConfig
+    from qtalign.experiment.parallel import run_processes
+
+    d = _run_cfg(tiny_llama_dir, tmp_path / "run")
+    monkeypatch.setattr(par, "distributed_state", lambda: SimpleNamespace(num_processes=2, is_main_process=True))
+    monkeypatch.setattr(par, "barrier_group", lambda state: pytest.fail("no process group before the check"))
+    with pytest.raises(QtalignError, match="arms and seeds run under one process"):
+        run_processes(ExperimentConfig.model_validate({**d, "seeds": [0, 1]}))
+    assert not (tmp_path / "run").exists()

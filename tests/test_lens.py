@@ -286,3 +286,37 @@ def test_gemma_lens_final_layer(tmp_path):
         for lang in task.languages:
             s = lens_sets(sc, task, lang, "native")
             assert all(s.out) and all(s.en), (tname, lang)
+
+
+def test_lens_stats_read_back_per_chunk_equal_the_per_item_reads(spm_tokenizer):
+    """lens_stats reads each chunk's numbers back at once (no device read per row and metric): every number equals,
+    bit for bit, the per-item computation (each set's mass a float32 sum, the entropy in bits), empty sets 0."""
+    import math
+
+    from qtalign.analysis.lens import lens_stats
+
+    model = tiny_model("llama", spm_tokenizer)
+    parts = ModelParts.of(model)
+    torch.manual_seed(3)
+    h = torch.randn(5, parts.num_layers + 1, model.config.hidden_size)
+    V = parts.head.weight.shape[0]
+    rng = np.random.default_rng(0)
+    sets = [{m: sorted(rng.choice(V, size=int(rng.integers(0, 6)), replace=False).tolist()) for m in METRICS if m != "entropy"}
+            for _ in range(5)]
+    sets[1]["latent"] = []
+    got = lens_stats(parts, h, sets, chunk_rows=4)  # chunks that cut rows of one item apart
+    L1 = parts.num_layers + 1
+    flat = h.reshape(5 * L1, -1)
+    with torch.inference_mode():
+        for start in range(0, 5 * L1, 4):  # the same chunks, each number read back on its own (as before)
+            z = parts.lens(flat[start : start + 4])
+            lse = torch.logsumexp(z, dim=-1, keepdim=True)
+            p = (z - lse).exp_()
+            ent = (lse[:, 0] - (p * z).sum(-1)) / math.log(2)
+            for k in range(z.shape[0]):
+                b, layer = divmod(start + k, L1)
+                assert got["entropy"][b, layer] == float(ent[k])
+                for m, ids in sets[b].items():
+                    want = float(p[k, torch.tensor(ids, dtype=torch.long)].sum()) if ids else 0.0
+                    assert got[m][b, layer] == want, (b, layer, m)
+    assert got["latent"][1].tolist() == [0.0] * L1 and (got["entropy"] > 0).all()

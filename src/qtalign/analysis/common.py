@@ -10,15 +10,18 @@ from pathlib import Path
 import numpy as np
 
 from qtalign.analysis.config import BASE, AnalysisConfig
-from qtalign.engine.models import LoadedModel, load_model
+from qtalign.engine.models import LoadedModel, ModelSet
 from qtalign.io import write_json
 
+
 def load_models(cfg: AnalysisConfig) -> dict[str, LoadedModel]:
-    """{'base': the base model, label: base model + adapter for every entry of cfg.compare}."""
-    models = {BASE: load_model(cfg.model)}
+    """{'base': the base model, label: base model + adapter for every entry of cfg.compare}: one base model in memory,
+    the adapters attached to it and switched per forward (engine.models.ModelSet)."""
+    models = ModelSet(cfg.model)
+    out = {BASE: models.load(cfg.model)}
     for name, adapter in cfg.compare.items():
-        models[name] = load_model(cfg.model.model_copy(update={"adapter": adapter}))
-    return models
+        out[name] = models.load(cfg.model.model_copy(update={"adapter": adapter}))
+    return out
 
 
 def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

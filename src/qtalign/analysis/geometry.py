@@ -181,10 +181,10 @@ def _layer_metrics(blocks: list[np.ndarray], ref: int) -> dict[str, np.ndarray]:
 
 @torch.inference_mode()
 def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batch_size: int = 8,
-                  normed_last: bool = True) -> dict[str, dict]:
+                  normed_last: bool = True, batch_tokens: int | None = None) -> dict[str, dict]:
     """{pool: {prompt key: (L+1, d) float32 array}} for prompts that share their group's prefix."""
     tok = lm.tokenizer
-    eng = Engine(lm.model, pad_id=pad_id(tok), batch_size=batch_size)
+    eng = Engine(lm.model, pad_id=pad_id(tok), batch_size=batch_size, batch_tokens=batch_tokens)
     parts = eng.parts
     enc = encode_prompts(tok, prompts)
     # where the item's own tokens begin: after the longest token prefix shared with the tokenized demo block
@@ -197,7 +197,7 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
     out: dict[str, dict] = {p: {} for p in pools}
 
     def norm(h):
-        return parts.norm(h.to(parts.norm.weight.dtype)).float()
+        return parts.final_norm(h.to(parts.norm.weight.dtype)).float()
 
     for b in eng.run(enc, capture="all"):
         states = list(b.layer_states)
@@ -209,7 +209,7 @@ def pooled_states(lm: LoadedModel, prompts: list[Prompt], pools: list[str], batc
         S = torch.stack(states, 1)  # (B, L+1, T, d)
         plen = b.prefix_len
         for row, key in enumerate(b.keys):
-            n = int(b.lengths[row])
+            n = b.sizes[row]  # host lengths: no device read per row
             if "last" in out:  # a copy: a view would keep the whole batch's states alive (48 GB over 1,800 prompts)
                 out["last"][key] = S[row, :, n - 1].cpu().numpy().copy()
             if "prompt" in out:
@@ -278,7 +278,7 @@ def _metrics(cfg: GeometryConfig, models: dict, prompts: list, langs: list[str],
     ref = langs.index(cfg.reference)
     for name, lm in models.items():
         t1 = time.time()
-        states = pooled_states(lm, prompts, cfg.pools, cfg.batch_size, cfg.normed_last)
+        states = pooled_states(lm, prompts, cfg.pools, cfg.batch_size, cfg.normed_last, cfg.batch_tokens)
         for pool in cfg.pools:
             arr = np.stack([np.stack([states[pool][(lang, i)] for i in common]) for lang in langs])  # (n_lang, n, L+1, d)
             arr = arr.transpose(2, 0, 1, 3)  # (L+1, n_lang, n, d)

@@ -119,18 +119,22 @@ def lens_stats(parts, h: torch.Tensor, sets: list[dict[str, list[int]]], chunk_r
     flat = h.reshape(B * n_layers, d)
     out = {m: np.zeros((B, n_layers)) for m in METRICS}
     idx = {m: [torch.tensor(s[m], dtype=torch.long, device=h.device) for s in sets] for m in METRICS if m != "entropy"}
+    zero = torch.zeros((), device=h.device)
     for start in range(0, B * n_layers, chunk_rows):
         rows = slice(start, min(start + chunk_rows, B * n_layers))
         z = parts.lens(flat[rows])  # float32 logits (r, V)
         lse = torch.logsumexp(z, dim=-1, keepdim=True)
         p = (z - lse).exp_()
         ent = (lse[:, 0] - (p * z).sum(-1)) / math.log(2)  # H = log Z - E_p[z], in bits
-        for k, r in enumerate(range(rows.start, rows.stop)):
-            b, layer = divmod(r, n_layers)
-            out["entropy"][b, layer] = float(ent[k])
-            for m, ids in idx.items():
-                t = ids[b]
-                out[m][b, layer] = float(p[k, t].sum()) if t.numel() else 0.0
+        where = [divmod(r, n_layers) for r in range(rows.start, rows.stop)]
+        # each set's mass summed on the device as before, then read back once per chunk (no sync per row and metric)
+        mass = {m: torch.stack([p[k, ids[b]].sum() if ids[b].numel() else zero
+                                for k, (b, _) in enumerate(where)]).tolist() for m, ids in idx.items()}
+        ent_host = ent.tolist()
+        for k, (b, layer) in enumerate(where):
+            out["entropy"][b, layer] = ent_host[k]
+            for m in idx:
+                out[m][b, layer] = mass[m][k]
     return out
 
 
@@ -196,7 +200,7 @@ def _run_models(cfg: LensConfig, models: dict, specs, groups, items, out: Path, 
     timing, n_items, vocab = {}, 0, 0
     with Progress("lens", len(groups) * len(models), unit="groups", enabled=progress) as bar:
         for name, lm in models.items():
-            scorer = Scorer(lm.model, lm.tokenizer, "first-token", cfg.batch_size)
+            scorer = Scorer(lm.model, lm.tokenizer, "first-token", cfg.batch_size, batch_tokens=cfg.batch_tokens)
             vocab = vocab or scorer.engine.parts.head.weight.shape[0]
             t1 = time.time()
             for t, v, lang in groups:

@@ -9,7 +9,7 @@ import time
 
 from qtalign.cli.options import _flatten, add_config_options, add_model_options, model_values
 
-EVAL_OPTIONS = ["tasks", "langs", "variants", "limit", "items", "data_files", "split", "batch_size"]
+EVAL_OPTIONS = ["tasks", "langs", "variants", "limit", "items", "data_files", "split", "batch_size", "batch_tokens"]
 TOP_OPTIONS = ["data_dir", "prompts", "seed", "out", "report_to"]
 
 
@@ -68,10 +68,11 @@ def run_cli(args) -> int:
     if args.print_config:
         print(dump_config(cfg), end="")
         return 0
-    from qtalign.experiment.runner import run_experiments
+    from qtalign.experiment.parallel import run_processes
 
     t0 = time.time()
-    run_experiments(cfg, comma_list(args.stages) if args.stages else None, comma_list(args.force) if args.force else None)
+    if not run_processes(cfg, comma_list(args.stages) if args.stages else None, comma_list(args.force) if args.force else None):
+        return 0  # another process of a several-process run: the main one owns the run dir and reports
     rd = cfg.run_dir
     if args.export:
         from qtalign.report.export import export_run

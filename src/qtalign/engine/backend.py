@@ -82,7 +82,7 @@ class TorchBackend:
                 if all(w == want[0] for w in want):  # one group, one id list: one gather and one copy back
                     rows = dist[:, want[0]].tolist() if want[0] else [[] for _ in want]
                 else:
-                    rows = [dist[r, w].tolist() if w else [] for r, w in enumerate(want)]
+                    rows = _gather_rows(dist, want)
             yield from zip(b.keys, rows)
 
     def continuation_logprobs(self, encoded, conts, progress=None):
@@ -94,15 +94,23 @@ class TorchBackend:
                 logp = torch.log_softmax(parts.unembed(b.last_hidden), dim=-1)
                 rows = [conts[k] for k in b.keys]
                 first_ids = [[c[0] for c in cs] for cs in rows]
-                if len({len(f) for f in first_ids}) == 1:  # one gather and one copy back for the batch
-                    idx = torch.tensor(first_ids, device=logp.device)
-                    firsts = logp.gather(1, idx).tolist()
-                else:
-                    firsts = [logp[r, f].tolist() for r, f in enumerate(first_ids)]
+                firsts = _gather_rows(logp, first_ids)
             pairs = [(r, c) for r, cs in enumerate(rows) for c in cs if len(c) > 1]
             rest = iter(self.engine.continuations(b, pairs) if pairs else [])
             for key, cs, first in zip(b.keys, rows, firsts):
                 yield key, [[f] + (next(rest) if len(c) > 1 else []) for f, c in zip(first, cs)]
+
+
+def _gather_rows(values, ids: list[list[int]]) -> list[list[float]]:
+    """``values[r, ids[r]]`` for every row r, as host floats: one gather and one copy back for the batch (rows with
+    fewer ids read padding that is cut off on the host)."""
+    import torch
+
+    k = max(len(w) for w in ids)
+    if k == 0:
+        return [[] for _ in ids]
+    idx = torch.tensor([w + [0] * (k - len(w)) for w in ids]).to(values.device)
+    return [row[: len(w)] for row, w in zip(values.gather(1, idx).tolist(), ids)]
 
 
 # ------------------------------------------------------------------------------------------------------------------

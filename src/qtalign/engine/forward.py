@@ -10,6 +10,7 @@ never computed here: callers unembed only the positions they need (see :func:`Mo
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
@@ -82,6 +83,10 @@ class ModelParts:
     embed: Any
     head: Any  # output embedding module
     softcap: float | None
+    # the adapter state this model's forwards run in: a context manager factory, for a model that shares its weights
+    # with others (engine/models.py's ModelSet: base and tuned are one model, adapters switched); None for a model of
+    # its own
+    switch: Any = None
 
     @classmethod
     def of(cls, model) -> "ModelParts":
@@ -102,7 +107,13 @@ class ModelParts:
                 "(supported: decoder-only models with model.layers, model.norm and an output embedding, e.g. Llama, Mistral, Qwen2, Gemma3)"
             )
         cfg = base.config.get_text_config() if hasattr(base.config, "get_text_config") else base.config
-        return cls(model, decoder, layers, norm, embed, head, getattr(cfg, "final_logit_softcapping", None))
+        return cls(model, decoder, layers, norm, embed, head, getattr(cfg, "final_logit_softcapping", None),
+                   getattr(model, "adapter_context", None))
+
+    def active(self):
+        """The context every call into the model's modules runs in: its adapter state set on entry, the previous one
+        restored on exit (also after an exception)."""
+        return self.switch() if self.switch is not None else nullcontext()
 
     @property
     def num_layers(self) -> int:
@@ -115,8 +126,9 @@ class ModelParts:
         if type(head) is torch.nn.Linear or not hasattr(head, "base_layer"):
             w = head.weight  # on its own device when a model is spread over several (device_map)
             logits = torch.nn.functional.linear(h.to(w.device, w.dtype), w, getattr(head, "bias", None))
-        else:  # the head itself is adapted (LoRA on lm_head): call the module
-            logits = head(h.to(head.weight.device, head.weight.dtype))
+        else:  # the head itself is adapted (LoRA on lm_head): call the module, in this model's adapter state
+            with self.active():
+                logits = head(h.to(head.weight.device, head.weight.dtype))
         logits = logits.float()
         if self.softcap:
             logits = torch.tanh(logits / self.softcap) * self.softcap
@@ -124,7 +136,14 @@ class ModelParts:
 
     def lens(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm + unembedding of a residual-stream state (the logit lens)."""
-        return self.unembed(self.norm(h.to(self.norm.weight.device, self.norm.weight.dtype)))
+        return self.unembed(self.final_norm(h.to(self.norm.weight.device, self.norm.weight.dtype)))
+
+    def final_norm(self, h: torch.Tensor) -> torch.Tensor:
+        """The final norm, in this model's adapter state where an adapter replaced it (peft modules_to_save)."""
+        if not hasattr(self.norm, "modules_to_save"):
+            return self.norm(h)
+        with self.active():
+            return self.norm(h)
 
 
 def compile_parts(parts: "ModelParts") -> None:
@@ -153,15 +172,20 @@ class Batch:
     layer_states: list[torch.Tensor] | None = None  # L+1 tensors (B, T, d): residual stream over the suffix
     prefix_states: list[torch.Tensor] | None = None  # L+1 tensors (P, d): residual stream over the shared prefix
     cache: Any = None  # the KV cache after the batch (prefix + padded suffix), when asked for
+    sizes: list[int] = field(default_factory=list)  # the real suffix lengths on the host (no device read per row)
 
 
 class Engine:
-    """Runs encoded prompts through the model in length-sorted batches, caching each group's prefix."""
+    """Runs encoded prompts through the model in length-sorted batches, caching each group's prefix. A batch holds
+    ``batch_size`` prompts, or with ``batch_tokens`` as many as fit that many token positions (rows x (cached prefix +
+    longest suffix): what its KV cache holds), at least one."""
 
-    def __init__(self, model, pad_id: int = 0, batch_size: int = 8, prefix_cache: bool = True):
+    def __init__(self, model, pad_id: int = 0, batch_size: int = 8, prefix_cache: bool = True,
+                 batch_tokens: int | None = None):
         self.parts = model if isinstance(model, ModelParts) else ModelParts.of(model)
         self.pad_id = pad_id
         self.batch_size = max(1, int(batch_size))
+        self.batch_tokens = int(batch_tokens) if batch_tokens else None
         self.prefix_cache = prefix_cache
         p = next(self.parts.decoder.parameters())
         self.device = p.device
@@ -189,7 +213,8 @@ class Engine:
         elif capture == "all":
             handles = self._hooks(store, lambda h: h.float().to(self.device))
         try:
-            out = self.parts.decoder(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
+            with self.parts.active():
+                out = self.parts.decoder(input_ids=ids, attention_mask=mask, cache=cache, use_cache=cache is not None)
         finally:
             for h in handles:
                 h.remove()
@@ -219,8 +244,22 @@ class Engine:
         batches = []
         for g, es in groups.items():
             es = sorted(es, key=lambda e: -(len(e.ids) - (e.prefix_len if self.prefix_cache else 0)))
-            batches += [es[i : i + self.batch_size] for i in range(0, len(es), self.batch_size)]
+            if self.batch_tokens:
+                batches += self._split(es)
+            else:
+                batches += [es[i : i + self.batch_size] for i in range(0, len(es), self.batch_size)]
         return batches
+
+    def _split(self, es: list[Encoded]) -> list[list[Encoded]]:
+        """A group's prompts (longest suffix first) packed into batches of at most ``batch_tokens`` positions: each
+        row holds the prefix and the batch's longest suffix, its first prompt's length."""
+        out: list[list[Encoded]] = []
+        for e in es:
+            if out and (len(out[-1]) + 1) * len(out[-1][0].ids) <= self.batch_tokens:
+                out[-1].append(e)
+            else:
+                out.append([e])
+        return out
 
     @torch.inference_mode()
     def run(
@@ -236,14 +275,16 @@ class Engine:
                 current_group = g
                 prefix = self._prefix(batch[0].ids[:plen], capture) if plen else (None, None)
             suffixes = [e.ids[plen:] for e in batch]
-            lengths = torch.tensor([len(s) for s in suffixes], device=self.device)
-            T = int(lengths.max())
-            ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long, device=self.device)
-            mask = torch.zeros((len(batch), plen + T), dtype=torch.long, device=self.device)
-            mask[:, :plen] = 1
+            sizes = [len(s) for s in suffixes]
+            T = max(sizes)
+            # built on the host, then one copy each to the device (no per-row transfers)
+            ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
             for i, s in enumerate(suffixes):
-                ids[i, : len(s)] = torch.tensor(s, device=self.device)
-                mask[i, plen : plen + len(s)] = 1
+                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            lengths = torch.tensor(sizes)
+            mask = torch.cat([torch.ones((len(batch), plen), dtype=torch.long),
+                              (torch.arange(T)[None, :] < lengths[:, None]).long()], dim=1)
+            ids, lengths, mask = ids.to(self.device), lengths.to(self.device), mask.to(self.device)
             cache = self._expand(prefix[0], len(batch)) if plen else (DynamicCache() if keep_cache else None)
             last_idx = lengths - 1
             out, store = self._forward(ids, mask, cache, capture, last_idx)
@@ -257,6 +298,7 @@ class Engine:
                 prefix_len=plen,
                 last_hidden=h[rows, last_idx.to(h.device)],
                 cache=cache if keep_cache else None,
+                sizes=sizes,
             )
             if capture == "last":
                 b.layer_last = torch.stack(store, dim=1)
@@ -275,10 +317,12 @@ class Engine:
         distances stay true); their positions are passed explicitly."""
         dev = self.device
         R = len(pairs)
-        n_ctx = torch.tensor([b.prefix_len + int(b.lengths[row]) for row, _ in pairs], device=dev)
-        N = int(n_ctx.max())
+        sizes = b.sizes or b.lengths.tolist()  # the host's lengths: no device read per pair
+        ctx = [b.prefix_len + sizes[row] for row, _ in pairs]
+        n_ctx = torch.tensor(ctx).to(dev)
+        N = max(ctx)
         T = max(len(c) - 1 for _, c in pairs)
-        src_rows = torch.tensor([row for row, _ in pairs], device=dev)
+        src_rows = torch.tensor([row for row, _ in pairs]).to(dev)
         # source index of every slot of the right-aligned context (left pad slots read slot 0; they are masked)
         src = (torch.arange(N, device=dev)[None, :] - (N - n_ctx)[:, None]).clamp(min=0)  # (R, N)
         cache = DynamicCache()
@@ -289,14 +333,17 @@ class Engine:
                 idx = src.to(t.device)[:, None, :, None].expand(R, t.shape[1], N, t.shape[3])
                 kv.append(t.gather(2, idx))
             cache.update(kv[0], kv[1], i)
-        ids = torch.full((R, T), self.pad_id, dtype=torch.long, device=dev)
-        mask = torch.zeros((R, N + T), dtype=torch.long, device=dev)
-        mask[:, :N] = (torch.arange(N, device=dev)[None, :] >= (N - n_ctx)[:, None]).long()
+        # the label tokens and the mask built on the host, then one copy each
+        ids = torch.full((R, T), self.pad_id, dtype=torch.long)
+        n_lab = torch.tensor([len(c) - 1 for _, c in pairs])
         for j, (_, c) in enumerate(pairs):
-            ids[j, : len(c) - 1] = torch.tensor(c[:-1], device=dev)
-            mask[j, N : N + len(c) - 1] = 1
+            ids[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
+        mask = torch.cat([(torch.arange(N)[None, :] >= (N - torch.tensor(ctx))[:, None]).long(),
+                          (torch.arange(T)[None, :] < n_lab[:, None]).long()], dim=1)
+        ids, mask = ids.to(dev), mask.to(dev)
         pos = n_ctx[:, None] + torch.arange(T, device=dev)[None, :]
-        out = self.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
+        with self.parts.active():
+            out = self.parts.decoder(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True)
         h = out.last_hidden_state
         sel_row = torch.tensor([j for j, (_, c) in enumerate(pairs) for _ in c[1:]], device=h.device)
         sel_pos = torch.tensor([t for _, c in pairs for t in range(len(c) - 1)], device=h.device)

@@ -9,6 +9,7 @@ file's or a folder's, an adapter's), never a file name.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 import time
 from dataclasses import dataclass
@@ -424,3 +425,125 @@ def apply_adapter(model, adapter_dir: str, merge: bool = False, dtype=None):
         raise QtalignError(f"{adapter_dir}: this LoRA adapter does not fit the model ({type(e).__name__}: "
                            f"{str(e).splitlines()[0][:200]})") from None
     return merged.to(dtype)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# one base model, adapters switched
+
+
+class ModelSet:
+    """The base model once in memory and every LoRA adapter compared with it attached unmerged (peft ``load_adapter``),
+    instead of a resident copy per model (3 x 28 GB for a 14B base and two adapters). ``load(cfg)`` hands out a
+    :class:`LoadedModel` per config (the set's base config with or without an adapter), whose ``model`` is an
+    :class:`AdapterView`: every forward of the engine runs inside the view's adapter state (``active``), set on entry
+    and restored on exit, also after an exception. Unmerged as a separate load is (merging into bf16 rounds a small
+    adapter away), so the scores are those of separately loaded models, bit for bit; the model identities are the
+    same. A config that merges its adapter (``merge_adapter``) is a model of its own, loaded apart."""
+
+    _UNKNOWN = object()  # the adapter state while a switch is under way (a failed switch is redone in full)
+
+    def __init__(self, base: ModelConfig):
+        self.base_cfg = base.model_copy(update={"adapter": None, "merge_adapter": False})
+        self.base: LoadedModel | None = None  # the weights, loaded at the first load()
+        self.peft = None  # the PeftModel around base.model once an adapter is attached
+        self._names: dict[str, str] = {}  # adapter dir -> its peft adapter name
+        self._state = None  # the active adapter's name; None: adapters disabled (the base)
+        self._views: dict[str | None, LoadedModel] = {}
+
+    def load(self, cfg: ModelConfig) -> LoadedModel:
+        """The model of ``cfg``: this set's base config, with or without an (unmerged) adapter."""
+        if cfg.adapter and cfg.merge_adapter:
+            return load_model(cfg)  # merged weights are another model
+        if cfg.model_copy(update={"adapter": None, "merge_adapter": False}) != self.base_cfg:
+            raise ValueError(f"ModelSet of {self.base_cfg.name}: asked for another base model ({cfg.name})")
+        if cfg.adapter not in self._views:
+            self._views[cfg.adapter] = self._view(cfg)
+        return self._views[cfg.adapter]
+
+    def _view(self, cfg: ModelConfig) -> LoadedModel:
+        t0 = time.time()
+        if self.base is None:
+            self.base = load_model(self.base_cfg)
+        info = {**self.base.info, "shared_base": True}
+        name = None
+        if cfg.adapter:
+            name = self._attach(cfg.adapter)
+            n_adapter = sum(p.numel() for n, p in self.peft.named_parameters() if f".{name}." in n)
+            # what a separate load records (load_model), less the base's loading time
+            info.update({"identity": model_identity(cfg), "adapter": cfg.adapter, "merged": False,
+                         "class": type(self.peft).__name__, "load_s": round(time.time() - t0, 2),
+                         "num_parameters": self.base.info["num_parameters"] + n_adapter})
+        return LoadedModel(AdapterView(self, name), self.base.tokenizer, info)
+
+    def _attach(self, adapter_dir: str) -> str:
+        """Attach an adapter (once per folder) under a name of its own; the first wraps the base model in peft."""
+        if adapter_dir in self._names:
+            return self._names[adapter_dir]
+        from peft import PeftModel
+
+        check_adapter_dir(adapter_dir)
+        name = f"qtalign{len(self._names)}"
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base.model, adapter_dir, adapter_name=name, is_trainable=False,
+                                                      local_files_only=True)
+                self._state = name  # peft activates the first adapter
+            else:
+                self.peft.load_adapter(adapter_dir, adapter_name=name, is_trainable=False, local_files_only=True)
+        except (ValueError, RuntimeError, KeyError, OSError) as e:
+            raise QtalignError(f"{adapter_dir}: this LoRA adapter does not fit the model ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]})") from None
+        self.peft.eval()
+        self._names[adapter_dir] = name
+        return name
+
+    @contextlib.contextmanager
+    def active(self, name: str | None):
+        """Forwards inside run with adapter ``name`` (None: the base, adapters disabled); the state before is restored
+        on exit, however the block ends."""
+        prev = self._state
+        self._switch(name)
+        try:
+            yield
+        finally:
+            self._switch(prev)
+
+    def _switch(self, name) -> None:
+        if self.peft is None or name == self._state:
+            return
+        self._state = self._UNKNOWN
+        if name is None:
+            self.peft.base_model.disable_adapter_layers()
+        elif name is not self._UNKNOWN:
+            self.peft.base_model.enable_adapter_layers()
+            self.peft.set_adapter(name)  # (marks its weights trainable: irrelevant, the engine runs in inference mode)
+        self._state = name
+
+
+class AdapterView:
+    """One model of a :class:`ModelSet` as the engine sees it: the shared weights in one adapter state (``adapter``
+    None: the base). ``engine.forward.ModelParts`` finds ``adapter_context`` and runs every forward inside it; calling
+    the view runs the model in its state; other attributes (config, parameters, ...) are the shared model's."""
+
+    def __init__(self, models: ModelSet, adapter: str | None):
+        self._models = models
+        self.adapter = adapter
+
+    def adapter_context(self):
+        return self._models.active(self.adapter)
+
+    def get_base_model(self):
+        return self._models.base.model
+
+    def __call__(self, *args, **kwargs):
+        with self.adapter_context():
+            return self._shared(*args, **kwargs)
+
+    @property
+    def _shared(self):
+        return self._models.peft if self._models.peft is not None else self._models.base.model
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self._shared, name)

@@ -9,14 +9,14 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 
 from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError
-from qtalign.limits import SETTINGS, BatchSize, Count, Index, Seed
+from qtalign.limits import SETTINGS, BatchSize, Count, Index, Seed, Tokens
 from qtalign.tasks.groups import Group
 from qtalign.tasks.items import DataSource, comma_list, indices_field, parse_range, select_items
 from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
 from qtalign.tracking import parse_trackers
 
 # fields that do not change a result (how the work is split up): left out of every fingerprint
-NOT_FINGERPRINTED = frozenset({"batch_size", "model", "store", "progress", "report_to", "tracking_dir", "server_url"})
+NOT_FINGERPRINTED = frozenset({"batch_size", "batch_tokens", "model", "store", "progress", "report_to", "tracking_dir", "server_url"})
 
 
 def parse_items(v):
@@ -54,6 +54,10 @@ class TaskSelection(BaseModel):
     split: str = Field("test", description="split for hf: datasets")
     prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
     batch_size: BatchSize = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
+    batch_tokens: Tokens | None = Field(None, description="instead of batch_size: as many prompts per forward pass as fit "
+                                        "this many token positions (rows x (demo block + longest prompt); at least one "
+                                        "prompt), so that short prompts go in large batches and long ones in small "
+                                        "(native engine; results do not depend on it)")
     seed: Seed = Field(0, description="seed of Python's, NumPy's and torch's generators (the faithful rule's ties; "
                       "the analyses' sampling)")
 
@@ -161,6 +165,9 @@ class EvalConfig(TaskSelection):
         if self.backend != "torch" and not self.server_url:
             raise ValueError(f"backend {self.backend} needs server_url (the address of a running {self.backend} server, "
                              "e.g. http://127.0.0.1:8000)")
+        if self.backend != "torch" and self.batch_tokens:
+            raise ValueError(f"batch_tokens packs the native engine's batches (backend torch); a {self.backend} server "
+                             "batches on its own (batch_size is the number of prompts per request)")
         if self.backend != "torch" and getattr(self.model, "adapter", None):  # (an experiment section has no model)
             raise ValueError(f"backend {self.backend} scores the model the server serves: an adapter cannot be applied "
                              "here; merge it (qtalign merge), serve the merged folder and evaluate that folder")

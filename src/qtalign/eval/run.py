@@ -110,11 +110,14 @@ def _start(out: OutputDir, plan: Plan, overwrite: bool) -> None:
                                        "config": plan.cfg.model_dump(mode="json"), "started": time.time()})
 
 
-def _decide_and_start(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
-    """The finished results, or None after claiming the folder for this run (main process; the outcome is shared)."""
+def _decide_and_start(out: OutputDir, plan: Plan, overwrite: bool, shards: list[str] = ()) -> dict | None:
+    """The finished results, or None after claiming the folder for this run and recording the processes' ``shards``
+    (main process; the outcome is shared)."""
     finished = _decide(out, plan, overwrite)
     if finished is None:
         _start(out, plan, overwrite)
+        if shards:
+            out.record(*shards)
     return finished
 
 
@@ -236,13 +239,15 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     state = distributed_state()
     group = barrier_group(state)  # made while the processes are in step; waited on at the end, however uneven
     out_dir = OutputDir(out, "eval")
-    finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite))
+    rank, world = state.process_index, state.num_processes
+    # the processes' shards are recorded as the main process claims the folder, before any process writes one
+    shards = [f"predictions.rank{r}.jsonl" for r in range(world)] if world > 1 else []
+    finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite, shards))
     if finished is not None:
         return finished if state.is_main_process else {}
     set_seed(cfg.seed)
     store = Store().check() if cfg.store else None
     done, n_store = _done(out_dir.path, plan, None if overwrite else store)  # --overwrite recomputes everything
-    rank, world = state.process_index, state.num_processes
     todo = {g: [it for k, it in enumerate(its) if k % world == rank and g.key(it.index) not in done]
             for g, its in plan.items.items()}
     total = sum(len(x) for x in todo.values())
@@ -255,11 +260,10 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
         lm = loaded if isinstance(loaded, LoadedModel) else (loaded() if callable(loaded) else load_model(cfg.model))
     t_load = time.time() - t_load
     shard = out_dir.path / (f"predictions.rank{rank}.jsonl" if world > 1 else "predictions.jsonl")
-    if world > 1 and state.is_main_process:
-        out_dir.record(*[f"predictions.rank{r}.jsonl" for r in range(world)])
     timings: dict[str, dict] = {"wall": {}, "cpu": {}}
     if lm is not None:
-        scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm, seed=cfg.seed)
+        scorer = Scorer(backend or lm.model, lm.tokenizer, cfg.method, cfg.batch_size, cfg.prefix_cache, cfg.length_norm,
+                        seed=cfg.seed, batch_tokens=cfg.batch_tokens)
         _check_context(scorer, plan, todo)
         with Progress("eval", total, enabled=progress, main=state.is_main_process) as bar:
             timings = _score_groups(scorer, plan, todo, shard, bar)

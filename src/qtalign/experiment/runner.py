@@ -52,6 +52,7 @@ class Models:
         self.cfg, self.log = cfg, log
         self.names = ["base", "tuned"] if "train" in cfg.stages else ["base"]
         self._loaded: dict[str, LoadedModel] = {}
+        self._set = None  # engine.models.ModelSet, made at the first load
 
     def config(self, which: str) -> ModelConfig:
         if which == "base":
@@ -71,11 +72,14 @@ class Models:
         return model_identity(self.config(which))
 
     def model(self, which: str) -> LoadedModel:
+        """One base model in memory per run, the adapter switched per forward (engine.models.ModelSet)."""
         if which not in self._loaded:
-            from qtalign.engine.models import load_model
+            from qtalign.engine.models import ModelSet
 
             t0 = time.time()
-            self._loaded[which] = load_model(self.config(which))
+            if self._set is None:
+                self._set = ModelSet(self.cfg.model)
+            self._loaded[which] = self._set.load(self.config(which))
             self.log(f"  loaded {which} model ({self.cfg.model.name}) in {time.time() - t0:.1f} s")
         return self._loaded[which]
 
@@ -156,17 +160,21 @@ class Experiment:
         record = {"stage": u.folder, "fingerprint": fp, "config": u.config, "attempts": attempts}
         write_json(sj_path, {**record, "status": "running", "started": time.time()})
         t0 = time.time()
+        self.execute(u, inputs)
+        dt = time.time() - t0
+        write_json(sj_path, {**record, "status": "done", "timing_s": round(dt, 2), "finished": time.time(),
+                             "skipped_last_run": False})
+        self.log(f"[{u.folder}] done in {dt:.1f} s")
+        return "ran"
+
+    def execute(self, u: Unit, inputs: Inputs | None) -> None:
+        """Run one unit's stage into its folder (experiment/parallel.py runs train and eval on every process)."""
         if u.stage == "report":
             from qtalign.report.build import write_report
 
             write_report(self.run_dir)
         else:
             STAGE_FUNCTIONS[u.stage][1](u.cfg, u.plan, inputs, self.run_dir / u.folder)
-        dt = time.time() - t0
-        write_json(sj_path, {**record, "status": "done", "timing_s": round(dt, 2), "finished": time.time(),
-                             "skipped_last_run": False})
-        self.log(f"[{u.folder}] done in {dt:.1f} s")
-        return "ran"
 
     def _report(self, units: list[Unit], done: dict[str, str], only: list[str], force: set[str], outcome: dict) -> None:
         """The sink: the report of what the units wrote, fingerprinted by what is done (not rerun otherwise)."""

@@ -39,7 +39,7 @@ class Scorer:
     ``next_logprobs`` / ``continuation_logprobs``), e.g. a vLLM server's client."""
 
     def __init__(self, model, tokenizer, method: str = "first-token", batch_size: int = 8, prefix_cache: bool = True,
-                 length_norm: bool = False, seed: int = 0):
+                 length_norm: bool = False, seed: int = 0, batch_tokens: int | None = None):
         if method not in METHOD_FUNCTIONS:
             raise QtalignError(f"unknown scoring method '{method}' (choose from {', '.join(METHOD_FUNCTIONS)})")
         self.tokenizer = tokenizer
@@ -51,7 +51,8 @@ class Scorer:
             # the native engine's model, or what a server says of its own (vLLM: max_model_len)
             self.context = context_length(self.engine.parts.model) if self.engine is not None else getattr(model, "context", None)
         else:
-            self.engine = Engine(model, pad_id=pad_id(tokenizer), batch_size=batch_size, prefix_cache=prefix_cache)
+            self.engine = Engine(model, pad_id=pad_id(tokenizer), batch_size=batch_size, prefix_cache=prefix_cache,
+                                 batch_tokens=batch_tokens)
             self.backend = TorchBackend(self.engine)
             self.context = context_length(model)
         self._sets: dict[tuple[str, ...], CandidateSets] = {}
