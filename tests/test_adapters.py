@@ -191,12 +191,12 @@ def test_load_models_and_the_experiment_share_one_base(tiny_llama_dir, adapters,
     cfg = ExperimentConfig.model_validate({"name": "t", "out": str(tmp_path / "run"),
                                            "model": {"name": str(tiny_llama_dir), "dtype": "fp32", "device": "cpu"}})
     exp = Experiment(cfg, log=lambda s: None)
-    shutil.copytree(adapters["t1"], exp.adapter_dir())
-    models = exp.models()
+    shutil.copytree(adapters["t1"], exp.models.config("tuned").adapter)
+    models = exp.models.models()
     assert list(models) == ["base", "tuned"]
     assert models["base"].model.get_base_model() is models["tuned"].model.get_base_model()
-    assert models["tuned"].info["identity"] == model_identity(exp.model_cfg("tuned"))
-    sep = load_model(exp.model_cfg("tuned"))
+    assert models["tuned"].info["identity"] == model_identity(exp.models.config("tuned"))
+    sep = load_model(exp.models.config("tuned"))
     task = load_specs().task("emotion")
     items = select_items(task, "en", DataSource.from_options(None, "demo", "test"), None, 4, set())
     reqs = build_requests(task, "en", "native", items, "first-token")
