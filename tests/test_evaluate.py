@@ -101,8 +101,9 @@ def test_config_validation_errors():
 
 
 def _engine_batches(lm, reqs, **kw):
-    from qtalign.engine.forward import Engine, encode_prompts, pad_id
+    from qtalign.engine.forward import Engine, encode_prompts
     from qtalign.scoring.scorer import Scorer
+    from qtalign.tokenids import pad_id
 
     enc = encode_prompts(lm.tokenizer, Scorer(lm.model, lm.tokenizer).prompts(reqs))
     return enc, Engine(lm.model, pad_id=pad_id(lm.tokenizer), **kw).order(enc)

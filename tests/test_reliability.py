@@ -564,6 +564,15 @@ def _cases(root: Path, model: Path) -> list[list]:
     cases += [["run", "no/such/config"], ["run", "demo", "train.lora_r=0"], ["run", "demo", "eval.bogus=1"], ["run", "demo", "=3"],
               ["run", "demo", "--stages", "tune"], ["run", "demo", "data.model=x"], ["run", str(bad["garbage"])],
               ["report", root / "nope"], ["compare", root / "nope"], ["export", root]]
+    # the classes of issue 25: non-finite or absurd numbers, out-of-range seeds, imports and cards of nothing
+    cases += [ev + [opt, val] for opt, val in (("--batch-size", "1e12"), ("--seed", "-1"), ("--seed", str(2**40)),
+                                               ("--limit", "inf"), ("--batch-tokens", "nan"))]
+    cases += [["train", *m, "--data", str(demo_data_dir() / "emotion" / "en.jsonl"), opt, val] for opt, val in (
+        ("--learning-rate", "inf"), ("--learning-rate", "nan"), ("--lora-r", "1e9"), ("--epochs", "inf"),
+        ("--max-steps", "1e15"), ("--seed", "-3"))]
+    cases += [["run", "demo", over] for over in ("train.learning_rate=inf", "eval.batch_size=1e12", "seed=-1",
+                                                 "train.lora_alpha=nan", "seeds=0,-1")]
+    cases += [["store", "import", root / "nope"], ["store", "import", root / "bad"], ["card", root / "nope.yaml"]]
     return cases
 
 
@@ -578,7 +587,7 @@ def test_fuzz_malformed_inputs_through_the_cli(tmp_path, tiny_llama_dir):
     assert len(cases) > 70
     for i, case in enumerate(cases):
         out = root / f"out{i}"
-        argv = case if case[0] in ("report", "compare", "export", "models") or "--out" in case else case + ["--out", out]
+        argv = case if case[0] in ("report", "compare", "export", "models", "store") or "--out" in case else case + ["--out", out]
         if case[0] in ("compare", "export") and "--out" not in case:
             argv = case + ["--out", out]
         before = snapshot(root, skip=out)
