@@ -21,6 +21,7 @@ from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, read_json, write_json, write_text
 from qtalign.report.format import DASH, change, display_path, md_table, num, pct, pval
 from qtalign.report.html import Doc, md_to_html
+from qtalign.report.numbers import by_task, paired_rows
 from qtalign.report.paired import GROUPS, N_BOOT, LangRow, compare, group_summary
 from qtalign.report.read import Run, read_run
 
@@ -207,7 +208,7 @@ def render_compare(numbers: dict, out: Path) -> Doc:
 def _level_numbers(cols: list[tuple[str, Run, str]], out: Path) -> dict:
     """Per task: each column's macro averages (all / high / low) and its per-language accuracies, AUC and items."""
     numbers, keep = _head(cols, out)
-    per_run = {label: _by_task(_rows(run, w, keep, label)) for label, run, w in cols}
+    per_run = {label: by_task(_rows(run, w, keep, label)) for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
     numbers["tasks"], numbers["languages"] = {}, {}
     for tv in tasks:
@@ -244,18 +245,10 @@ def _render_levels(doc: Doc, numbers: dict, out: Path) -> None:
            "evaluated in that task and language (runs of items 0-99 and 0-59 on 0-59); the items per language are shown.")
 
 
-def _paired_rows(run: Run, keep: dict | None = None, label: str | None = None) -> list[LangRow]:
-    """Per-language base vs tuned rows of a run (only items both evaluated, and of those the ``keep`` items), in the
-    run's language order."""
-    rows = compare(_restrict(run.base_preds, keep, label), run.tuned_preds, run.resource, run.seen, run.clusters)
-    order = {c: i for i, c in enumerate(run.order)}
-    return sorted(rows, key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
-
-
 def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None, label: str | None = None) -> dict:
     """'task/variant' -> language group -> the paired changes of one run (group_summary with intervals)."""
     out: dict = {}
-    for tv, rs in _by_task(_paired_rows(run, keep, label)).items():
+    for tv, rs in paired_rows(run, _restrict(run.base_preds, keep, label)).items():
         out["/".join(tv)] = {g: s for g in GROUPS if (s := group_summary(rs, g, n_boot=n_boot)) is not None}
     return out
 
@@ -369,8 +362,8 @@ def _seed_section(doc: Doc, seeds: dict) -> None:
     """Per arm with several training seeds: the mean change over seeds with the between-seed SD, beside each seed's
     item-level bootstrap interval (items vary within a run; the seed varies training)."""
     body = []
-    for arm, by_task in seeds.items():
-        for tv, by_group in by_task.items():
+    for arm, per_task in seeds.items():
+        for tv, by_group in per_task.items():
             for g in ("all", "seen", "unseen"):
                 for kind, sm in (by_group.get(g) or {}).items():
                     scale, digits = (1, 3) if kind == "auc" else (100, 1)
@@ -452,13 +445,6 @@ def _training_section(doc: Doc, nums: dict, out: Path) -> None:
     if any(n["eval_curve"] for n in nums.values()):
         ax.legend(fontsize=8)
     doc.img(save(fig, out / "compare_training.png", dpi=110, tight=False), "Validation loss per evaluation step, each run.")
-
-
-def _by_task(rows: list[LangRow]) -> dict:
-    out: dict = {}
-    for r in rows:
-        out.setdefault((r.task, r.variant), []).append(r)
-    return out
 
 
 def _task_section(doc: Doc, tv: str, per: dict, langs: dict) -> None:

@@ -1,23 +1,8 @@
 """The report's statistics as data: ``<run dir>/stats.json``, computed once from the run's artifacts before the report
-is rendered; report.md and report.html only format it (report/sections.py reads nothing else for a number).
-
-    schema              STATS_SCHEMA (an integer, raised when a field changes meaning)
-    n_boot, n_perm      bootstrap resamples and sign-flip permutations; seed (both draws'); perm_floor = 1 / (1 + n_perm)
-    has_tuned           whether a tuned evaluation is paired with the base one
-    unpaired            'task/variant/lang' -> base items without a tuned record (left out of every paired number)
-    checkpoint          the evaluated training step: steps, best_step, best_eval_loss (null without a training summary)
-    tasks               [{task, variant, langs}] in report order
-    languages           per task x variant x language: resource, seen, n, n_clusters, test ('mcnemar' | 'sign_flip'),
-                        majority {base, tuned}; raw and cal {base, base_ci, tuned, tuned_ci, delta, b, c, p, p_holm,
-                        ci_low, ci_high} (cal null without calibration); auc {base, tuned, delta, ci_low, ci_high} (null
-                        without class scores; its delta is the bootstrap's observed change)
-    groups              per task x variant x group (all, seen, unseen, high, low; 'english': the English row alone, the
-                        retention section's): n_langs, langs, n_clusters, majority; raw and cal {n_items, base, tuned,
-                        delta, b, c, p, p_holm, ci_low, ci_high}; auc {base, tuned, delta, ci_low, ci_high}
-    families            the Holm families 'groups' and 'langs': m (tests with a p) and keys [task, variant, group or
-                        lang, kind], in the order they were adjusted
-    retrieval           per task/variant of the geometry stage's retrieval: the layer curves and the Spearman ρ (with p)
-                        over languages between retrieval and the accuracy change
+is rendered; report.md and report.html only format it (report/sections.py reads nothing else for a number). Keys:
+schema, n_boot, n_perm, seed, perm_floor, has_tuned, unpaired, checkpoint, tasks, languages (per task x variant x
+language), groups (per task x variant x group, 'english' being the English row alone), families (the Holm families
+and their m), retrieval; docs/experiments.md ("stats.json") describes each field.
 """
 
 from __future__ import annotations
@@ -33,16 +18,19 @@ KINDS = ("raw", "cal")  # the accuracies a report tests (AUC has intervals, no t
 ENGLISH = "english"  # the group of the English row alone
 
 
-def paired_rows(run: Run) -> dict[tuple[str, str], list[LangRow]]:
-    """(task, variant) -> its per-language rows, in the run's language order."""
-    rows = (compare(run.base_preds, run.tuned_preds if run.tuned else {}, run.resource, run.seen, run.clusters)
-            if run.base else [])
-    order = {c: i for i, c in enumerate(run.order)}
-    rows.sort(key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
-    tasks: dict[tuple[str, str], list[LangRow]] = {}
+def by_task(rows: list[LangRow]) -> dict[tuple[str, str], list[LangRow]]:
+    out: dict = {}
     for r in rows:
-        tasks.setdefault((r.task, r.variant), []).append(r)
-    return tasks
+        out.setdefault((r.task, r.variant), []).append(r)
+    return out
+
+
+def paired_rows(run: Run, base: dict[str, dict] | None = None) -> dict[tuple[str, str], list[LangRow]]:
+    """(task, variant) -> its per-language rows of base vs tuned (the items both evaluated; ``base``: of these base
+    records only), in the run's language order."""
+    rows = compare(run.base_preds if base is None else base, run.tuned_preds, run.resource, run.seen, run.clusters)
+    order = {c: i for i, c in enumerate(run.order)}
+    return by_task(sorted(rows, key=lambda r: (r.task, r.variant, order.get(r.lang, 999))))
 
 
 def _accuracy(r: LangRow, kind: str) -> dict | None:
