@@ -16,9 +16,10 @@ import pytest
 
 from qtalign.experiment.config import ExperimentConfig
 from qtalign.experiment.runner import Experiment
-from qtalign.report.build import SECTIONS, write_report
+from qtalign.report.build import SECTIONS, render_report, write_report
+from qtalign.report.numbers import STATS_SCHEMA
 from qtalign.report.paired import compare, group_summary
-from qtalign.report.read import read_predictions, read_run
+from qtalign.report.read import read_predictions
 from qtalign.stats import mcnemar, wilson
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
@@ -98,25 +99,38 @@ def test_report_has_every_section_and_the_right_numbers(run_dir):
     imgs = _md_images(md)
     assert "train/loss.png" in imgs and "report/accuracy_emotion_enout.png" in imgs
     assert any(x.startswith("lens/") for x in imgs) and any(x.startswith("geometry/") for x in imgs)
-    # the per-language rows agree with the evaluation's own per-item records
+    # the per-language statistics (stats.json) agree with the evaluation's own per-item records
+    st = json.loads((run_dir / "stats.json").read_text())
+    assert st["schema"] == STATS_SCHEMA and st["has_tuned"] and st["tasks"] == [
+        {"task": "emotion", "variant": "enout", "langs": ["en", "zh", "de", "sw"]}]
+    langs = {e["lang"]: e for e in st["languages"]}
     base = read_predictions(run_dir / "eval" / "base" / "predictions.jsonl")
     tuned = read_predictions(run_dir / "eval" / "tuned" / "predictions.jsonl")
     for lang in ("en", "zh", "de", "sw"):
-        kb = sum(r["correct"] for r in base.values() if r["lang"] == lang)
-        kt = sum(r["correct"] for r in tuned.values() if r["lang"] == lang)
-        seen = " *" if lang in ("en", "zh") else ""
-        lo, hi = wilson(kb, 8)
-        row = next(line for line in md.splitlines() if line.startswith(f"| {lang}{seen} |"))
-        assert f"| {100 * kb / 8:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] |" in row
-        assert f"| {100 * (kt - kb) / 8:+.1f} |" in row
-    assert "| seen | 2 | 16 |" in md and "| unseen | 2 | 16 |" in md and "| low | 1 | 8 |" in md
+        pairs = [(r["correct"], tuned[k]["correct"]) for k, r in base.items() if r["lang"] == lang]
+        kb, kt = sum(b for b, _ in pairs), sum(t for _, t in pairs)
+        e = langs[lang]
+        assert (e["task"], e["variant"], e["n"], e["seen"]) == ("emotion", "enout", 8, lang in ("en", "zh"))
+        assert e["raw"]["base"] == kb / 8 and e["raw"]["tuned"] == kt / 8 and e["raw"]["base_ci"] == list(wilson(kb, 8))
+        assert abs(e["raw"]["delta"] - (kt - kb) / 8) < 1e-12
+        assert (e["raw"]["b"], e["raw"]["c"]) == (sum(b and not t for b, t in pairs), sum(t and not b for b, t in pairs))
+        assert e["test"] == "mcnemar" and e["raw"]["p"] == mcnemar(e["raw"]["b"], e["raw"]["c"])
+    lo, hi = wilson(round(8 * langs["en"]["raw"]["base"]), 8)  # the Markdown row formats those numbers
+    row = next(line for line in md.splitlines() if line.startswith("| en * |"))
+    assert f"| {100 * langs['en']['raw']['base']:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] |" in row
+    assert f"| {100 * langs['en']['raw']['delta']:+.1f} |" in row
+    groups = {e["group"]: e for e in st["groups"]}
+    assert [(g, groups[g]["n_langs"], groups[g]["raw"]["n_items"]) for g in ("seen", "unseen", "low")] == [
+        ("seen", 2, 16), ("unseen", 2, 16), ("low", 1, 8)]
+    assert groups["english"]["langs"] == ["en"] and groups["seen"]["langs"] == ["en", "zh"]
+    assert abs(groups["all"]["raw"]["base"] - sum(e["raw"]["base"] for e in langs.values()) / 4) < 1e-12
     assert "no overlap" in md and "training items 6" in md  # the overlap check and its ranges
     assert "| torch |" in md and "| seed | 0 |" in md and "| train | done |" in md  # environment and timings
     assert "| emotion | enout | zh |" in md  # the label-tokenisation table
     tn = json.loads((run_dir / "train" / "summary.json").read_text())["numbers"]
     assert f"| this run | {tn['train_rows']} | {tn['steps']} | {tn['steps'] * 4 / tn['train_rows']:.2f} | {tn['train_tokens']:,} |" in md
-    stats = json.loads((run_dir / "data" / "stats.json").read_text())
-    p_rows = int(sum(d["available"] for d in stats["per_source"].values()) * 0.95)
+    qt = json.loads((run_dir / "data" / "stats.json").read_text())
+    p_rows = int(sum(d["available"] for d in qt["per_source"].values()) * 0.95)
     assert f"| the paper | {p_rows} | {-(-p_rows // 16) * 3} | 3 |" in md
 
 
@@ -138,6 +152,10 @@ def test_report_of_a_base_only_run(run_dir, tmp_path):
     md_path, html_path = write_report(d)
     md = md_path.read_text(encoding="utf-8")
     assert "tuned % [95 % CI]" not in md and "has not run" in md and html_path.exists()
+    st = json.loads((d / "stats.json").read_text())
+    assert not st["has_tuned"] and st["checkpoint"] is None and st["families"]["langs"]["m"] == 0
+    assert all(math.isnan(e["raw"]["tuned"]) and math.isnan(e["raw"]["p"]) for e in st["languages"])
+    assert all(e["raw"]["base"] == e2["raw"]["base"] for e, e2 in zip(st["languages"], json.loads((run_dir / "stats.json").read_text())["languages"]))
     assert re.findall(r"^## (.+)$", md, flags=re.M) == list(SECTIONS)
 
 
@@ -263,6 +281,10 @@ def test_compare_runs_matches_each_runs_own_metrics(tmp_path, tiny_llama_dir):
     md = (tmp_path / "cmp" / "compare.md").read_text()  # a model folder outside the runs: its name, not the machine's path
     assert str(tiny_llama_dir) not in md and f"| {Path(tiny_llama_dir).name} |" in md
     assert "| 4 |" in md  # items per language: the common items
+    assert {x["n"] for lb in labels for x in got["languages"]["emotion/enout"][lb].values()} == {4}
+    from qtalign.report.compare import render_compare  # the document is rendered from compare.json alone
+
+    assert render_compare(got, tmp_path / "cmp").render(embed=False) == md
 
 
 def test_sign_flip_test_is_mcnemar_without_clusters_and_wider_with_them():
@@ -342,8 +364,6 @@ def test_compare_change_is_each_runs_paired_change(run_dir, tmp_path, capsys):
     by brute force from the per-item predictions, the same interval as the run's own report, and one clear error for a
     run without a tuned evaluation."""
     from qtalign.cli import main
-    from qtalign.report.sections import context
-
     assert main(["compare", "--which", "change", f"x={run_dir}", f"y={run_dir}", "--out", str(tmp_path / "cmp")]) == 0
     got = json.loads((tmp_path / "cmp" / "compare.json").read_text())["changes"]
     base = read_predictions(run_dir / "eval" / "base" / "predictions.jsonl")
@@ -359,13 +379,12 @@ def test_compare_change_is_each_runs_paired_change(run_dir, tmp_path, capsys):
         assert abs(got["x"]["emotion/enout"]["all"][kind]["delta"] - want) < 1e-12
     seen = got["x"]["emotion/enout"]["seen"]
     assert seen["langs"] == ["en", "zh"] and got["x"] == got["y"]
-    ctx = context(read_run(run_dir))  # the run's own report: the same interval and test
-    own = ctx.summary(ctx.tasks["emotion", "enout"], "all")
+    own = next(g for g in json.loads((run_dir / "stats.json").read_text())["groups"] if g["group"] == "all")  # the run's own report
     for kind in ("raw", "cal", "auc"):
         for k in ("delta", "ci_low", "ci_high"):
             assert got["x"]["emotion/enout"]["all"][kind][k] == pytest.approx(own[kind][k], nan_ok=True)
     md = (tmp_path / "cmp" / "compare.md").read_text()
-    assert "| x | yes | all | 4 |" in md and "compare.png" in md
+    assert got["x"]["emotion/enout"]["all"]["n_langs"] == 4 and "| x | yes | all | 4 |" in md and "compare.png" in md
     # a base-only run has no change: one line, exit 2, nothing written
     base_only = tmp_path / "base_only"
     (base_only / "eval").mkdir(parents=True)
@@ -415,19 +434,43 @@ def test_p_at_the_permutation_floor_is_shown_as_a_bound():
 
 
 def test_report_tests_families_with_holm(run_dir):
-    from qtalign.report.read import read_run
-    from qtalign.report.sections import context
+    from qtalign.report.paired import GROUPS
     from qtalign.stats import holm
 
-    ctx = context(read_run(run_dir))
-    adj = ctx.holm("groups")
-    raw = {k: (ctx.summary(rs, k[2]) or {})[k[3]]["p"] for (t, v), rs in ctx.tasks.items() for k in adj if k[:2] == (t, v)}
-    keys = list(raw)
-    assert adj == dict(zip(keys, holm([raw[k] for k in keys])))
-    assert {k[3] for k in adj} == {"raw", "cal"} and {k[2] for k in adj} >= {"all", "seen", "unseen"}
+    st = json.loads((run_dir / "stats.json").read_text())
+    nan = lambda xs: [None if x != x else x for x in xs]  # noqa: E731  (NaN == NaN for the comparison)
+    for family, entries, key in (("groups", [g for g in st["groups"] if g["group"] in GROUPS], "group"),
+                                 ("langs", st["languages"], "lang")):
+        fam, by = st["families"][family], {(e["task"], e["variant"], e[key]): e for e in entries}
+        tests = [by[tuple(k[:3])][k[3]] for k in fam["keys"]]
+        assert nan([x["p_holm"] for x in tests]) == nan(holm([x["p"] for x in tests]))
+        assert fam["m"] == sum(x["p"] == x["p"] for x in tests)
+        assert {tuple(k[2:]) for k in fam["keys"]} == {(e[key], kind) for e in entries for kind in ("raw", "cal")}
+    assert {k[2] for k in st["families"]["groups"]["keys"]} >= {"all", "seen", "unseen"}
+    assert "english" not in {k[2] for k in st["families"]["groups"]["keys"]}  # the retention row is not a family test
     md = (run_dir / "report.md").read_text(encoding="utf-8")
-    assert "p Holm" in md and f"m = {ctx.family_size('groups')}" in md and f"m = {ctx.family_size('langs')}" in md
-    assert "**Evaluated checkpoint:**" in md
+    assert "p Holm" in md and f"m = {st['families']['groups']['m']}" in md and f"m = {st['families']['langs']['m']}" in md
+    tn = json.loads((run_dir / "train" / "summary.json").read_text())["numbers"]
+    assert st["checkpoint"]["steps"] == tn["steps"] and "**Evaluated checkpoint:**" in md
+
+
+def test_report_renders_from_stats_json_alone(run_dir, tmp_path):
+    """report.md is rendered from stats.json only: without the per-item predictions it comes out the same, and a number
+    changed in stats.json is the number the report prints (the sections format, they do not recompute)."""
+    from qtalign.report.html import md_to_html
+
+    d = tmp_path / "run"
+    shutil.copytree(run_dir, d)
+    for p in d.glob("eval/*/predictions.jsonl*"):
+        p.unlink()
+    st = json.loads((d / "stats.json").read_text())
+    doc = render_report(d, st)
+    assert doc.render(embed=False) == (run_dir / "report.md").read_text(encoding="utf-8")
+    assert md_to_html(doc.render(embed=True), doc.title) == (run_dir / "report.html").read_text(encoding="utf-8")
+    en = next(e for e in st["languages"] if e["lang"] == "en")
+    en["raw"]["delta"], en["raw"]["b"], en["raw"]["c"] = 0.4321, 17, 23
+    row = next(line for line in render_report(d, st).render(embed=False).splitlines() if line.startswith("| en * |"))
+    assert "| +43.2 | 17/23 |" in row
 
 
 def test_missing_clusters_are_an_error_not_a_silent_fallback(tmp_path):
@@ -486,6 +529,13 @@ def test_compare_aggregates_training_seeds(run_dir, tmp_path):
     agg = got["seeds"]["qt"]["emotion/enout"]["all"]["raw"]
     assert agg["n_seeds"] == 2 and agg["sd"] == 0 and agg["mean"] == got["changes"]["qt-seed1"]["emotion/enout"]["all"]["raw"]["delta"]
     assert got["changes"]["qt-seed1"]["emotion/enout"]["all"]["raw"]["p_holm"] >= got["changes"]["qt-seed1"]["emotion/enout"]["all"]["raw"]["p"]
+    assert agg["per_seed"]["qt-seed2"] == got["changes"]["qt-seed2"]["emotion/enout"]["all"]["raw"] and got["families"]["qt-seed1"]["m"] > 0
+    from qtalign.report.compare import render_compare  # the document, seeds included, is rendered from compare.json alone
+
+    md = (tmp_path / "c" / "compare.md").read_text()
+    assert render_compare(got, tmp_path / "c").render(embed=False) == md and "## Across training seeds" in md
+    got["seeds"]["qt"]["emotion/enout"]["all"]["raw"]["sd"] = 0.0123
+    assert "| 1.2 |" not in md and "| 1.2 |" in render_compare(got, tmp_path / "c").render(embed=False)
 
 
 def test_card_verdicts_follow_the_intervals():
@@ -505,7 +555,7 @@ def test_card_verdicts_follow_the_intervals():
 def test_card_is_computed_from_the_runs_and_refuses_bad_claims(run_dir, tmp_path, capsys):
     from qtalign.cli import main
     from qtalign.report.card import inputs_digest
-    from qtalign.report.sections import context
+    from qtalign.report.format import change
 
     shutil.copytree(run_dir, tmp_path / "res" / "tiny")
     claims = tmp_path / "res" / "claims.yaml"
@@ -518,11 +568,8 @@ def test_card_is_computed_from_the_runs_and_refuses_bad_claims(run_dir, tmp_path
     out = tmp_path / "card.md"
     assert main(["card", str(claims), "--out", str(out)]) == 0
     md = out.read_text(encoding="utf-8")
-    ctx = context(read_run(tmp_path / "res" / "tiny"))
-    s = ctx.summary(ctx.tasks["emotion", "enout"], "all")
-    from qtalign.report.format import interval
-
-    assert interval(s["raw"]["delta"], s["raw"]["ci_low"], s["raw"]["ci_high"]) in md  # the run's own report's numbers
+    s = next(g for g in json.loads((tmp_path / "res" / "tiny" / "stats.json").read_text())["groups"] if g["group"] == "all")
+    assert change(s["raw"]) in md  # the run's own report's numbers
     assert "**not testable here**: not run here" in md and inputs_digest(claims, ["tiny"]) in md
     rows = [line for line in md.splitlines() if line.startswith("| T")]
     assert len(rows) == 3 and "zh, sw" in rows[1]

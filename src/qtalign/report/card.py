@@ -51,9 +51,9 @@ def verdict(expect: str, s: dict | None) -> str:
 def measure(run: Run, task: str, group, n_boot: int = N_BOOT) -> dict | None:
     """The paired change tuned − base of one run on one task over a language group (a name, or a list of
     languages pooled as one group), with intervals and the sign-flip test."""
-    from qtalign.report.compare import _by_task, _paired_rows
+    from qtalign.report.numbers import paired_rows
 
-    rows = [r for (t, _v), rs in _by_task(_paired_rows(run)).items() if t == task for r in rs]
+    rows = [r for (t, _v), rs in paired_rows(run).items() if t == task for r in rs]
     if isinstance(group, list):
         rows = [r for r in rows if r.lang in group]
         return group_summary(rows, "all", n_boot=n_boot) if rows else None

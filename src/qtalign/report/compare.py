@@ -18,9 +18,10 @@ from collections import Counter
 from pathlib import Path
 
 from qtalign.errors import QtalignError
-from qtalign.io import OutputDir, write_json, write_text
-from qtalign.report.format import DASH, display_path, interval, md_table, num, pct, pval
+from qtalign.io import OutputDir, read_json, write_json, write_text
+from qtalign.report.format import DASH, change, display_path, md_table, num, pct, pval
 from qtalign.report.html import Doc, md_to_html
+from qtalign.report.numbers import by_task, paired_rows
 from qtalign.report.paired import GROUPS, N_BOOT, LangRow, compare, group_summary
 from qtalign.report.read import Run, read_run
 
@@ -143,7 +144,11 @@ def _unique_labels(cols: list[tuple[str, Run, str]]) -> list[tuple[str, Run, str
     return out
 
 
+COMPARE_SCHEMA = 1
+
+
 def compare_runs(runs: list[str], out: str | Path, title: str | None = None, which: str = "base") -> Path:
+    """Compute the comparison's numbers into compare.json, then render compare.md / compare.html from that file."""
     cols: list[tuple[str, Run, str]] = []
     for spec in runs:
         label, sep, path = spec.partition("=")
@@ -166,109 +171,132 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
     od = OutputDir(out, "compare").claim()
     od.record("compare.md", "compare.html", "compare.json", "compare.png")
     od.record("compare_training.png")
-    make = _change_document if which == "change" else _document
-    doc, numbers = make(cols, title or "qtalign comparison", od.path)
+    numbers = {"schema": COMPARE_SCHEMA, "which": which, "title": title or "qtalign comparison",
+               **(_change_numbers if which == "change" else _level_numbers)(cols, od.path)}
+    write_json(od.path / "compare.json", numbers)
+    doc = render_compare(read_json(od.path / "compare.json"), od.path)  # rendered from the file, as a reader has it
     write_text(od.path / "compare.md", doc.render(embed=False))
     write_text(od.path / "compare.html", md_to_html(doc.render(embed=True), doc.title))
-    write_json(od.path / "compare.json", numbers)
     return od.path
 
 
-def _head(cols: list[tuple[str, Run, str]], title: str, out: Path, tuned_task: bool = False) -> tuple[Doc, dict, dict]:
-    """The title and the table of what each column is (model, training; the tuned task for a change), the columns'
-    entry of compare.json, and the items every column has."""
-    doc = Doc(out)
-    doc.h(1, title)
+def _head(cols: list[tuple[str, Run, str]], out: Path, tuned_task: bool = False) -> tuple[dict, dict]:
+    """compare.json's entries for what each column is (model, training; the tuned task for a change) and the groups
+    left out, and the items every column has."""
     facts = {label: {**_model_facts(run), "training": _training_facts(run),
                      **({"tuned task": run.trained_task or DASH} if tuned_task else {})} for label, run, _ in cols}
-    keys = list(next(iter(facts.values())))
-    doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
     runs = {label: {"facts": facts[label], "dir": _where(run, out), "which": w} for label, run, w in cols}
     excluded: list = []
     keep = common_items(cols, excluded)
-    if excluded:
+    return {"runs": runs, "not_compared": [{"run": a, "group": g, "why": w} for a, g, w in excluded]}, keep
+
+
+def render_compare(numbers: dict, out: Path) -> Doc:
+    """The comparison document (and its figures, into ``out``) from compare.json alone."""
+    doc = Doc(out)
+    doc.h(1, numbers["title"])
+    facts = {label: r["facts"] for label, r in numbers["runs"].items()}
+    keys = list(next(iter(facts.values())))
+    doc.md(md_table(["run"] + keys, [[label] + [facts[label][k] for k in keys] for label in facts], "l" * (len(keys) + 1)))
+    if numbers["not_compared"]:
         doc.md("**Not compared** (items are matched by the content of the data they read, not by index): "
-               + "; ".join(f"{label}: {g} ({why})" for label, g, why in excluded) + ".")
-    return doc, {"runs": runs, "not_compared": [{"run": a, "group": g, "why": w} for a, g, w in excluded]}, keep
+               + "; ".join(f"{x['run']}: {x['group']} ({x['why']})" for x in numbers["not_compared"]) + ".")
+    (_render_change if numbers["which"] == "change" else _render_levels)(doc, numbers, out)
+    return doc
 
 
-def _document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
-    doc, numbers, keep = _head(cols, title, out)
-    per_run = {label: _by_task(_rows(run, w, keep, label)) for label, run, w in cols}
+def _level_numbers(cols: list[tuple[str, Run, str]], out: Path) -> dict:
+    """Per task: each column's macro averages (all / high / low) and its per-language accuracies, AUC and items."""
+    numbers, keep = _head(cols, out)
+    per_run = {label: by_task(_rows(run, w, keep, label)) for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
-    numbers["tasks"] = {}
-    if tasks:
-        fig = _figure(per_run, tasks, out / "compare.png")
-        doc.img(fig, "Macro averages over languages: raw accuracy, calibrated accuracy and AUC (x100) per run and task.")
+    numbers["tasks"], numbers["languages"] = {}, {}
     for tv in tasks:
-        numbers["tasks"]["/".join(tv)] = _task_section(doc, tv, per_run)
+        key = "/".join(tv)
+        numbers["tasks"][key], numbers["languages"][key] = {}, {}
+        for label, d in per_run.items():
+            rs = d.get(tv, [])
+            numbers["tasks"][key][label] = {g: _level(group_summary(rs, g) if rs else None) for g in ("all", "high", "low")}
+            numbers["languages"][key][label] = {r.lang: {"n": r.raw.n, "acc": r.raw.acc("base"),
+                                                         "cal_acc": r.cal.acc("base") if r.cal else None,
+                                                         "auc": r.auc("base")} for r in rs}
     trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
     if trained:
-        numbers["training"] = _training_section(doc, trained, out)
+        numbers["training"] = _training_numbers(trained)
+    return numbers
+
+
+def _level(s: dict | None) -> dict:
+    raw, cal, auc = (s or {}).get("raw", {}), (s or {}).get("cal", {}), (s or {}).get("auc", {})
+    return {"acc": raw.get("base"), "cal_acc": cal.get("base"), "auc": auc.get("base"), "n_langs": (s or {}).get("n_langs", 0)}
+
+
+def _render_levels(doc: Doc, numbers: dict, out: Path) -> None:
+    tasks = numbers["tasks"]
+    if tasks:
+        fig = _figure(tasks, out / "compare.png")
+        doc.img(fig, "Macro averages over languages: raw accuracy, calibrated accuracy and AUC (x100) per run and task.")
+    for tv, per in tasks.items():
+        _task_section(doc, tv, per, numbers["languages"][tv])
+    if "training" in numbers:
+        _training_section(doc, numbers["training"], out)
     doc.md("Accuracy and AUC are macro averages over the languages each run evaluated (all / high / low-resource); AUC is "
            "of the raw class scores (binary, or macro one-vs-rest for SNLI). Every run is compared on the items all runs "
            "evaluated in that task and language (runs of items 0-99 and 0-59 on 0-59); the items per language are shown.")
-    return doc, numbers
-
-
-def _paired_rows(run: Run, keep: dict | None = None, label: str | None = None) -> list[LangRow]:
-    """Per-language base vs tuned rows of a run (only items both evaluated, and of those the ``keep`` items), in the
-    run's language order."""
-    rows = compare(_restrict(run.base_preds, keep, label), run.tuned_preds, run.resource, run.seen, run.clusters)
-    order = {c: i for i, c in enumerate(run.order)}
-    return sorted(rows, key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
 
 
 def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None, label: str | None = None) -> dict:
     """'task/variant' -> language group -> the paired changes of one run (group_summary with intervals)."""
     out: dict = {}
-    for tv, rs in _by_task(_paired_rows(run, keep, label)).items():
+    for tv, rs in paired_rows(run, _restrict(run.base_preds, keep, label)).items():
         out["/".join(tv)] = {g: s for g in GROUPS if (s := group_summary(rs, g, n_boot=n_boot)) is not None}
     return out
 
 
-def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) -> tuple[Doc, dict]:
-    doc, numbers, keep = _head(cols, title, out, tuned_task=True)
-    facts = {label: r["facts"] for label, r in numbers["runs"].items()}
+def _change_numbers(cols: list[tuple[str, Run, str]], out: Path) -> dict:
+    """Per run: the paired changes of every task x group, their Holm-adjusted p (p_holm; the family's m under
+    'families'), the seed aggregation of runs labelled <arm>-seed<k>, and the training numbers."""
+    numbers, keep = _head(cols, out, tuned_task=True)
     changes = {label: change_numbers(run, keep=keep, label=label) for label, run, _ in cols}
+    numbers["changes"], numbers["families"] = changes, {}
+    for label, ch in changes.items():
+        adj = holm_family(ch)
+        for (tv, g, kind), p in adj.items():
+            ch[tv][g][kind]["p_holm"] = p
+        numbers["families"][label] = {"m": sum(1 for p in adj.values() if p == p)}
+    seeds = seed_numbers(changes)
+    if seeds is not None:
+        numbers["seeds"] = seeds
+    trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
+    if trained:
+        numbers["training"] = _training_numbers(trained)
+    return numbers
+
+
+def _render_change(doc: Doc, numbers: dict, out: Path) -> None:
+    changes = numbers["changes"]
     tasks = sorted({tv for d in changes.values() for tv in d})
-    numbers["changes"] = changes
     if tasks:
         fig = _change_figure(changes, tasks, out / "compare.png")
         doc.img(fig, "Change tuned − base over all languages (macro average): raw accuracy, calibrated accuracy (points) and "
                 "AUC (x100), with cluster-bootstrap 95 % intervals, per run and task.")
-    adj = {label: holm_family(ch) for label, ch in changes.items()}
     for tv in tasks:
         doc.h(2, f"{tv.replace('/', ' (')} labels)")
         body = []
-        for label in changes:
-            d = changes[label].get(tv, {})
-            tuned_task = facts[label]["tuned task"] == tv.split("/")[0]
-            for g in GROUPS:
-                s = d.get(g)
-                if s is None:
-                    continue
+        for label, ch in changes.items():
+            tuned_task = numbers["runs"][label]["facts"]["tuned task"] == tv.split("/")[0]
+            for g, s in (ch.get(tv) or {}).items():
                 raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
                 body.append([label if g == "all" else "", "yes" if tuned_task and g == "all" else "", g, s["n_langs"],
-                             pct(raw.get("base")), pct(raw.get("tuned")), interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")),
-                             pval(raw.get("p")), pval(adj[label].get((tv, g, "raw"))),
-                             interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")), pval(cal.get("p")),
-                             pval(adj[label].get((tv, g, "cal"))),
-                             interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3)])
+                             pct(raw.get("base")), pct(raw.get("tuned")), change(raw), pval(raw.get("p")),
+                             pval(raw.get("p_holm")), change(cal), pval(cal.get("p")), pval(cal.get("p_holm")),
+                             change(auc, auc=True)])
         doc.md(md_table(["run", "tuned task", "languages", "langs", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm",
                          "Δ cal [95 % CI]", "p cal", "p cal Holm", "Δ AUC [95 % CI]"], body, "lll" + "r" * 10))
-    for label, ch in changes.items():
-        for tv, d in ch.items():
-            for g, s in d.items():
-                for kind in ("raw", "cal"):
-                    if kind in s:
-                        s[kind]["p_holm"] = adj[label].get((tv, g, kind))
-    seeds = _seed_section(doc, changes, tasks)
-    if seeds:
-        numbers["seeds"] = seeds
-    trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
-    if trained:
-        numbers["training"] = _training_section(doc, trained, out)
+    if "seeds" in numbers:
+        _seed_section(doc, numbers["seeds"])
+    if "training" in numbers:
+        _training_section(doc, numbers["training"], out)
     doc.md("Δ = tuned − base of the macro average over the group's languages, on the items both evaluations scored. The "
            "intervals resample clusters of item indices with all their languages (SNLI: premise triples), p is the "
            "sign-flip permutation test over the same clusters (McNemar's exact test for one language of independent "
@@ -276,7 +304,6 @@ def _change_document(cols: list[tuple[str, Run, str]], title: str, out: Path) ->
            "run's family of tests (every task x group x raw/calibrated of that run). seen = the "
            "languages of each run's question-translation data. Every run is compared on the items all runs evaluated "
            "(base and tuned) in that task and language.")
-    return doc, numbers
 
 
 def holm_family(change: dict) -> dict:
@@ -288,6 +315,7 @@ def holm_family(change: dict) -> dict:
 
 
 SEED_LABEL = re.compile(r"^(?:(.*?)[-_: ])?seed(-?\d+)$")
+ONE_ARM = "(one arm)"  # the arm of runs labelled seed<k> alone
 
 
 def seed_arms(labels: list[str]) -> dict[str, list[str]]:
@@ -311,30 +339,38 @@ def seed_summary(deltas: list[float]) -> dict:
             "min": min(xs) if xs else float("nan"), "max": max(xs) if xs else float("nan")}
 
 
-def _seed_section(doc: Doc, changes: dict, tasks: list[str]) -> dict:
-    """Per arm with several training seeds: the mean change over seeds with the between-seed SD, beside each seed's
-    item-level bootstrap interval (items vary within a run; the seed varies training)."""
+def seed_numbers(changes: dict) -> dict | None:
+    """Per arm with several training seeds, task, group and measure: the mean change over seeds with the
+    between-seed SD, and each seed's own change and item-level interval (None without such an arm)."""
     arms = seed_arms(list(changes))
     if not arms:
-        return {}
+        return None
+    tasks = sorted({tv for d in changes.values() for tv in d})
     out: dict = {}
-    body = []
     for arm, labels in arms.items():
         for tv in tasks:
             for g in GROUPS:
-                for kind, scale, digits in (("raw", 100, 1), ("cal", 100, 1), ("auc", 1, 3)):
+                for kind in ("raw", "cal", "auc"):
                     per = [((changes[lab].get(tv) or {}).get(g) or {}).get(kind) or {} for lab in labels]
-                    if not any(per):
-                        continue
-                    sm = seed_summary([d.get("delta") for d in per])
-                    out.setdefault(arm or "(one arm)", {}).setdefault(tv, {}).setdefault(g, {})[kind] = {
-                        **sm, "per_seed": {lab: d for lab, d in zip(labels, per)}}
-                    if g in ("all", "seen", "unseen"):
-                        f = (lambda x: f"{scale * x:+.{digits}f}" if x == x else DASH)  # noqa: E731
-                        body.append([arm or "—", tv.replace("/", " (") + ")", g, kind, sm["n_seeds"], f(sm["mean"]),
-                                     f"{scale * sm['sd']:.{digits}f}" if sm["sd"] == sm["sd"] else DASH,
-                                     "; ".join(interval(d.get("delta"), d.get("ci_low"), d.get("ci_high"), scale=scale,
-                                                        digits=digits) for d in per)])
+                    if any(per):
+                        out.setdefault(arm or ONE_ARM, {}).setdefault(tv, {}).setdefault(g, {})[kind] = {
+                            **seed_summary([d.get("delta") for d in per]), "per_seed": dict(zip(labels, per))}
+    return out
+
+
+def _seed_section(doc: Doc, seeds: dict) -> None:
+    """Per arm with several training seeds: the mean change over seeds with the between-seed SD, beside each seed's
+    item-level bootstrap interval (items vary within a run; the seed varies training)."""
+    body = []
+    for arm, per_task in seeds.items():
+        for tv, by_group in per_task.items():
+            for g in ("all", "seen", "unseen"):
+                for kind, sm in (by_group.get(g) or {}).items():
+                    scale, digits = (1, 3) if kind == "auc" else (100, 1)
+                    body.append([DASH if arm == ONE_ARM else arm, tv.replace("/", " (") + ")", g, kind, sm["n_seeds"],
+                                 f"{scale * sm['mean']:+.{digits}f}" if sm["mean"] == sm["mean"] else DASH,
+                                 f"{scale * sm['sd']:.{digits}f}" if sm["sd"] == sm["sd"] else DASH,
+                                 "; ".join(change(d, auc=kind == "auc") for d in sm["per_seed"].values())])
     doc.h(2, "Across training seeds")
     doc.md("Per arm, the change tuned − base averaged over its training seeds, the standard deviation between seeds (what "
            "training randomness moves) and each seed's own item-level 95 % interval (what the choice of items moves). A "
@@ -342,7 +378,6 @@ def _seed_section(doc: Doc, changes: dict, tasks: list[str]) -> dict:
            "intervals of one seed do not cover training randomness.")
     doc.md(md_table(["arm", "task", "languages", "measure", "seeds", "mean Δ", "SD between seeds", "per seed: Δ [95 % CI]"],
                     body, "llllrrrl"))
-    return out
 
 
 def _change_figure(changes: dict, tasks: list[str], path: Path) -> Path:
@@ -375,95 +410,85 @@ def _change_figure(changes: dict, tasks: list[str], path: Path) -> Path:
     return save(fig, path, dpi=110, tight=False)
 
 
-def _training_section(doc: Doc, runs: dict[str, Run], out: Path) -> dict:
-    """The runs' LoRA tuning side by side: settings, final and best validation loss, and the curves overlaid."""
+def _training_numbers(runs: dict[str, Run]) -> dict:
+    """The runs' LoRA tuning: settings, final and best validation loss, and the validation curve [[step, loss], ...]."""
     from qtalign.io import read_jsonl
-    from qtalign.plots import pyplot, save
 
-    doc.h(2, "Training")
-    body, nums, curves = [], {}, {}
+    nums = {}
     for label, run in runs.items():
         s = run.summary("train")
         n, cfg = s.get("numbers", {}), s.get("config", {})
-        log = list(read_jsonl(run.dir / "train" / "trainer_log.jsonl"))
-        ev = [(r["step"], r["eval_loss"]) for r in log if "eval_loss" in r]
-        curves[label] = ev
-        last = ev[-1][1] if ev else None
+        ev = [[r["step"], r["eval_loss"]] for r in read_jsonl(run.dir / "train" / "trainer_log.jsonl") if "eval_loss" in r]
         nums[label] = {"learning_rate": cfg.get("learning_rate"), "steps": n.get("steps"), "train_rows": n.get("train_rows"),
-                       "train_tokens": n.get("train_tokens"), "final_eval_loss": last, "best_eval_loss": n.get("best_eval_loss")}
-        body.append([label, cfg.get("learning_rate"), cfg.get("template", "raw"), n.get("steps"), n.get("train_rows"),
-                     n.get("train_tokens"), num(last, 4), num(n.get("best_eval_loss"), 4), n.get("best_step")])
+                       "train_tokens": n.get("train_tokens"), "final_eval_loss": ev[-1][1] if ev else None,
+                       "best_eval_loss": n.get("best_eval_loss"), "template": cfg.get("template", "raw"),
+                       "best_step": n.get("best_step"), "eval_curve": ev}
+    return nums
+
+
+def _training_section(doc: Doc, nums: dict, out: Path) -> None:
+    """The runs' LoRA tuning side by side: settings, final and best validation loss, and the curves overlaid."""
+    from qtalign.plots import pyplot, save
+
+    doc.h(2, "Training")
+    body = [[label, n["learning_rate"], n["template"], n["steps"], n["train_rows"], n["train_tokens"],
+             num(n["final_eval_loss"], 4), num(n["best_eval_loss"], 4), n["best_step"]] for label, n in nums.items()]
     doc.md(md_table(["run", "lr", "template", "steps", "rows", "tokens", "final val loss", "best val loss", "best step"], body))
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 3.6))
-    for label, ev in curves.items():
-        if ev:
-            ax.plot(*zip(*ev), "o-", ms=3, lw=1.3, label=label)
+    for label, n in nums.items():
+        if n["eval_curve"]:
+            ax.plot(*zip(*n["eval_curve"]), "o-", ms=3, lw=1.3, label=label)
     ax.set_xlabel("optimizer step")
     ax.set_ylabel("validation loss (nats / response token)")
     ax.grid(alpha=0.3)
-    if any(curves.values()):
+    if any(n["eval_curve"] for n in nums.values()):
         ax.legend(fontsize=8)
     doc.img(save(fig, out / "compare_training.png", dpi=110, tight=False), "Validation loss per evaluation step, each run.")
-    return nums
 
 
-def _by_task(rows: list[LangRow]) -> dict:
-    out: dict = {}
-    for r in rows:
-        out.setdefault((r.task, r.variant), []).append(r)
-    return out
-
-
-def _task_section(doc: Doc, tv: tuple[str, str], per_run: dict) -> dict:
-    t, v = tv
+def _task_section(doc: Doc, tv: str, per: dict, langs: dict) -> None:
+    """One task's table: per column its languages, items per language and macro averages; then per language."""
+    t, v = tv.split("/", 1)
     doc.h(2, f"{t} ({v} labels)")
-    body, nums = [], {}
-    for label, d in per_run.items():
-        rs = d.get(tv, [])
-        ns = sorted({r.raw.n for r in rs})
-        row = [label, len(rs), (str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if rs else DASH]
-        nums[label] = {}
+    body = []
+    for label, d in per.items():
+        ns = sorted({x["n"] for x in langs[label].values()})
+        row = [label, len(langs[label]), (str(ns[0]) if len(ns) == 1 else f"{ns[0]}–{ns[-1]}") if ns else DASH]
         for g in ("all", "high", "low"):
-            s = group_summary(rs, g) if rs else None
-            raw, cal, auc = (s or {}).get("raw", {}), (s or {}).get("cal", {}), (s or {}).get("auc", {})
-            row += [pct(raw.get("base")), pct(cal.get("base")), num(auc.get("base"))]
-            nums[label][g] = {"acc": raw.get("base"), "cal_acc": cal.get("base"), "auc": auc.get("base"),
-                              "n_langs": (s or {}).get("n_langs", 0)}
+            row += [pct(d[g]["acc"]), pct(d[g]["cal_acc"]), num(d[g]["auc"])]
         body.append(row)
     head = ["run", "langs", "items/lang"] + [f"{g} {m}" for g in ("all", "high", "low") for m in ("acc %", "cal %", "AUC")]
     doc.md(md_table(head, body))
-    langs = list(dict.fromkeys(r.lang for d in per_run.values() for r in d.get(tv, [])))
     lang_rows = []
-    for lang in langs:
+    for lang in dict.fromkeys(lg for d in langs.values() for lg in d):
         cells = [lang]
-        for d in per_run.values():
-            r = next((x for x in d.get(tv, []) if x.lang == lang), None)
-            cells.append(DASH if r is None else f"{pct(r.raw.acc('base'))} / {pct(r.cal.acc('base')) if r.cal else DASH} / {num(r.auc('base'), 2)}")
+        for d in langs.values():
+            x = d.get(lang)
+            cells.append(DASH if x is None else f"{pct(x['acc'])} / {pct(x['cal_acc'])} / {num(x['auc'], 2)}")
         lang_rows.append(cells)
-    doc.md("Per language (raw % / calibrated % / AUC):\n\n" + md_table(["lang", *per_run], lang_rows))
-    return nums
+    doc.md("Per language (raw % / calibrated % / AUC):\n\n" + md_table(["lang", *per], lang_rows))
 
 
-def _figure(per_run: dict, tasks: list, path: Path) -> Path:
+def _figure(tasks: dict, path: Path) -> Path:
     import numpy as np
 
     from qtalign.plots import pyplot, save
 
     plt = pyplot()
     fig, axes = plt.subplots(1, max(1, len(tasks)), figsize=(4.2 * max(1, len(tasks)), 3.4), squeeze=False)
-    labels = list(per_run)
+    labels = list(next(iter(tasks.values()))) if tasks else []
     w = 0.8 / max(1, len(labels))
-    for ax, tv in zip(axes[0], tasks):
+    for ax, (tv, per) in zip(axes[0], tasks.items()):
         x = np.arange(3)
         for j, label in enumerate(labels):
-            rs = per_run[label].get(tv, [])
-            s = group_summary(rs, "all") if rs else {}
-            vals = [(s or {}).get("raw", {}).get("base"), (s or {}).get("cal", {}).get("base"), (s or {}).get("auc", {}).get("base")]
+            s = per[label]["all"]
+            vals = [s["acc"], s["cal_acc"], s["auc"]]
             ax.bar(x + (j - (len(labels) - 1) / 2) * w, [100 * v if v is not None else 0 for v in vals], w, label=label)
         ax.set_xticks(x, ["accuracy", "calibrated", "AUC x100"])
         ax.set_ylim(0, 100)
-        ax.set_title(f"{tv[0]} ({tv[1]})", fontsize=9)
+        t, v = tv.split("/", 1)
+        ax.set_title(f"{t} ({v})", fontsize=9)
         ax.grid(axis="y", alpha=0.3)
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()

@@ -18,7 +18,7 @@ from qtalign.io import OutputDir, bytes_sha256, write_bytes, write_json, write_t
 from qtalign.report.html import md_to_html
 
 UNITS = ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")
-SMALL = ["report.md", "report.html", "config.yaml", "experiment.json", "train/summary.json", "train/trainer_log.jsonl",
+SMALL = ["report.md", "report.html", "stats.json", "config.yaml", "experiment.json", "train/summary.json", "train/trainer_log.jsonl",
          "train/train_config.json", "lens/summary.json", "lens/lens_means.csv", "geometry/summary.json", "data/stats.json",
          "data/summary.json"]
 EVAL_FILES = ("run.json", "results.json", "table.md", "table.csv", "labels.md", "labels.json")

@@ -6,26 +6,25 @@ from __future__ import annotations
 from pathlib import Path
 
 from qtalign.plots import pyplot, save
-from qtalign.report.paired import LangRow
 
 
-def bar_chart(rows: list[LangRow], title: str, path: Path) -> Path:
-    """Per-language accuracy, base vs tuned, raw (and calibrated when present), with Wilson 95 % error bars."""
+def bar_chart(rows: list[dict], title: str, path: Path) -> Path:
+    """Per-language accuracy, base vs tuned, raw (and calibrated when present), with Wilson 95 % error bars, from the
+    language entries of stats.json."""
     import numpy as np
 
     plt = pyplot()
-    kinds = ["raw"] + (["cal"] if all(r.cal is not None for r in rows) else [])
-    has_tuned = any(r.raw.tuned for r in rows)
+    kinds = ["raw"] + (["cal"] if all(r["cal"] is not None for r in rows) else [])
+    has_tuned = any(r["raw"]["tuned"] == r["raw"]["tuned"] for r in rows)  # NaN without a tuned run
     fig, axes = plt.subplots(len(kinds), 1, figsize=(max(6.0, 0.55 * len(rows) + 2), 3.2 * len(kinds)), squeeze=False)
     x = np.arange(len(rows))
     w = 0.4 if has_tuned else 0.7
-    labels = [r.lang + ("*" if r.seen else "") for r in rows]
+    labels = [r["lang"] + ("*" if r["seen"] else "") for r in rows]
     for ax, kind in zip(axes[:, 0], kinds):
         series = [("base", "#9e9e9e")] + ([("tuned", "#1f77b4")] if has_tuned else [])
         for j, (which, colour) in enumerate(series):
-            cells = [getattr(r, kind) for r in rows]
-            acc = np.array([c.acc(which) for c in cells])
-            ci = np.array([c.ci(which) for c in cells])
+            acc = np.array([r[kind][which] for r in rows])
+            ci = np.array([r[kind][f"{which}_ci"] for r in rows])
             err = np.clip(np.vstack([acc - ci[:, 0], ci[:, 1] - acc]) * 100, 0, None)
             off = (j - (len(series) - 1) / 2) * w
             ax.bar(x + off, acc * 100, w, yerr=err, color=colour, label=which, capsize=2, error_kw={"elinewidth": 0.8})
@@ -39,7 +38,7 @@ def bar_chart(rows: list[LangRow], title: str, path: Path) -> Path:
     return save(fig, path, dpi=110, tight=False)
 
 
-def headline_figure(tasks: dict[tuple[str, str], list[LangRow]], path: Path, has_tuned: bool) -> Path:
+def headline_figure(tasks: dict[tuple[str, str], list[dict]], path: Path, has_tuned: bool) -> Path:
     """One panel per task: per language, the change tuned − base (raw and calibrated accuracy, points, paired
     bootstrap 95 % intervals); without a tuned run, the base accuracy."""
     import numpy as np
@@ -49,12 +48,12 @@ def headline_figure(tasks: dict[tuple[str, str], list[LangRow]], path: Path, has
     fig, axes = plt.subplots(n, 1, figsize=(max(6.5, 0.45 * max(len(r) for r in tasks.values()) + 2), 2.6 * n), squeeze=False)
     for ax, ((t, v), rows) in zip(axes[:, 0], tasks.items()):
         x = np.arange(len(rows))
-        labels = [r.lang + ("*" if r.seen else "") for r in rows]
+        labels = [r["lang"] + ("*" if r["seen"] else "") for r in rows]
         if has_tuned:
             for j, (kind, colour) in enumerate((("raw", "#1f77b4"), ("cal", "#ff7f0e"))):
-                if kind == "cal" and any(r.cal is None for r in rows):
+                if kind == "cal" and any(r["cal"] is None for r in rows):
                     continue
-                b = [r.boot(kind) for r in rows]  # the tables' N_BOOT resamples: one interval per number
+                b = [(r[kind]["delta"], r[kind]["ci_low"], r[kind]["ci_high"]) for r in rows]
                 d = np.array([x_[0] for x_ in b]) * 100
                 err = np.clip(np.array([[x_[0] - x_[1], x_[2] - x_[0]] for x_ in b]).T * 100, 0, None)
                 ax.bar(x + (j - 0.5) * 0.4, d, 0.4, yerr=np.nan_to_num(err), color=colour, capsize=2,
@@ -62,7 +61,7 @@ def headline_figure(tasks: dict[tuple[str, str], list[LangRow]], path: Path, has
             ax.axhline(0, color="k", lw=0.8)
             ax.set_ylabel("tuned − base (points)")
         else:
-            ax.bar(x, [r.raw.acc("base") * 100 for r in rows], 0.7, color="#9e9e9e", label="base accuracy")
+            ax.bar(x, [r["raw"]["base"] * 100 for r in rows], 0.7, color="#9e9e9e", label="base accuracy")
             ax.set_ylim(0, 100)
             ax.set_ylabel("accuracy %")
         ax.set_xticks(x, labels, fontsize=7)

@@ -39,6 +39,12 @@ def interval(d: float, lo: float, hi: float, scale: float = 100.0, digits: int =
     return f"{scale * d:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]{star}"
 
 
+def change(d: dict | None, auc: bool = False) -> str:
+    """interval() of a statistics entry's change ({delta, ci_low, ci_high}); an AUC's in AUC units."""
+    d = d or {}
+    return interval(d.get("delta"), d.get("ci_low"), d.get("ci_high"), *((1, 3) if auc else ()))
+
+
 def pval(p: float | None, floor: float | None = None) -> str:
     """A p-value; one at ``floor`` (the smallest a permutation test can return, default: the report's sign-flip test
     with N_PERM permutations) is shown as '< floor': the resampling only bounds it."""

@@ -14,12 +14,11 @@ accuracies are macro averages over languages.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from qtalign.eval.metrics import class_log_scores
 from qtalign.errors import QtalignError
-from qtalign.stats import bootstrap_change, class_auc, mcnemar, paired_counts, sign_flip_p, wilson
+from qtalign.stats import bootstrap_change, class_auc, mcnemar, mean, paired_counts, sign_flip_p, wilson
 
 GROUPS = ("all", "seen", "unseen", "high", "low")
 N_BOOT = 1000
@@ -136,11 +135,6 @@ class LangRow:
         return bootstrap_change(self.stat(kind), self.units(), n_boot, seed)
 
 
-def _mean(xs) -> float:
-    xs = [x for x in xs if not (isinstance(x, float) and math.isnan(x))]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
 def _share(recs: list[dict]) -> float:
     from collections import Counter
 
@@ -255,7 +249,7 @@ def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[
     stats = [r.stat(kind) for r in rs]
 
     def stat(which: str, draw: list) -> float:
-        return _mean(f(which, [d[c] for c in draw if c in d]) if any(c in d for c in draw) else float("nan")
+        return mean(f(which, [d[c] for c in draw if c in d]) if any(c in d for c in draw) else float("nan")
                      for f, d in zip(stats, per_lang))
 
     return bootstrap_change(stat, universe, n_boot, seed)
@@ -275,11 +269,11 @@ def group_summary(rows: list[LangRow], name: str, n_boot: int = 0, seed: int = 0
                 continue
             pooled = Cell([x for c in cells for x in c.base], [x for c in cells for x in c.tuned])
             b, c = paired_counts(pooled.base, pooled.tuned) if pooled.tuned else (0, 0)
-            base, tuned = _mean(c.acc("base") for c in cells), _mean(c.acc("tuned") for c in cells)
+            base, tuned = mean(c.acc("base") for c in cells), mean(c.acc("tuned") for c in cells)
             out[kind] = {"n_items": pooled.n, "base": base, "tuned": tuned, "delta": tuned - base, "b": b, "c": c,
                          "p": rs[0].p(kind) if len(rs) == 1 else _pooled_p(rs, kind)}
         if all(r.scores for r in rs):
-            base, tuned = _mean(r.auc("base") for r in rs), _mean(r.auc("tuned") for r in rs)
+            base, tuned = mean(r.auc("base") for r in rs), mean(r.auc("tuned") for r in rs)
             out["auc"] = {"base": base, "tuned": tuned, "delta": tuned - base}
         if n_boot:
             for kind in ("raw", "cal", "auc"):

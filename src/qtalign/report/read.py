@@ -1,5 +1,6 @@
 """Reading a run dir's artifacts (the report reads nothing else; docs/architecture.md lists them):
 
+    stats.json              the report's statistics (written by the report itself, from the others; report/numbers.py)
     experiment.json         resolved config, seen languages, overlap check, environment (written by `qtalign run`)
     <unit>/stage.json       status, fingerprint and timing of each unit
     data/stats.json         question-translation data statistics
@@ -111,14 +112,15 @@ def _language_info(results: dict | None) -> tuple[dict[str, dict], list[str]]:
              for c in specs.order}, list(specs.order))
 
 
-def read_run(run_dir: str | Path) -> Run:
+def read_run(run_dir: str | Path, predictions: bool = True) -> Run:
+    """The run's artifacts; ``predictions=False`` leaves the per-item records out (rendering from stats.json)."""
     rd = Path(run_dir)
     run = Run(rd, read_json(rd / "experiment.json") or {})
     run.base = read_json(rd / "eval" / "base" / "results.json")
     run.tuned = read_json(rd / "eval" / "tuned" / "results.json")
-    if run.base is not None:
+    if run.base is not None and predictions:
         run.base_preds = read_predictions(rd / "eval" / "base" / "predictions.jsonl")
-    if run.tuned is not None:
+    if run.tuned is not None and predictions:
         run.tuned_preds = read_predictions(rd / "eval" / "tuned" / "predictions.jsonl")
     run.languages, run.order = _language_info(run.base)
     for c in sorted({r["lang"] for r in run.base_preds.values()} - set(run.languages)):

@@ -1,65 +1,41 @@
-"""The report's sections, one function each: ``section(doc, ctx)`` appends Markdown and figures to the document."""
+"""The report's sections, one function each: ``section(doc, ctx)`` appends Markdown and figures to the document.
+Every number a section prints comes from the run's statistics (``ctx.stats``, stats.json: report/numbers.py); the
+sections format them and read the stages' own summaries, never the per-item predictions."""
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
 from qtalign.report.format import (
-    DASH, display_path, display_paths, flatten, interval, md_table, num, pct, pval, signed, signed_num,
+    DASH, change, display_path, display_paths, flatten, md_table, num, pct, pval, signed, signed_num,
 )
 from qtalign.report.html import Doc
-from qtalign.report.paired import GROUPS, N_BOOT, N_PERM, LangRow, compare, group_summary, unpaired
+from qtalign.report.numbers import ENGLISH
+from qtalign.report.paired import GROUPS
 from qtalign.report.read import Run
-from qtalign.stats import holm
-
-KINDS = ("raw", "cal")  # the accuracies a report tests (AUC has intervals, no test)
 
 
 @dataclass
 class Ctx:
-    run: Run
-    rows: list[LangRow]
-    tasks: dict[tuple[str, str], list[LangRow]] = field(default_factory=dict)
-    unpaired: dict[str, int] = field(default_factory=dict)  # task/variant/lang -> base items without a tuned record
-    _summaries: dict = field(default_factory=dict)
-    _holm: dict = field(default_factory=dict)
+    run: Run  # read without its predictions: only the stages' summaries, configs and environment
+    stats: dict  # stats.json
 
-    def summary(self, rows: list[LangRow], name: str, boot: bool = True) -> dict | None:
-        """group_summary with bootstrap intervals (when there is a tuned run), computed once per rows and group."""
-        n = N_BOOT if boot and self.has_tuned else 0
-        key = (tuple(id(r) for r in rows), name, n)
-        if key not in self._summaries:
-            self._summaries[key] = group_summary(rows, name, n_boot=n)
-        return self._summaries[key]
+    @property
+    def tasks(self) -> list[tuple[str, str]]:
+        return [(t["task"], t["variant"]) for t in self.stats["tasks"]]
 
-    def holm(self, family: str) -> dict:
-        """Holm-adjusted p of every test in one of the report's two families, keyed (task, variant, group or
-        language, kind): 'groups' = every task x group (all, seen, unseen, high, low) x raw/calibrated test of this
-        report; 'langs' = every task x language x raw/calibrated test."""
-        if family not in self._holm:
-            keys, ps = [], []
-            for (t, v), rs in self.tasks.items():
-                if family == "groups":
-                    for g in GROUPS:
-                        s = self.summary(rs, g) or {}
-                        keys += [(t, v, g, k) for k in KINDS if k in s]
-                        ps += [s[k].get("p") for k in KINDS if k in s]
-                else:
-                    keys += [(t, v, r.lang, k) for r in rs for k in KINDS]
-                    ps += [r.p(k) for r in rs for k in KINDS]
-            self._holm[family] = dict(zip(keys, holm(ps)))
-        return self._holm[family]
+    def langs(self, t: str, v: str) -> list[dict]:
+        return [e for e in self.stats["languages"] if (e["task"], e["variant"]) == (t, v)]
 
-    def family_size(self, family: str) -> int:
-        return sum(1 for p in self.holm(family).values() if not math.isnan(p))
+    def group(self, t: str, v: str, g: str) -> dict | None:
+        return next((e for e in self.stats["groups"] if (e["task"], e["variant"], e["group"]) == (t, v, g)), None)
 
     @property
     def has_tuned(self) -> bool:
-        return self.run.tuned is not None
+        return self.stats["has_tuned"]
 
     @property
     def figdir(self) -> Path:
@@ -69,16 +45,10 @@ class Ctx:
         return display_path(p, [self.run.dir, self.run.config.get("out")], self.run.config.get("data_dir"))
 
 
-def context(run: Run) -> Ctx:
-    rows = (compare(run.base_preds, run.tuned_preds if run.tuned else {}, run.resource, run.seen, run.clusters)
-            if run.base else [])
-    order = {c: i for i, c in enumerate(run.order)}
-    rows.sort(key=lambda r: (r.task, r.variant, order.get(r.lang, 999)))
-    tasks: dict[tuple[str, str], list[LangRow]] = {}
-    for r in rows:
-        tasks.setdefault((r.task, r.variant), []).append(r)
-    left = unpaired(run.base_preds, run.tuned_preds) if run.base and run.tuned else {}
-    return Ctx(run, rows, tasks, unpaired=left)
+def _triple(s: dict | None) -> tuple[dict, dict, dict]:
+    """The raw, calibrated and AUC entries of a group ({} where absent)."""
+    s = s or {}
+    return s.get("raw") or {}, s.get("cal") or {}, s.get("auc") or {}
 
 
 def _summary_figures(doc: Doc, folder: Path, name: str, skip: set[str] = frozenset()) -> bool:
@@ -117,9 +87,10 @@ def header(doc: Doc, ctx: Ctx) -> None:
     if b and t and b.get("data_sha256") != t.get("data_sha256"):
         doc.md("**Warning:** the base and the tuned evaluation read different data files (their content hashes differ): "
                "items are paired by task, language and index only.")
-    if ctx.unpaired:
-        doc.md(f"**Note:** {sum(ctx.unpaired.values())} base items have no tuned record and are left out of every paired "
-               "number below (" + ", ".join(f"{k}: {n}" for k, n in sorted(ctx.unpaired.items())) + "); the base "
+    left = ctx.stats["unpaired"]
+    if left:
+        doc.md(f"**Note:** {sum(left.values())} base items have no tuned record and are left out of every paired "
+               "number below (" + ", ".join(f"{k}: {n}" for k, n in sorted(left.items())) + "); the base "
                "evaluation's own averages (eval/base/results.json) include them.")
     if exp.get("stale_stages"):
         doc.md(f"**Warning:** the outputs of {', '.join(exp['stale_stages'])} in this run dir were not produced with the "
@@ -130,34 +101,28 @@ def header(doc: Doc, ctx: Ctx) -> None:
     intro.append("Accuracy uses the paper's decision rule (raw, the headline); contextual-calibrated accuracy and the AUC of "
                  "the raw class scores (class-prior free) are shown beside it. Δ = tuned − base in points (AUC: in AUC units). "
                  "Tests and intervals are paired and resample clusters: an item (or an SNLI premise triple) with all its "
-                 f"translations. [lo, hi] = bootstrap 95 % interval ({N_BOOT} resamples of clusters; * = excludes 0); p = "
-                 f"sign-flip permutation test over the same clusters ({N_PERM} permutations, so the smallest it can "
-                 f"show is < {1 / (N_PERM + 1):.1e}; per language without clusters it is McNemar's exact test; * p < 0.05, "
+                 f"translations. [lo, hi] = bootstrap 95 % interval ({ctx.stats['n_boot']} resamples of clusters; * = "
+                 f"excludes 0); p = sign-flip permutation test over the same clusters ({ctx.stats['n_perm']} permutations, so "
+                 f"the smallest it can show is < {ctx.stats['perm_floor']:.1e}; per language without clusters it is McNemar's exact test; * p < 0.05, "
                  "uncorrected); p Holm = the same p adjusted by Holm's method over its family, every group test "
                  "(tasks x language groups x raw/calibrated) or every per-language test of this report; accuracy "
                  "intervals are Wilson 95 %.")
     doc.md(" ".join(intro))
     if not ctx.tasks:
         return
-    hl = []
-    for (t, v), rs in ctx.tasks.items():
-        s = ctx.summary(rs, "all")
-        raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
-        tuned = ctx.has_tuned
-        hl.append([f"{t} ({v})", s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
-                   interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) if tuned else DASH,
-                   pval(raw.get("p")) if tuned else DASH,
-                   pval(ctx.holm("groups").get((t, v, "all", "raw"))) if tuned else DASH, pct(cal.get("base")),
-                   pct(cal.get("tuned")) if tuned else DASH,
-                   interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH,
-                   num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
-                   interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
+    hl = []  # without a tuned run every tuned number is NaN, shown as "—"
+    for t, v in ctx.tasks:
+        s = ctx.group(t, v, "all")
+        raw, cal, auc = _triple(s)
+        hl.append([f"{t} ({v})", s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")), change(raw),
+                   pval(raw.get("p")), pval(raw.get("p_holm")), pct(cal.get("base")), pct(cal.get("tuned")), change(cal),
+                   num(auc.get("base")), num(auc.get("tuned")), change(auc, auc=True)])
     doc.md("**Headline (macro average over languages)**\n\n" + md_table(
         ["task (labels)", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm", "base cal %", "tuned cal %",
          "Δ cal [95 % CI]", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], hl))
     from qtalign.report.figures import headline_figure
 
-    p = headline_figure(ctx.tasks, ctx.figdir / "headline.png", ctx.has_tuned)
+    p = headline_figure({tv: ctx.langs(*tv) for tv in ctx.tasks}, ctx.figdir / "headline.png", ctx.has_tuned)
     doc.img(p, "Headline: per language, " + ("the change tuned − base in raw and calibrated accuracy (points, paired "
             "bootstrap 95 % intervals)" if ctx.has_tuned else "base accuracy") + "; * = seen in training.")
 
@@ -213,67 +178,59 @@ def overlap(doc: Doc, ctx: Ctx) -> None:
 # accuracy
 
 
-def _lang_line(r: LangRow, has_tuned: bool, with_cal: bool, with_auc: bool, adj: dict) -> list:
-    b, c, _ = r.raw.mcnemar()
-    line = [r.lang + (" *" if r.seen else ""), r.group, r.raw.n,
-            f"{pct(r.raw.acc('base'))} [{pct(r.raw.ci('base')[0])}–{pct(r.raw.ci('base')[1])}]"]
+def _lang_line(e: dict, has_tuned: bool, with_cal: bool, with_auc: bool) -> list:
+    raw, cal, auc = e["raw"], e["cal"], e["auc"] or {}
+    line = [e["lang"] + (" *" if e["seen"] else ""), e["resource"], e["n"],
+            f"{pct(raw['base'])} [{pct(raw['base_ci'][0])}–{pct(raw['base_ci'][1])}]"]
     if has_tuned:
-        line += [f"{pct(r.raw.acc('tuned'))} [{pct(r.raw.ci('tuned')[0])}–{pct(r.raw.ci('tuned')[1])}]",
-                 signed(r.delta), f"{b}/{c}", pval(r.p("raw")), pval(adj.get((r.task, r.variant, r.lang, "raw")))]
+        line += [f"{pct(raw['tuned'])} [{pct(raw['tuned_ci'][0])}–{pct(raw['tuned_ci'][1])}]",
+                 signed(raw["delta"]), f"{raw['b']}/{raw['c']}", pval(raw["p"]), pval(raw.get("p_holm"))]
     if with_cal:  # a language without calibration keeps its columns, as "—"
-        line += [pct(r.cal.acc("base")) if r.cal else DASH]
+        line += [pct(cal["base"]) if cal else DASH]
         if has_tuned:
-            line += ([pct(r.cal.acc("tuned")), signed(r.cal.acc("tuned") - r.cal.acc("base")), pval(r.p("cal")),
-                      pval(adj.get((r.task, r.variant, r.lang, "cal")))] if r.cal else [DASH] * 4)
+            line += ([pct(cal["tuned"]), signed(cal["delta"]), pval(cal["p"]), pval(cal.get("p_holm"))] if cal
+                     else [DASH] * 4)
     if with_auc:
-        line += [num(r.auc("base"))]
+        line += [num(auc.get("base"))]
         if has_tuned:
-            line += [num(r.auc("tuned")), interval(*r.boot("auc"), scale=1, digits=3)]
+            line += [num(auc.get("tuned")), change(auc, auc=True)]
     return line
 
 
 def accuracy(doc: Doc, ctx: Ctx) -> None:
-    if not ctx.rows:
+    if not ctx.tasks:
         doc.md("_No evaluation results (eval/base/results.json missing)._")
     tuned = ctx.has_tuned
-    for (t, v), rs in ctx.tasks.items():
+    for t, v in ctx.tasks:
+        rs = ctx.langs(t, v)
         doc.h(3, f"{t} ({v} labels)")
         head = ["lang", "resource", "n", "base % [95 % CI]"]
         if tuned:
             head += ["tuned % [95 % CI]", "Δ", "b/c", "p", "p Holm"]
-        with_cal, with_auc = any(r.cal is not None for r in rs), any(r.scores is not None for r in rs)
+        with_cal, with_auc = any(e["cal"] is not None for e in rs), any(e["auc"] is not None for e in rs)
         if with_cal:
             head += ["base cal %"] + (["tuned cal %", "Δ cal", "p cal", "p cal Holm"] if tuned else [])
         if with_auc:
             head += ["base AUC"] + (["tuned AUC", "Δ AUC [95 % CI]"] if tuned else [])
-        adj = ctx.holm("langs") if tuned else {}
-        doc.md(md_table(head, [_lang_line(r, tuned, with_cal, with_auc, adj) for r in rs], "ll" + "r" * (len(head) - 2)))
-    if ctx.rows and tuned:
+        doc.md(md_table(head, [_lang_line(e, tuned, with_cal, with_auc) for e in rs], "ll" + "r" * (len(head) - 2)))
+    if ctx.tasks and tuned:
         doc.md("b/c = items right only in base / right only in tuned (the discordant pairs). p: McNemar's exact test; for "
                "a task whose items come in clusters (SNLI's premise triples) the sign-flip permutation test over the "
-               f"clusters. p Holm: adjusted over every per-language test of this report (m = {ctx.family_size('langs')}). "
+               f"clusters. p Holm: adjusted over every per-language test of this report (m = {ctx.stats['families']['langs']['m']}). "
                "AUC: of the raw class scores (binary for two classes, macro one-vs-rest for more); its interval "
                "is the paired bootstrap over the language's clusters of items.")
 
 
+def _group_line(s: dict) -> list:
+    raw, cal, auc = _triple(s)
+    return [s["group"], s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")), change(raw),
+            pval(raw.get("p")), pval(raw.get("p_holm")), pct(cal.get("base")), pct(cal.get("tuned")), change(cal),
+            pval(cal.get("p")), pval(cal.get("p_holm")), num(auc.get("base")), num(auc.get("tuned")), change(auc, auc=True)]
+
+
 def summaries(doc: Doc, ctx: Ctx) -> None:
-    tuned = ctx.has_tuned
-    for (t, v), rs in ctx.tasks.items():
-        body = []
-        for g in GROUPS:
-            s = ctx.summary(rs, g)
-            if s is None:
-                continue
-            raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
-            adj = ctx.holm("groups") if tuned else {}
-            body.append([g, s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")) if tuned else DASH,
-                         interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) if tuned else DASH,
-                         pval(raw.get("p")), pval(adj.get((t, v, g, "raw"))), pct(cal.get("base")),
-                         pct(cal.get("tuned")) if tuned else DASH,
-                         interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")) if tuned else DASH, pval(cal.get("p")),
-                         pval(adj.get((t, v, g, "cal"))),
-                         num(auc.get("base")), num(auc.get("tuned")) if tuned else DASH,
-                         interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3) if tuned else DASH])
+    for t, v in ctx.tasks:
+        body = [_group_line(s) for g in GROUPS if (s := ctx.group(t, v, g)) is not None]
         doc.h(3, f"{t} ({v} labels)")
         doc.md(md_table(["languages", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm", "base cal %",
                          "tuned cal %", "Δ cal [95 % CI]", "p cal", "p cal Holm", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], body))
@@ -282,14 +239,10 @@ def summaries(doc: Doc, ctx: Ctx) -> None:
                "the macro change over clusters of item indices (an item with all its translations flips together; "
                "translations are not independent items), and the intervals resample the same clusters. seen = languages "
                "in the question-translation data (sources and target)."
-               + (f" p Holm: adjusted over every group test of this report (m = {ctx.family_size('groups')}: tasks x "
-                  "groups x raw/calibrated); a subgroup change is a finding only where it survives it." if tuned else ""))
+               + (f" p Holm: adjusted over every group test of this report (m = {ctx.stats['families']['groups']['m']}: tasks x "
+                  "groups x raw/calibrated); a subgroup change is a finding only where it survives it." if ctx.has_tuned else ""))
     else:
         doc.md("_No evaluation results._")
-
-
-def _english(rs: list[LangRow]) -> LangRow | None:
-    return next((r for r in rs if r.lang == "en"), None)
 
 
 def retention(doc: Doc, ctx: Ctx) -> None:
@@ -299,14 +252,13 @@ def retention(doc: Doc, ctx: Ctx) -> None:
         return
     trained = ctx.run.trained_task
     body, losses = [], []
-    for (t, v), rs in ctx.tasks.items():
+    for t, v in ctx.tasks:
         role = "tuned task" if t == trained else "other task"
-        en = _english(rs)
-        for scope, sel in (("English", [en] if en else []), ("all languages", rs)):
-            if not sel:
+        for scope, g in (("English", ENGLISH), ("all languages", "all")):
+            s = ctx.group(t, v, g)
+            if s is None:
                 continue
-            s = ctx.summary(sel, "all")
-            raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
+            raw, cal, auc = _triple(s)
             # a loss: the bootstrap interval of the change (over clusters, with all their languages) lies below 0, or
             # its paired test rejects no change with the change negative
             lost = [k for k, d in (("raw", raw), ("cal", cal), ("AUC", auc))
@@ -314,12 +266,9 @@ def retention(doc: Doc, ctx: Ctx) -> None:
             flag = f"⚠ loss ({', '.join(lost)})" if lost else ""
             if lost:
                 losses.append(f"{t} {scope}: {', '.join(lost)}")
-            body.append([f"{t} ({v})", role, scope, pct(raw.get("base")), pct(raw.get("tuned")),
-                         interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")),
-                         pval(raw.get("p")), pct(cal.get("base")), pct(cal.get("tuned")),
-                         interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")), num(auc.get("base")),
-                         num(auc.get("tuned")), interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
-                         flag])
+            body.append([f"{t} ({v})", role, scope, pct(raw.get("base")), pct(raw.get("tuned")), change(raw),
+                         pval(raw.get("p")), pct(cal.get("base")), pct(cal.get("tuned")), change(cal), num(auc.get("base")),
+                         num(auc.get("tuned")), change(auc, auc=True), flag])
     doc.md(("**Losses:** " + "; ".join(losses) + "." if losses else "No significant loss on English or on the other task.")
            + f" Tuned task: {trained or 'none recorded'}.")
     doc.md(md_table(["task", "role", "scope", "base %", "tuned %", "Δ [95 % CI]", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
@@ -362,15 +311,11 @@ def alignment(doc: Doc, ctx: Ctx) -> None:
         doc.md("_No tuned run._")
         return
     body = []
-    for (t, v), rs in ctx.tasks.items():
-        s = ctx.summary(rs, "all")
-        raw, cal, auc = s.get("raw", {}), s.get("cal", {}), s.get("auc", {})
-        maj_b = sum(r.majority.get("base", math.nan) for r in rs) / len(rs)
-        maj_t = sum(r.majority.get("tuned", math.nan) for r in rs) / len(rs)
-        body.append([f"{t} ({v})", interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")),
-                     interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")),
-                     interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
-                     f"{pct(maj_b)} → {pct(maj_t)}", _verdict(raw, cal, auc)])
+    for t, v in ctx.tasks:
+        s = ctx.group(t, v, "all")
+        raw, cal, auc = _triple(s)
+        body.append([f"{t} ({v})", change(raw), change(cal), change(auc, auc=True),
+                     f"{pct(s['majority']['base'])} → {pct(s['majority']['tuned'])}", _verdict(raw, cal, auc)])
     doc.md("A gain in raw accuracy can come from a better grasp of the task in the other languages (alignment) or only from "
            "answering one class more often (a label-prior shift). Calibration removes the prior the prompt induces, and AUC "
            "ignores the prior altogether; the share of the most frequent prediction shows a model collapsing onto one class.")
@@ -381,8 +326,8 @@ def alignment(doc: Doc, ctx: Ctx) -> None:
 def per_language(doc: Doc, ctx: Ctx) -> None:
     from qtalign.report.figures import bar_chart
 
-    for (t, v), rs in ctx.tasks.items():
-        p = bar_chart(rs, f"{t} ({v} labels)", ctx.figdir / f"accuracy_{t}_{v}.png")
+    for t, v in ctx.tasks:
+        p = bar_chart(ctx.langs(t, v), f"{t} ({v} labels)", ctx.figdir / f"accuracy_{t}_{v}.png")
         doc.img(p, f"{t} ({v} labels): per-language accuracy, base vs tuned, raw and calibrated, Wilson 95 % intervals")
     if not ctx.tasks:
         doc.md("_No evaluation results._")
@@ -421,16 +366,15 @@ def _budget(doc: Doc, ctx: Ctx) -> None:
                [["this run", *ours], ["the paper", *paper]], "l" + "r" * 6))
 
 
-def evaluated_checkpoint(summary: dict | None) -> str:
-    """Which training step the tuned evaluation used, and why (every report states it)."""
-    n = (summary or {}).get("numbers", {})
-    steps, best = n.get("steps"), n.get("best_step")
-    if not steps:
+def evaluated_checkpoint(ck: dict | None) -> str:
+    """Which training step the tuned evaluation used, and why (every report states it), from stats.json's checkpoint."""
+    if not ck:
         return ""
+    steps, best = ck["steps"], ck["best_step"]
     if best is not None:
         why = ("the last step" if best == steps else f"not the last: {steps - best} more steps raised the held-out loss")
         return (f"**Evaluated checkpoint:** the adapter of step {best} of {steps} — the lowest held-out loss "
-                f"({n.get('best_eval_loss', float('nan')):.4f}), kept by the Trainer's best-checkpoint rule ({why}).")
+                f"({ck['best_eval_loss']:.4f}), kept by the Trainer's best-checkpoint rule ({why}).")
     return f"**Evaluated checkpoint:** the adapter of the last step, {steps} of {steps} (no held-out rows: nothing to choose by)."
 
 
@@ -438,7 +382,7 @@ def training(doc: Doc, ctx: Ctx) -> None:
     from qtalign.io import read_json
 
     tdir = ctx.run.dir / "train"
-    line = evaluated_checkpoint(ctx.run.summary("train"))
+    line = evaluated_checkpoint(ctx.stats["checkpoint"])
     if line:
         doc.md(line)
     _budget(doc, ctx)
@@ -456,52 +400,18 @@ def geometry(doc: Doc, ctx: Ctx) -> None:
     _summary_figures(doc, ctx.run.dir / "geometry", "geometry")
 
 
-def _mean_over(d: dict[str, list[float]], langs: list[str], layer: int) -> float:
-    xs = [d[lang][layer] for lang in langs if lang in d]
-    return sum(xs) / len(xs) if xs else float("nan")
-
-
-def _retrieval_lang(rec: dict, model: str, pool: str, lang: str, layer: int) -> float:
-    """Retrieval of one language at one layer: the mean of both directions (reference -> X and X -> reference)."""
-    d = rec[model][pool]
-    return (d["retrieval_to"][lang][layer] + d["retrieval_from"][lang][layer]) / 2
-
-
-def _retrieval_task(doc: Doc, ctx: Ctx, tv: str, rec: dict) -> None:
+def _retrieval_task(doc: Doc, ctx: Ctx, e: dict) -> None:
     from qtalign.report.figures import retrieval_figure
-    from qtalign.stats import spearman
 
-    t, v = tv.split("/", 1)
-    ref = rec["reference"]
-    models = [k for k in rec if isinstance(rec[k], dict)]
-    pool = "query" if "query" in rec[models[0]] else next(iter(rec[models[0]]))
-    langs = [lang for lang in rec[models[0]][pool]["retrieval_to"] if lang != ref]
-    if not langs:
-        doc.md(f"_{tv}: no language besides the reference {ref}._")
+    t, v, ref, pool, curves, rho = e["task"], e["variant"], e["reference"], e["pool"], e["curves"], e["rho"]
+    if not e["langs"]:
+        doc.md(f"_{t}/{v}: no language besides the reference {ref}._")
         return
-    n_layers = len(rec[models[0]][pool]["retrieval_to"][langs[0]])
-    curves = {}
-    for m in models:
-        d = rec[m][pool]
-        curves[f"{m}: {ref} → X"] = [_mean_over(d["retrieval_to"], langs, k) for k in range(n_layers)]
-        curves[f"{m}: X → {ref}"] = [_mean_over(d["retrieval_from"], langs, k) for k in range(n_layers)]
-    rows = {r.lang: r for r in ctx.tasks.get((t, v), [])}
-    gain = {lang: rows[lang].delta for lang in langs if lang in rows}
-    cal_gain = {lang: rows[lang].cal.acc("tuned") - rows[lang].cal.acc("base") for lang in gain if rows[lang].cal is not None}
-    rho = {}
-    if gain and "tuned" in models:
-        gl = list(gain)
-        rho["base retrieval vs Δ accuracy"] = [spearman([_retrieval_lang(rec, "base", pool, x, k) for x in gl], [gain[x] for x in gl])
-                                               for k in range(n_layers)]
-        delta = lambda x, k: _retrieval_lang(rec, "tuned", pool, x, k) - _retrieval_lang(rec, "base", pool, x, k)  # noqa: E731
-        rho["Δ retrieval vs Δ accuracy"] = [spearman([delta(x, k) for x in gl], [gain[x] for x in gl]) for k in range(n_layers)]
-        if cal_gain:
-            cl = list(cal_gain)
-            rho["Δ retrieval vs Δ calibrated"] = [spearman([delta(x, k) for x in cl], [cal_gain[x] for x in cl]) for k in range(n_layers)]
-    doc.h(3, f"{t} ({v} prompts), {pool} pooling, {rec.get('n_items')} parallel items ({rec.get('n_clusters')} clusters)")
+    n_layers = len(next(iter(curves.values())))
+    doc.h(3, f"{t} ({v} prompts), {pool} pooling, {e['n_items']} parallel items ({e['n_clusters']} clusters)")
     p = retrieval_figure(curves, rho, f"cross-lingual retrieval: {t} ({v}), {pool} pooling", ctx.figdir / f"retrieval_{t}_{v}.png")
-    doc.img(p, f"{t} ({v}): left, mean retrieval accuracy over the {len(langs)} non-{ref} languages per layer (is an item's "
-            f"nearest cosine neighbour among the other language's items the same item{' or one of its cluster' if rec.get('n_clusters') != rec.get('n_items') else ''}?), "
+    doc.img(p, f"{t} ({v}): left, mean retrieval accuracy over the {len(e['langs'])} non-{ref} languages per layer (is an item's "
+            f"nearest cosine neighbour among the other language's items the same item{' or one of its cluster' if e['n_clusters'] != e['n_items'] else ''}?), "
             "both directions; right, Spearman ρ over the languages between retrieval and the accuracy change (dots: p < 0.05).")
     picks = sorted({0, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
     head = ["layer"] + list(curves) + [f"ρ: {k} (p)" for k in rho]
@@ -511,18 +421,16 @@ def _retrieval_task(doc: Doc, ctx: Ctx, tv: str, rec: dict) -> None:
 
 
 def cross_lingual_retrieval(doc: Doc, ctx: Ctx) -> None:
-    s = ctx.run.summary("geometry")
-    ret = (s or {}).get("retrieval")
-    if not ret:
+    ret = ctx.stats["retrieval"]
+    if ret is None:
         doc.md("_No retrieval results (the geometry stage did not run, or ran before retrieval was measured)._")
         return
     doc.md("Per layer, on each language's pooled hidden states of parallel items: the share of items whose nearest "
            "neighbour (cosine) among the other language's items is the same item (or, for SNLI, an item of the same premise "
            "triple), from the reference language into each language and back. The correlation asks whether the languages "
            "whose representations align better with English (before tuning, or more after it) are the ones that gained.")
-    for tv, rec in ret.items():
-        if any(isinstance(v, dict) for v in rec.values()):
-            _retrieval_task(doc, ctx, tv, rec)
+    for e in ret:
+        _retrieval_task(doc, ctx, e)
 
 
 # ------------------------------------------------------------------------------------------------------------------
