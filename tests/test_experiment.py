@@ -189,8 +189,12 @@ def test_run_writes_every_stage(tiny_run):
     cfg, out, outcome = tiny_run
     assert outcome == {k: "ran" for k in ("data", "train", "eval/base", "eval/tuned", "lens", "geometry", "report")}
     for f in ("config.yaml", "experiment.json", "data/train.jsonl", "train/adapter/adapter_config.json", "eval/base/results.json",
-              "eval/tuned/predictions.jsonl", "lens/summary.json", "geometry/summary.json", "report.md", "report.html"):
+              "eval/tuned/predictions.jsonl", "lens/summary.json", "geometry/summary.json", "report.md", "report.html", "stats.json"):
         assert (out / f).exists(), f
+    from qtalign.experiment.runner import REPORT_OUTPUTS
+    from qtalign.report.build import OUTPUTS
+
+    assert REPORT_OUTPUTS == OUTPUTS  # the runner removes and guards what the report writes
     assert ExperimentConfig.model_validate(yaml.safe_load((out / "config.yaml").read_text())) == cfg
     exp = json.loads((out / "experiment.json").read_text())
     assert exp["overlap"]["overlap"] is False and exp["seen_langs"] == ["en", "zh", "de"]

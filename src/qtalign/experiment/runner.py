@@ -35,8 +35,9 @@ from qtalign.experiment.stages import STAGE_FUNCTIONS, Inputs, Unit, plan_units,
 from qtalign.io import OutputDir, fingerprint, read_json, write_json, write_text
 from qtalign.tracking import check_available
 
-RUN_FILES = ("config.yaml", "experiment.json", "report.md", "report.html", "tracking")
-REPORT_OUTPUTS = ("report.md", "report.html")
+REPORT_OUTPUTS = ("stats.json", "report.md", "report.html")  # report/build.py's OUTPUTS (not imported: the report
+# module is loaded only when a report is written)
+RUN_FILES = ("config.yaml", "experiment.json", *REPORT_OUTPUTS, "tracking")
 
 
 def config_defaults() -> dict:

@@ -38,6 +38,8 @@ SECTIONS = tuple(name for name, _ in SECTION_FUNCS)
 # the figures the sections draw into <run dir>/report/ (recorded as patterns: run dirs of earlier versions did not
 # list them)
 FIGURES = ("headline.png", "accuracy_*.png", "retrieval_*.png")
+# the files the report writes into the run dir (beside its figures folder report/)
+OUTPUTS = ("stats.json", "report.md", "report.html")
 
 
 def render_report(run_dir: str | Path, stats: dict) -> Doc:
@@ -66,7 +68,7 @@ def write_report(run_dir: str | Path) -> tuple[Path, Path]:
         raise QtalignError(f"{run_dir}: not written by qtalign (no {MARKER}); qtalign writes a report only into a run "
                            "dir or export of its own")
     out = OutputDir(run_dir, option="report")
-    out.record("stats.json", "report.md", "report.html")
+    out.record(*OUTPUTS)
     out.subdir("report", "report").declare(*FIGURES)
     write_json(run_dir / "stats.json", build_stats(read_run(run_dir)))
     doc = render_report(run_dir, read_json(run_dir / "stats.json"))  # rendered from the file, as a reader has it
