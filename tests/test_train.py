@@ -716,3 +716,63 @@ def test_tensorboard_tracking_is_read_back(tiny_llama_dir, toy_file, tmp_path):
     ea = EventAccumulator(str(tmp_path / "eval" / "tracking" / "tensorboard"))
     ea.Reload()
     assert ea.Scalars("eval/emotion/enout/en/acc")[0].value == pytest.approx(res["metrics"]["emotion"]["enout"]["langs"]["en"]["acc"])
+
+
+def test_the_validation_loop_runs_as_many_forwards_on_every_rank_and_its_sums_equal_one_process():
+    """Under sharded training every forward gathers weights on all ranks: a rank with fewer validation batches would
+    leave the others waiting. Each rank of 2 and 3 runs the same number of forwards; the losses summed over ranks equal
+    one process's (an uncounted filler batch adds nothing)."""
+    from types import SimpleNamespace
+
+    from qtalign.train.trainer import ResponseTrainer
+
+    class Model:
+        training = True
+
+        def __init__(self):
+            self.calls = 0
+
+        def eval(self):
+            self.training = False
+
+        def train(self, mode=True):
+            self.training = mode
+
+        def __call__(self, input_ids, attention_mask, labels, qt_response_loss):
+            self.calls += 1
+            m = labels != -100
+            return SimpleNamespace(loss_sum=(input_ids * m).sum().double() / 7, n_tokens=m.sum())
+
+    rows = [{"input_ids": list(range(1, 2 + i % 5)), "labels": [-100] + list(range(2, 2 + i % 5))} for i in range(11)]
+
+    def run(rank, world, bs):
+        model, seen = Model(), {}
+        fake = SimpleNamespace(
+            model=model, val_rows=rows, eval_bs=bs, data_collator=Collator(0), state=SimpleNamespace(epoch=1.0),
+            args=SimpleNamespace(process_index=rank, world_size=world, device="cpu"),
+            accelerator=SimpleNamespace(reduce=lambda t, reduction: t), control=None, log=lambda m: seen.update(m),
+            callback_handler=SimpleNamespace(on_evaluate=lambda *a: None))
+        ResponseTrainer.evaluate(fake)
+        return model.calls, seen["eval_loss"], model.training
+
+    calls1, loss1, _ = run(0, 1, 3)
+    assert calls1 == 4
+    for world in (2, 3):
+        for bs in (1, 2, 3, 4):
+            res = [run(r, world, bs) for r in range(world)]
+            assert len({c for c, _, _ in res}) == 1, (world, bs, res)  # the same number of forwards on every rank
+            assert all(tr for _, _, tr in res)  # training mode restored
+    # the ranks' sums are what one process sums (the fake reduce keeps each rank's part: summed by hand)
+    parts = []
+    for r in range(3):
+        model = Model()
+        tot = {}
+        fake = SimpleNamespace(model=model, val_rows=rows, eval_bs=2, data_collator=Collator(0),
+                               state=SimpleNamespace(epoch=1.0),
+                               args=SimpleNamespace(process_index=r, world_size=3, device="cpu"),
+                               accelerator=SimpleNamespace(reduce=lambda t, reduction: tot.setdefault("t", t.clone())),
+                               control=None, log=lambda m: None, callback_handler=SimpleNamespace(on_evaluate=lambda *a: None))
+        ResponseTrainer.evaluate(fake)
+        parts.append(tot["t"])
+    total = sum(parts)
+    assert abs(float(total[0] / total[1]) - loss1) < 1e-12

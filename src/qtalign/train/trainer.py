@@ -110,15 +110,20 @@ class ResponseTrainer(Trainer):
         model.eval()
         rank, world = self.args.process_index, self.args.world_size
         mine = sorted(range(rank, len(self.val_rows), world), key=lambda i: -len(self.val_rows[i]["input_ids"]))
+        # every rank runs the same number of forwards (a sharded model gathers its weights in each one: a rank that
+        # stopped early would leave the others waiting); a rank out of rows runs a batch that is not counted
+        n_batches = -(-(-(-len(self.val_rows) // world)) // self.eval_bs)
         tot = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         collate = self.data_collator
         with torch.no_grad():
-            for s in range(0, len(mine), self.eval_bs):
-                b = collate([self.val_rows[i] for i in mine[s : s + self.eval_bs]])
+            for s in range(0, n_batches * self.eval_bs, self.eval_bs):
+                rows = mine[s : s + self.eval_bs]
+                b = collate([self.val_rows[i] for i in rows or [0]])
                 b = {k: v.to(self.args.device) for k, v in b.items()}
                 out = model(**b, qt_response_loss=True)
-                tot[0] += out.loss_sum.double()
-                tot[1] += out.n_tokens.double()
+                if rows:
+                    tot[0] += out.loss_sum.double()
+                    tot[1] += out.n_tokens.double()
         if world > 1:
             tot = self.accelerator.reduce(tot, reduction="sum")
         model.train(was_training)
