@@ -11,7 +11,7 @@ from qtalign.eval.config import TaskSelection
 from qtalign.engine.models import ModelConfig
 from qtalign.io import safe_name
 from qtalign.limits import Count, Index
-from qtalign.tasks.items import comma_list
+from qtalign.tasks.items import CommaList, comma_list
 
 BASE = "base"
 POOLS = ("prompt", "query", "last")
@@ -51,8 +51,8 @@ class AnalysisConfig(TaskSelection):
         default_factory=dict,
         description="label -> LoRA adapter dir: tuned models loaded on top of the base model and analysed beside it on the same items",
     )
-    tasks: list[str] = Field(default_factory=lambda: ["emotion"], description="task names")
-    variants: list[str] = Field(default_factory=lambda: ["native"], description="label variants (the paper's analyses use native prompts)")
+    tasks: CommaList[str] = Field(default_factory=lambda: ["emotion"], description="task names")
+    variants: CommaList[str] = Field(default_factory=lambda: ["native"], description="label variants (the paper's analyses use native prompts)")
 
     @field_validator("compare", mode="before")
     @classmethod
@@ -81,17 +81,12 @@ class LensConfig(AnalysisConfig):
 class GeometryConfig(AnalysisConfig):
     """Representation-geometry settings (round-trips to YAML/JSON)."""
 
-    pools: list[Literal["prompt", "query", "last"]] = Field(
+    pools: CommaList[Literal["prompt", "query", "last"]] = Field(
         default_factory=lambda: list(POOLS), description="poolings: prompt (mean over all prompt tokens, the paper), query (mean over the item's tokens), last (last token)"
     )
     layers: list[Index] | None = Field(None, description="layers shown in scatter plots and pair heatmaps (default: 5 evenly spaced, 0..L)")
     reference: str = Field("en", description="reference language for cosine similarity and the per-layer heatmaps")
     normed_last: bool = Field(True, description="pass layer L through the final norm (as HF hidden_states and the paper)")
     save_vectors: bool = Field(False, description="also save the pooled vectors (float16) in the npz")
-
-    @field_validator("pools", mode="before")
-    @classmethod
-    def _split_pools(cls, v):
-        return comma_list(v)
 
 

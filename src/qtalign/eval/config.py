@@ -11,7 +11,7 @@ from qtalign.engine.models import ModelConfig
 from qtalign.errors import QtalignError
 from qtalign.limits import SETTINGS, BatchSize, Count, Index, Seed, Tokens
 from qtalign.tasks.groups import Group
-from qtalign.tasks.items import DataSource, comma_list, indices_field, parse_range, select_items
+from qtalign.tasks.items import CommaList, DataSource, comma_list, indices_field, parse_range, select_items
 from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
 from qtalign.tracking import parse_trackers
 
@@ -41,9 +41,9 @@ class TaskSelection(BaseModel):
     model_config = SETTINGS
 
     model: ModelConfig = Field(default_factory=ModelConfig)
-    tasks: list[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], min_length=1, description="task names")
-    langs: list[str] = Field(default_factory=lambda: ["all"], min_length=1, description="language codes, 'all', 'high' or 'low'")
-    variants: list[str] = Field(default_factory=lambda: ["enout"], min_length=1,
+    tasks: CommaList[str] = Field(default_factory=lambda: ["emotion", "snli", "paws"], min_length=1, description="task names")
+    langs: CommaList[str] = Field(default_factory=lambda: ["all"], min_length=1, description="language codes, 'all', 'high' or 'low'")
+    variants: CommaList[str] = Field(default_factory=lambda: ["enout"], min_length=1,
                                 description="label variants: enout, native, irrelevant")
     limit: Count | None = Field(None, ge=1, description="first N items per language (after `items`)")
     items: str | dict[str, str] | None = Field(None, description="item range START:END for every task (e.g. 0:250), or one "
@@ -52,7 +52,7 @@ class TaskSelection(BaseModel):
     data_dir: str | None = Field(None, description="folder with the official layout (or the base of data_files)")
     data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or hf:<dataset>")
     split: str = Field("test", description="split for hf: datasets")
-    prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
+    prompts: CommaList[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
     batch_size: BatchSize = Field(8, ge=1, description="prompts per forward pass (results do not depend on it)")
     batch_tokens: Tokens | None = Field(None, description="instead of batch_size: as many prompts per forward pass as fit "
                                         "this many token positions (rows x (demo block + longest prompt); at least one "
@@ -65,11 +65,6 @@ class TaskSelection(BaseModel):
     @classmethod
     def _variants(cls, v):
         return [canonical_variant(x) for x in v]
-
-    @field_validator("tasks", "langs", "variants", "prompts", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
     @field_validator("exclude_items", mode="before")
     @classmethod

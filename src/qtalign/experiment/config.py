@@ -18,7 +18,7 @@ from qtalign.io import read_config, require_file, yaml_load
 from qtalign.limits import SETTINGS, Seed
 from qtalign.eval.config import EvalConfig
 from qtalign.qtdata.config import QTDataConfig
-from qtalign.tasks.items import comma_list
+from qtalign.tasks.items import CommaList
 from qtalign.train.config import TrainConfig
 
 
@@ -83,8 +83,6 @@ def substitute_data_dir(d: dict) -> dict:
     return sub(d, "")
 
 
-_split = comma_list
-
 
 class ExperimentConfig(BaseModel):
     """One experiment: question-translation data → LoRA tuning → evaluation of base and tuned → analyses → report."""
@@ -94,18 +92,18 @@ class ExperimentConfig(BaseModel):
     name: str = Field("experiment", description="short name: the report title and the default run dir runs/<name>")
     out: str | None = Field(None, description="run dir (default runs/<name>); every stage writes a folder in it")
     seed: Seed = Field(0, description="seed of every stage (sampling, shuffling, LoRA init, training)")
-    seeds: list[Seed] = Field(default_factory=list, description="training seeds: with any, each seed is a run of its own "
+    seeds: CommaList[Seed] = Field(default_factory=list, description="training seeds: with any, each seed is a run of its own "
                              "(<out>/seed<k>, or <out>/<arm>/seed<k>) with seed=k, all sharing the base evaluation "
                              "through the result store; a seed redraws everything random in training (the row sample, "
                              "its order, LoRA init, dropout); empty: the one run of 'seed'")
     arms: dict[str, dict] = Field(default_factory=dict, description="named arms, each a run of its own (<out>/<arm>) "
                                   "with the settings that differ, as dotted keys (e.g. {copy: {data.control: copy}}); "
                                   "arms x seeds runs in all, compared side by side in <out>/compare")
-    stages: list[StageName] = Field(default_factory=lambda: list(STAGES),
+    stages: CommaList[StageName] = Field(default_factory=lambda: list(STAGES),
                                     description="stages this experiment has (without 'train' only the base model is evaluated)")
     data_dir: str | None = Field(None, description="folder in the official layout, given to every section that reads data "
                                  "and sets none; '{data_dir}' inside any string of the config is replaced by it")
-    prompts: list[str] = Field(default_factory=list, description="spec files merged over the defaults in every stage "
+    prompts: CommaList[str] = Field(default_factory=list, description="spec files merged over the defaults in every stage "
                                "(e.g. '{data_dir}/../paper_prompts.json')")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model (the tuned model = it + train/adapter)")
     report_to: list[str] = Field(default_factory=list, description="trackers for training and evaluation metrics: "
@@ -136,11 +134,6 @@ class ExperimentConfig(BaseModel):
         from qtalign.tracking import parse_trackers
 
         return parse_trackers(v)
-
-    @field_validator("stages", "prompts", "seeds", mode="before")
-    @classmethod
-    def _split_lists(cls, v):
-        return _split(v)
 
     @model_validator(mode="before")
     @classmethod

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, Field, field_validator
 
 from qtalign.limits import SETTINGS, Count, Index, Seed
-from qtalign.tasks.items import DataSource, comma_list, indices_field
+from qtalign.tasks.items import CommaList, DataSource, comma_list, indices_field
 
 KEYWORDS = ("all", "high", "low")
 
@@ -48,16 +48,11 @@ class QTDataConfig(BaseModel):
     data_files: str | None = Field(None, description="path template with {task} and {lang} (.json/.jsonl), 'demo', or "
                                    "hf:<dataset>; e.g. snli/snli_{lang}10k_train.json under data_dir")
     split: str = Field("test", description="split for hf: datasets")
-    prompts: list[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
-    question_files: list[str] = Field(default_factory=list, description="ready question-translation files (official "
+    prompts: CommaList[str] = Field(default_factory=list, description="extra spec files merged over the defaults (e.g. paper_prompts.json)")
+    question_files: CommaList[str] = Field(default_factory=list, description="ready question-translation files (official "
                                       "input/answer, our input/output JSONL, or alpaca) mixed into the set")
     alpaca: bool = Field(False, description="also write LLaMA-Factory alpaca.json and dataset_info.json")
     dataset_name: str | None = Field(None, description="dataset_info.json entry name (default qt_<task>_<sources>_<target>)")
-
-    @field_validator("prompts", "question_files", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
     @field_validator("sources", mode="before")
     @classmethod

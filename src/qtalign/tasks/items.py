@@ -13,7 +13,9 @@ import re
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, TypeVar
+
+from pydantic import BeforeValidator
 
 from qtalign.errors import QtalignError, check_text, data_error
 from qtalign.io import require_file
@@ -36,6 +38,11 @@ class Item:
 def comma_list(v):
     """'a,b' -> ['a', 'b'] (lists pass through): the CLI/YAML form of list options in every config."""
     return [s.strip() for s in v.split(",") if s.strip()] if isinstance(v, str) else v
+
+
+T = TypeVar("T")
+# the type of every list setting of every config: a list, or its comma-separated form ('en,zh') from YAML or the CLI
+CommaList = Annotated[list[T], BeforeValidator(comma_list)]
 
 
 def demo_data_dir() -> Path:

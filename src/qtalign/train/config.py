@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field, field_validator
 
 from qtalign.engine.models import ModelConfig
 from qtalign.limits import SETTINGS, BatchSize, Count, Rank, Seed, Tokens
-from qtalign.tasks.items import comma_list
+from qtalign.tasks.items import CommaList
 from qtalign.tracking import parse_trackers
 
 # TrainConfig fields that do not change the result (how the work is split up, what is kept and logged)
@@ -29,20 +29,20 @@ class TrainConfig(BaseModel):
     model_config = SETTINGS
 
     model: ModelConfig = Field(default_factory=ModelConfig, description="base model (dtype bf16 or fp32 on CPU)")
-    data: list[str] = Field(default_factory=list, description="question-translation files (.json array or .jsonl; "
+    data: CommaList[str] = Field(default_factory=list, description="question-translation files (.json array or .jsonl; "
                             "'input' + 'output' or 'answer' per record); the data argument of train() overrides")
     rows_per_file: Count | None = Field(None, ge=1, description="use only the first N rows of each data file")
     template: Literal["raw", "chat"] = Field("raw", description="how a record becomes a training sequence: raw = prompt + "
                                            "response + EOS; chat = one user turn (the prompt) and one assistant turn (the "
                                            "response) rendered with the tokenizer's own chat template and its defaults "
                                            "(Qwen2.5's adds its default system line), as LLaMA-Factory trains the paper's models")
-    val_data: list[str] = Field(default_factory=list, description="held-out validation files (same formats as data); when "
+    val_data: CommaList[str] = Field(default_factory=list, description="held-out validation files (same formats as data); when "
                                 "given, no rows are split off the training data (val_size is ignored)")
     val_rows_per_file: Count | None = Field(None, ge=1, description="use only the first N rows of each val_data file")
     lora_r: Rank = Field(8, ge=1, description="LoRA rank")
     lora_alpha: float = Field(16, gt=0, description="LoRA alpha (scaling = alpha / r)")
     lora_dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="module names to adapt")
+    target_modules: CommaList[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], description="module names to adapt")
     learning_rate: float = Field(5e-5, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("cosine", description="transformers scheduler name (cosine, linear, constant_with_warmup, ...)")
     warmup_ratio: float = Field(0.1, ge=0, lt=1, description="linear warmup over this fraction of the optimizer steps")
@@ -87,11 +87,6 @@ class TrainConfig(BaseModel):
     @classmethod
     def _trackers(cls, v):
         return parse_trackers(v)
-
-    @field_validator("target_modules", "data", "val_data", mode="before")
-    @classmethod
-    def _split(cls, v):
-        return comma_list(v)
 
     def result_config(self) -> dict:
         """The settings that change the result (not the micro-batch or the eval batch, which do not). The settings
