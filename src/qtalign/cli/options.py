@@ -121,14 +121,15 @@ def load_config_file(path: str | None) -> dict:
     return read_config(path) if path else {}
 
 
-def _as_list(v) -> list:
-    return [x.strip() for x in v.split(",") if x.strip()] if isinstance(v, str) else list(v or [])
-
-
 def experiment_section(d: dict, section: str, cls: type[BaseModel]) -> dict:
     """A config's section as the command's own config, with an experiment's shared top-level keys filled in as
-    `qtalign run` does (experiment/runner.py ``stage_config``): a key the section leaves empty (null, [] or absent)
+    `qtalign run` does (experiment/config.py ``stage_config``): a key the section leaves empty (null, [] or absent)
     takes the top level's value; prompts are the top level's, then the section's."""
+    from qtalign.tasks.items import comma_list
+
+    def _as_list(v) -> list:
+        return list(comma_list(v) or [])
+
     sec = dict(d[section])
     for k, v in d.items():
         if k not in cls.model_fields or k not in SHARED_TOP_LEVEL:
