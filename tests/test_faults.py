@@ -283,6 +283,34 @@ def test_an_interrupt_raised_inside_a_finalizer_still_stops_the_command(monkeypa
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored for the caller
 
 
+def test_ctrl_c_after_the_command_finished_is_ignored_while_the_process_exits(tmp_path, tiny_llama_dir):
+    """Ctrl-C pressed again and again from the command's last line to the process's end (Python frees torch's modules
+    there, with SIGINT back at the system default): the finished command still exits 0, with nothing on stderr. It
+    used to die by the signal (-2, no message) or print "Exception ignored" tracebacks from atexit callbacks."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "QTALIGN_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+           "QTALIGN_STORE": str(tmp_path / "store")}
+    p = subprocess.Popen([sys.executable, "-m", "qtalign", "eval", "--model", str(tiny_llama_dir), *EVAL_ARGS,
+                          "--out", str(tmp_path / "e")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)
+    for line in p.stdout:
+        if '"eval_s"' in line:  # the command's last line: its work is saved
+            break
+    sent = 0
+    while p.poll() is None:
+        p.send_signal(signal.SIGINT)
+        sent += 1
+        time.sleep(0.01)
+    err = p.stderr.read()
+    assert p.returncode == 0 and err.strip() == "", (p.returncode, sent, err[-2000:])
+    assert sent >= 3  # the exit took a while: the signals came while it ran
+
+
 @pytest.mark.parametrize("delay", [1.5, 4.0, 8.0])
 def test_ctrl_c_at_points_of_qtalign_run_exits_130_with_one_line(tmp_path, tiny_llama_dir, delay):
     import os
