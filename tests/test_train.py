@@ -748,7 +748,7 @@ def test_the_validation_loop_runs_as_many_forwards_on_every_rank_and_its_sums_eq
     def run(rank, world, bs):
         model, seen = Model(), {}
         fake = SimpleNamespace(
-            model=model, val_rows=rows, eval_bs=bs, data_collator=Collator(0), state=SimpleNamespace(epoch=1.0),
+            model=model, eval_dataset=rows, eval_bs=bs, data_collator=Collator(0), state=SimpleNamespace(epoch=1.0),
             args=SimpleNamespace(process_index=rank, world_size=world, device="cpu"),
             accelerator=SimpleNamespace(reduce=lambda t, reduction: t), control=None, log=lambda m: seen.update(m),
             callback_handler=SimpleNamespace(on_evaluate=lambda *a: None))
@@ -767,7 +767,7 @@ def test_the_validation_loop_runs_as_many_forwards_on_every_rank_and_its_sums_eq
     for r in range(3):
         model = Model()
         tot = {}
-        fake = SimpleNamespace(model=model, val_rows=rows, eval_bs=2, data_collator=Collator(0),
+        fake = SimpleNamespace(model=model, eval_dataset=rows, eval_bs=2, data_collator=Collator(0),
                                state=SimpleNamespace(epoch=1.0),
                                args=SimpleNamespace(process_index=r, world_size=3, device="cpu"),
                                accelerator=SimpleNamespace(reduce=lambda t, reduction: tot.setdefault("t", t.clone())),

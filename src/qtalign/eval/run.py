@@ -27,7 +27,9 @@ from qtalign.eval.plan import Plan
 from qtalign.eval.store import RECORD_VERSION, Store
 from qtalign.io import OutputDir, parse_jsonl, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
 from qtalign.scoring.faithful import official_correct, special_case
-from qtalign.scoring.scorer import ScoreRequest, Scorer, argmax, calibrate, content_free_requests, mean_probs
+from qtalign.scoring.base import argmax
+from qtalign.scoring.calibration import calibrate, content_free_requests, mean_probs
+from qtalign.scoring.scorer import ScoreRequest, Scorer
 from qtalign.tasks.groups import Group
 from qtalign.tracking import check_available, eval_scalars, log_metrics
 

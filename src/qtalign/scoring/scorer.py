@@ -19,8 +19,7 @@ from qtalign.engine.forward import Engine, Prompt
 from qtalign.tokenids import pad_id
 from qtalign.engine.models import context_length
 from qtalign.errors import NonFiniteError, QtalignError
-from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise, softmax, usable  # noqa: F401 - the public names
-from qtalign.scoring.calibration import CONTENT_FREE, calibrate, content_free_requests, mean_probs  # noqa: F401
+from qtalign.scoring.base import ItemScore, ScoreRequest, usable
 from qtalign.scoring.faithful import faithful_scores
 from qtalign.scoring.first_token import first_token_scores, plan_words
 from qtalign.scoring.sequence import sequence_scores

@@ -112,17 +112,6 @@ class Collator:
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-class ListDataset(torch.utils.data.Dataset):
-    def __init__(self, rows: list[dict]):
-        self.rows = rows
-
-    def __len__(self):
-        return len(self.rows)
-
-    def __getitem__(self, i):
-        return self.rows[i]
-
-
 def split_rows(n: int, val_size: float, seed: int, max_rows: int | None = None) -> tuple[list[int], list[int]]:
     """(train indices, val indices): a seeded shuffle, the first `val` rows held out (a fraction: at most
     ``max_rows``)."""

@@ -44,7 +44,7 @@ from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, disk_errors, read_json, require_file, write_json
 from qtalign.tracking import check_available
 from qtalign.train.config import TrainConfig
-from qtalign.train.data import Collator, ListDataset, check_template, encode_example, load_pairs, split_rows
+from qtalign.train.data import Collator, check_template, encode_example, load_pairs, split_rows
 from qtalign.train.loss import install_response_loss
 from qtalign.train.trainer import (STAGING, LogCallback, ResponseTrainer, StepProgress, checkpoint_problem, peak_rss_mb,
                                    plot_loss, read_log, resume_files, truncate_log)
@@ -256,10 +256,9 @@ def _trainer(peft_model, args, tok, train_rows, val_rows, cfg: TrainConfig, out:
     from transformers.trainer_callback import ProgressCallback
 
     trainer = ResponseTrainer(
-        model=peft_model, args=args, data_collator=Collator(pad_id(tok)), train_dataset=ListDataset(train_rows),
-        eval_dataset=ListDataset(val_rows) if val_rows else None,
+        model=peft_model, args=args, data_collator=Collator(pad_id(tok)), train_dataset=train_rows,  # lists of rows:
+        eval_dataset=val_rows or None, eval_batch_size=cfg.eval_batch_size,  # the Trainer's samplers take any sized one
         callbacks=[LogCallback(out / "trainer_log.jsonl"), StepProgress(), *(callbacks or [])],
-        val_rows=val_rows, eval_batch_size=cfg.eval_batch_size,
     )
     trainer.remove_callback(ProgressCallback)  # StepProgress reports instead
     return trainer

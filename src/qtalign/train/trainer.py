@@ -25,10 +25,9 @@ class ResponseTrainer(Trainer):
 
     loss_is_scaled_for_ga = True
 
-    def __init__(self, *a, val_rows: list[dict] | None = None, eval_batch_size: int = 8, **kw):
+    def __init__(self, *a, eval_batch_size: int = 8, **kw):
         super().__init__(*a, **kw)
         self.model_accepts_loss_kwargs = True  # makes the Trainer count num_items_in_batch over the accumulation
-        self.val_rows = val_rows or []
         self.eval_bs = eval_batch_size
         self._staging: str | None = None  # where the checkpoint being written goes (see _save_checkpoint)
 
@@ -109,19 +108,20 @@ class ResponseTrainer(Trainer):
         was_training = model.training
         model.eval()
         rank, world = self.args.process_index, self.args.world_size
-        mine = sorted(range(rank, len(self.val_rows), world), key=lambda i: -len(self.val_rows[i]["input_ids"]))
+        rows = (self.eval_dataset if eval_dataset is None else eval_dataset) or []  # the validation rows (a list)
+        mine = sorted(range(rank, len(rows), world), key=lambda i: -len(rows[i]["input_ids"]))
         # every rank runs the same number of forwards (a sharded model gathers its weights in each one: a rank that
         # stopped early would leave the others waiting); a rank out of rows runs a batch that is not counted
-        n_batches = -(-(-(-len(self.val_rows) // world)) // self.eval_bs)
+        n_batches = -(-(-(-len(rows) // world)) // self.eval_bs)
         tot = torch.zeros(2, dtype=torch.float64, device=self.args.device)
         collate = self.data_collator
         with torch.no_grad():
             for s in range(0, n_batches * self.eval_bs, self.eval_bs):
-                rows = mine[s : s + self.eval_bs]
-                b = collate([self.val_rows[i] for i in rows or [0]])
+                batch = mine[s : s + self.eval_bs]
+                b = collate([rows[i] for i in batch or [0]])
                 b = {k: v.to(self.args.device) for k, v in b.items()}
                 out = model(**b, qt_response_loss=True)
-                if rows:
+                if batch:
                     tot[0] += out.loss_sum.double()
                     tot[1] += out.n_tokens.double()
         if world > 1:
