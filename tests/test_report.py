@@ -224,9 +224,18 @@ def test_metrics_auc_ranks_by_the_unrounded_scores():
 
 
 def test_paired_bootstrap_interval_covers_a_known_change():
+    """stats.bootstrap_change over items, or over clusters of items (units), as the report's Scores use it."""
     import random
 
-    from qtalign.stats import paired_bootstrap
+    from qtalign.stats import bootstrap_change
+
+    def paired_bootstrap(stat, base, tuned, n_boot, seed=0, clusters=None):
+        by: dict = {}
+        for i, c in enumerate(clusters or range(len(base))):
+            by.setdefault(c, []).append(i)
+        seqs = {"base": base, "tuned": tuned}
+        return bootstrap_change(lambda which, draw: stat([seqs[which][i] for u in draw for i in u]), list(by.values()),
+                                n_boot, seed)
 
     rng = random.Random(1)
     base = [rng.random() < 0.5 for _ in range(400)]

@@ -110,24 +110,6 @@ def sign_flip_p(contributions: list[float], n_perm: int = 10000, seed: int = 0) 
     return (1 + hits) / (1 + n_perm)
 
 
-def paired_bootstrap(stat, base: list, tuned: list, n_boot: int = 2000, seed: int = 0, alpha: float = 0.05,
-                     clusters: list | None = None) -> tuple[float, float, float]:
-    """(observed stat(tuned) - stat(base), lo, hi): a percentile interval of the change, resampling items (or, with
-    ``clusters``, whole clusters of items, e.g. an SNLI premise's triple) with replacement, the same draws for base
-    and tuned (the items are paired)."""
-    if not base or len(tuned) != len(base):
-        return float("nan"), float("nan"), float("nan")
-    if clusters is None:
-        units = [[i] for i in range(len(base))]
-    else:
-        by: dict = {}
-        for i, c in enumerate(clusters):
-            by.setdefault(c, []).append(i)
-        units = list(by.values())
-    seqs = {"base": base, "tuned": tuned}
-    return bootstrap_change(lambda which, draw: stat([seqs[which][i] for u in draw for i in u]), units, n_boot, seed, alpha)
-
-
 def holm(ps: list[float]) -> list[float]:
     """Holm's step-down adjusted p-values of one family of tests, in the input order: the k-th smallest p (k from 0)
     becomes max over j <= k of min(1, (m - j) p_(j)). A missing p (None or NaN: no test was made) stays NaN and does
