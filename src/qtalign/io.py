@@ -45,7 +45,7 @@ def check_cache_env() -> None:
 
 
 def check_folder(path: str | Path, what: str) -> Path:
-    """A folder qtalign keeps its own files in (the cache, the result store): one line when it is a file, lies
+    """A folder qtalign writes into (an output folder, the cache, the result store): one line when it is a file, lies
     under a file or cannot be written, instead of quietly working without it."""
     p = Path(path)
     if p.exists() and not p.is_dir():
@@ -388,16 +388,7 @@ class OutputDir:
     def check(self) -> "OutputDir":
         """Refuse (one line, nothing written) a path that qtalign cannot own: a file, an unwritable place, a folder of
         other people's files, or one another kind of qtalign output owns."""
-        p = self.path
-        if p.exists() and not p.is_dir():
-            raise QtalignError(f"{self.option} {p}: is a file, not a folder")
-        anc = p
-        while not anc.exists():
-            anc = anc.parent
-        if not anc.is_dir():
-            raise QtalignError(f"{self.option} {p}: {anc} is a file, not a folder")
-        if not os.access(anc, os.W_OK | os.X_OK):
-            raise QtalignError(f"{self.option} {p}: not writable ({anc})")
+        p = check_folder(self.path, self.option)
         if p.is_dir() and not self.owned() and any(p.iterdir()):
             raise QtalignError(f"{self.option} {p}: the folder exists and was not written by qtalign (no {MARKER}); "
                                "choose another folder: qtalign never deletes or overwrites files it did not write")
