@@ -204,13 +204,11 @@ def merge_spec_docs(docs: Iterable[tuple[str, dict]]) -> tuple[dict, dict[str, s
     origin: dict[str, str] = {}
     for src, doc in docs:
         langs = doc.get("languages", {})
-        for code in langs.get("order", []):
+        for code in [*langs.get("order", []), *langs.get("info", {})]:  # the order given, then languages it leaves out
             if code not in merged["languages"]["order"]:
                 merged["languages"]["order"].append(code)
         for code, info in langs.get("info", {}).items():
             merged["languages"]["info"].setdefault(code, {}).update(info)
-            if code not in merged["languages"]["order"]:
-                merged["languages"]["order"].append(code)
         for tname, tdoc in doc.get("tasks", {}).items():
             if not isinstance(tdoc, dict):
                 raise data_error(src, "must be an object", record=f"tasks.{tname}")
