@@ -74,20 +74,13 @@ def add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         if name in skip or (only is not None and name not in only):
             continue
         kind, extra = _kind(info.annotation)
-        opt = names.get(name, flag(name))
-        dest = name
-        if kind == "bool":
-            g.add_argument(opt, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=_help(info))
-        elif kind in ("int", "float"):
-            g.add_argument(opt, dest=dest, type=extra, default=None, metavar=kind.upper(), help=_help(info))
-        elif kind == "choice":
-            g.add_argument(opt, dest=dest, choices=extra, default=None, help=_help(info))
-        elif kind == "list":
-            g.add_argument(opt, dest=dest, action="append", default=None, metavar="A,B",
-                           help=_help(info, " (comma list; repeatable)"))
-        elif kind in ("str", "other"):
-            g.add_argument(opt, dest=dest, default=None, help=_help(info))
-        # nested models: their own sections (the model section is added by add_model_options)
+        if kind == "model":  # nested models: their own sections (the model section is added by add_model_options)
+            continue
+        kw = {"bool": {"action": argparse.BooleanOptionalAction}, "int": {"type": int, "metavar": "INT"},
+              "float": {"type": float, "metavar": "FLOAT"}, "choice": {"choices": extra},
+              "list": {"action": "append", "metavar": "A,B"}}.get(kind, {})
+        g.add_argument(names.get(name, flag(name)), dest=name, default=None,
+                       help=_help(info, " (comma list; repeatable)" if kind == "list" else ""), **kw)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -113,12 +106,6 @@ def _flatten(v):
 def given(args, cls: type[BaseModel], skip: set[str] = frozenset()) -> dict:
     """The flags of ``cls``'s fields that were given on the command line."""
     return {k: _flatten(getattr(args, k)) for k in cls.model_fields if k not in skip and getattr(args, k, None) is not None}
-
-
-def load_config_file(path: str | None) -> dict:
-    from qtalign.io import read_config
-
-    return read_config(path) if path else {}
 
 
 def experiment_section(d: dict, section: str, cls: type[BaseModel]) -> dict:
@@ -147,8 +134,10 @@ def build_config(cls: type[BaseModel], args, section: str | None = None, skip: s
     names the file (or 'command line') and the field."""
     from pydantic import ValidationError
 
+    from qtalign.io import read_config
+
     path = getattr(args, "config", None)
-    d = load_config_file(path)
+    d = read_config(path) if path else {}
     where = path or "command line"
     if section and isinstance(d.get(section), dict):
         d = experiment_section(d, section, cls)
