@@ -46,8 +46,8 @@ from qtalign.tracking import check_available
 from qtalign.train.config import TrainConfig
 from qtalign.train.data import Collator, check_template, encode_example, load_pairs, split_rows
 from qtalign.train.loss import install_response_loss
-from qtalign.train.trainer import (STAGING, ResponseTrainer, TrainLog, checkpoint_problem, peak_rss_mb, plot_loss, read_log,
-                                   resume_files, truncate_log)
+from qtalign.train.trainer import (STAGING, ResponseTrainer, TrainLog, checkpoint_problem, plot_loss, read_log, resume_files,
+                                   truncate_log)
 
 OUR_FILES = ("train_config.json", "checkpoints", "adapter", "trainer_log.jsonl", "loss.png", "summary.json", "tracking")
 CHECKPOINTS = ("checkpoint-*", "tmp-checkpoint-*")  # the folders the Trainer writes (each whole) into checkpoints/
@@ -319,6 +319,8 @@ def _run_trainer(trainer, out: Path, main: bool) -> tuple[object, int | None]:
 
 def _summary(cfg, out: Path, fp: str, args, state, result, n_train: int, n_val: int, skipped: int, resumed_from,
              world: int, t_start: float) -> dict:
+    import resource
+
     log = read_log(out / "trainer_log.jsonl")
     tps = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
     evals = [r for r in log if "eval_loss" in r]
@@ -331,7 +333,8 @@ def _summary(cfg, out: Path, fp: str, args, state, result, n_train: int, n_val: 
         "best_eval_loss": best["eval_loss"] if best else None, "best_step": best["step"] if best else None,
         "tokens_per_s": round(result.metrics.get("train_tokens_per_second") or (sum(tps) / len(tps) if tps else 0.0), 1),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-        "peak_rss_mb": peak_rss_mb(), "resumed_from_step": resumed_from,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "resumed_from_step": resumed_from,
     }
     return {
         "stage": "train",

@@ -278,9 +278,3 @@ def plot_loss(log: list[dict], path: Path, title: str = "LoRA tuning") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
