@@ -114,15 +114,12 @@ def experiment_section(d: dict, section: str, cls: type[BaseModel]) -> dict:
     takes the top level's value; prompts are the top level's, then the section's."""
     from qtalign.tasks.items import comma_list
 
-    def _as_list(v) -> list:
-        return list(comma_list(v) or [])
-
     sec = dict(d[section])
     for k, v in d.items():
         if k not in cls.model_fields or k not in SHARED_TOP_LEVEL:
             continue
         if k == "prompts" and sec.get(k):
-            sec[k] = list(dict.fromkeys([*_as_list(v), *_as_list(sec[k])]))
+            sec[k] = list(dict.fromkeys([*(comma_list(v) or []), *(comma_list(sec[k]) or [])]))
         elif sec.get(k) is None or sec.get(k) in ([], ""):
             sec[k] = v
     return sec

@@ -106,10 +106,8 @@ class TaskSpec:
                 return ls.demos[key]
         words = dict(zip(self.classes, self.label_words(lang, variant)))
         if ls.demo_items:
-            parts = []
-            for d in ls.demo_items[: self.n_shot]:
-                parts.append(ls.question({f: d[f] for f in self.item_fields}) + words[d["label"]] + '"')
-            return "\n".join(parts)
+            return "\n".join(ls.question({f: d[f] for f in self.item_fields}) + words[d["label"]] + '"'
+                             for d in ls.demo_items[: self.n_shot])
         if "enout" in ls.demos:  # relabel the English-label block
             block = ls.demos["enout"]
             marker = "\x00{}\x00"

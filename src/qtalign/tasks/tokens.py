@@ -38,10 +38,8 @@ def _is_byte_level(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         return False
-    for comp in (getattr(backend, "decoder", None), getattr(backend, "pre_tokenizer", None)):
-        if comp is not None and "ByteLevel" in repr(comp):
-            return True
-    return False
+    comps = (getattr(backend, "decoder", None), getattr(backend, "pre_tokenizer", None))
+    return any(c is not None and "ByteLevel" in repr(c) for c in comps)
 
 
 def token_bytes_table(tokenizer) -> list[bytes | None]:
