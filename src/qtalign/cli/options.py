@@ -74,20 +74,13 @@ def add_config_options(p: argparse.ArgumentParser | argparse._ArgumentGroup, cls
         if name in skip or (only is not None and name not in only):
             continue
         kind, extra = _kind(info.annotation)
-        opt = names.get(name, flag(name))
-        dest = name
-        if kind == "bool":
-            g.add_argument(opt, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=_help(info))
-        elif kind in ("int", "float"):
-            g.add_argument(opt, dest=dest, type=extra, default=None, metavar=kind.upper(), help=_help(info))
-        elif kind == "choice":
-            g.add_argument(opt, dest=dest, choices=extra, default=None, help=_help(info))
-        elif kind == "list":
-            g.add_argument(opt, dest=dest, action="append", default=None, metavar="A,B",
-                           help=_help(info, " (comma list; repeatable)"))
-        elif kind in ("str", "other"):
-            g.add_argument(opt, dest=dest, default=None, help=_help(info))
-        # nested models: their own sections (the model section is added by add_model_options)
+        if kind == "model":  # nested models: their own sections (the model section is added by add_model_options)
+            continue
+        kw = {"bool": {"action": argparse.BooleanOptionalAction}, "int": {"type": int, "metavar": "INT"},
+              "float": {"type": float, "metavar": "FLOAT"}, "choice": {"choices": extra},
+              "list": {"action": "append", "metavar": "A,B"}}.get(kind, {})
+        g.add_argument(names.get(name, flag(name)), dest=name, default=None,
+                       help=_help(info, " (comma list; repeatable)" if kind == "list" else ""), **kw)
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -115,27 +108,18 @@ def given(args, cls: type[BaseModel], skip: set[str] = frozenset()) -> dict:
     return {k: _flatten(getattr(args, k)) for k in cls.model_fields if k not in skip and getattr(args, k, None) is not None}
 
 
-def load_config_file(path: str | None) -> dict:
-    from qtalign.io import read_config
-
-    return read_config(path) if path else {}
-
-
 def experiment_section(d: dict, section: str, cls: type[BaseModel]) -> dict:
     """A config's section as the command's own config, with an experiment's shared top-level keys filled in as
     `qtalign run` does (experiment/config.py ``stage_config``): a key the section leaves empty (null, [] or absent)
     takes the top level's value; prompts are the top level's, then the section's."""
     from qtalign.tasks.items import comma_list
 
-    def _as_list(v) -> list:
-        return list(comma_list(v) or [])
-
     sec = dict(d[section])
     for k, v in d.items():
         if k not in cls.model_fields or k not in SHARED_TOP_LEVEL:
             continue
         if k == "prompts" and sec.get(k):
-            sec[k] = list(dict.fromkeys([*_as_list(v), *_as_list(sec[k])]))
+            sec[k] = list(dict.fromkeys([*(comma_list(v) or []), *(comma_list(sec[k]) or [])]))
         elif sec.get(k) is None or sec.get(k) in ([], ""):
             sec[k] = v
     return sec
@@ -147,8 +131,10 @@ def build_config(cls: type[BaseModel], args, section: str | None = None, skip: s
     names the file (or 'command line') and the field."""
     from pydantic import ValidationError
 
+    from qtalign.io import read_config
+
     path = getattr(args, "config", None)
-    d = load_config_file(path)
+    d = read_config(path) if path else {}
     where = path or "command line"
     if section and isinstance(d.get(section), dict):
         d = experiment_section(d, section, cls)

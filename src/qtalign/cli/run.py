@@ -36,12 +36,9 @@ def configure_parser(p, name: str) -> None:
 def cli_overrides(args) -> dict:
     """The command line's options as dotted config keys."""
     extra = {f"model.{k}": v for k, v in model_values(args).items()}
-    for k in EVAL_OPTIONS:
+    for key, k in [*((f"eval.{k}", k) for k in EVAL_OPTIONS), *((k, k) for k in TOP_OPTIONS)]:
         if getattr(args, k, None) is not None:
-            extra[f"eval.{k}"] = _flatten(getattr(args, k))
-    for k in TOP_OPTIONS:
-        if getattr(args, k, None) is not None:
-            extra[k] = _flatten(getattr(args, k))
+            extra[key] = _flatten(getattr(args, k))
     return extra
 
 

@@ -136,10 +136,9 @@ def _select(cands: dict[str, list[dict]], cfg: QTDataConfig) -> dict[str, list[d
     n = cfg.rows_per_lang
     if cfg.paired:
         common = sorted(set.intersection(*[{r["index"] for r in rs} for rs in cands.values()])) if cands else []
-        keep = common
+        keep = set(common)
         if n is not None and n < len(common):
-            keep = sorted(random.Random(f"{cfg.seed}/paired").sample(common, n)) if cfg.shuffle else common[:n]
-        keep = set(keep)
+            keep = set(random.Random(f"{cfg.seed}/paired").sample(common, n) if cfg.shuffle else common[:n])
         return {lang: [r for r in rs if r["index"] in keep] for lang, rs in cands.items()}
     out = {}
     for lang, rs in cands.items():

@@ -86,8 +86,6 @@ def read_exclusions(path: str | Path, task: str | None = None) -> set[int]:
                 recs = json.loads(text)
             except json.JSONDecodeError as e:
                 raise data_error(path, f"invalid JSON at line {e.lineno}: {e.msg}") from None
-            if not isinstance(recs, list):
-                raise data_error(path, "expected a JSON list")
         else:
             recs = read_records(path)
         tasks_seen = set()

@@ -4,6 +4,7 @@ position (tasks/tokens.py builds the sets; labels sharing a common prefix are sc
 from __future__ import annotations
 
 import dataclasses
+import os
 from typing import Iterator
 
 import torch
@@ -11,7 +12,6 @@ import torch
 from qtalign.engine.forward import encode_prompts
 from qtalign.errors import QtalignError
 from qtalign.scoring.base import ItemScore, ScoreRequest, argmax, normalise
-from qtalign.tasks.tokens import common_prefix
 
 
 def plan_words(candidates, words: list[str]) -> tuple[str, list[str]]:
@@ -22,7 +22,7 @@ def plan_words(candidates, words: list[str]) -> tuple[str, list[str]]:
     cs = candidates(words)
     if not cs.empty_classes:
         return "", list(words)
-    cp = common_prefix(words)
+    cp = os.path.commonprefix(words)
     rest = [w[len(cp) :] for w in words]
     if cp and all(rest) and not candidates(rest).empty_classes:
         return cp, rest

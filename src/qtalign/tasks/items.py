@@ -117,14 +117,16 @@ def read_records(path: Path) -> list[dict]:
     if not text.strip():
         raise data_error(path, "file is empty")
     head = text.lstrip()[:1]
-    if head == "{" and path.suffix != ".jsonl":
+    recs = None
+    if head in ("[", "{") and path.suffix != ".jsonl":  # a JSON array; one JSON object is an error, not JSON Lines
         try:
-            doc = json.loads(text)
-        except json.JSONDecodeError:
-            doc = None
-        if isinstance(doc, dict):
+            recs = json.loads(text)  # an array when it parses
+        except json.JSONDecodeError as e:
+            if head == "[":
+                raise data_error(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
+        if isinstance(recs, dict):
             raise data_error(path, "expected a JSON array of records (or JSON Lines), got one JSON object")
-    if path.suffix == ".jsonl" or head != "[":
+    if recs is None:
         recs = []
         for n, line in enumerate(text.splitlines()):
             if not line.strip():
@@ -133,13 +135,6 @@ def read_records(path: Path) -> list[dict]:
                 recs.append(json.loads(line))
             except json.JSONDecodeError as e:
                 raise data_error(path, f"invalid JSON: {e.msg}", record=n) from None
-    else:
-        try:
-            recs = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise data_error(path, f"invalid JSON at line {e.lineno} column {e.colno}: {e.msg}") from None
-        if not isinstance(recs, list):
-            raise data_error(path, f"expected a JSON array of records, got {type(recs).__name__}")
     if not recs:
         raise data_error(path, "file has no records")
     for n, r in enumerate(recs):

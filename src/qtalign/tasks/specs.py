@@ -106,10 +106,8 @@ class TaskSpec:
                 return ls.demos[key]
         words = dict(zip(self.classes, self.label_words(lang, variant)))
         if ls.demo_items:
-            parts = []
-            for d in ls.demo_items[: self.n_shot]:
-                parts.append(ls.question({f: d[f] for f in self.item_fields}) + words[d["label"]] + '"')
-            return "\n".join(parts)
+            return "\n".join(ls.question({f: d[f] for f in self.item_fields}) + words[d["label"]] + '"'
+                             for d in ls.demo_items[: self.n_shot])
         if "enout" in ls.demos:  # relabel the English-label block
             block = ls.demos["enout"]
             marker = "\x00{}\x00"
@@ -204,13 +202,11 @@ def merge_spec_docs(docs: Iterable[tuple[str, dict]]) -> tuple[dict, dict[str, s
     origin: dict[str, str] = {}
     for src, doc in docs:
         langs = doc.get("languages", {})
-        for code in langs.get("order", []):
+        for code in [*langs.get("order", []), *langs.get("info", {})]:  # the order given, then languages it leaves out
             if code not in merged["languages"]["order"]:
                 merged["languages"]["order"].append(code)
         for code, info in langs.get("info", {}).items():
             merged["languages"]["info"].setdefault(code, {}).update(info)
-            if code not in merged["languages"]["order"]:
-                merged["languages"]["order"].append(code)
         for tname, tdoc in doc.get("tasks", {}).items():
             if not isinstance(tdoc, dict):
                 raise data_error(src, "must be an object", record=f"tasks.{tname}")

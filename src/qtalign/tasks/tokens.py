@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -37,10 +38,8 @@ def _is_byte_level(tokenizer) -> bool:
     backend = getattr(tokenizer, "backend_tokenizer", None) or getattr(tokenizer, "_tokenizer", None)
     if backend is None:
         return False
-    for comp in (getattr(backend, "decoder", None), getattr(backend, "pre_tokenizer", None)):
-        if comp is not None and "ByteLevel" in repr(comp):
-            return True
-    return False
+    comps = (getattr(backend, "decoder", None), getattr(backend, "pre_tokenizer", None))
+    return any(c is not None and "ByteLevel" in repr(c) for c in comps)
 
 
 def token_bytes_table(tokenizer) -> list[bytes | None]:
@@ -112,21 +111,10 @@ class CandidateSets:
 
 def candidate_sets(tokenizer, words: list[str]) -> CandidateSets:
     raw = [set(prefix_tokens(tokenizer, w)) for w in words]
-    counts: dict[int, int] = {}
-    for s in raw:
-        for t in s:
-            counts[t] = counts.get(t, 0) + 1
+    counts = Counter(t for s in raw for t in s)
     shared = sorted(t for t, c in counts.items() if c > 1)
     sets = [sorted(s.difference(shared)) for s in raw]
     return CandidateSets(words=list(words), sets=sets, shared=shared)
-
-
-def common_prefix(words: list[str]) -> str:
-    p = words[0]
-    for w in words[1:]:
-        while not w.startswith(p):
-            p = p[:-1]
-    return p
 
 
 def label_continuation(tokenizer, prompt_ids: list[int], prompt: str, label: str) -> list[int]:

@@ -16,6 +16,7 @@ import random
 from pathlib import Path
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 
 from qtalign.tokenids import lcp
 from qtalign.errors import QtalignError, data_error
@@ -80,17 +81,18 @@ def chat_texts(tokenizer, prompt: str, response: str) -> tuple[str, str]:
 
 def check_template(tokenizer, template: str, model_name: str) -> None:
     """template 'chat' needs a tokenizer with a chat template (one clear error naming the model otherwise)."""
-    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+    if template != "chat":
+        return
+    if not getattr(tokenizer, "chat_template", None):
         raise QtalignError(f"train: template 'chat': the tokenizer of model '{model_name}' has no chat template "
                            "(GGUF files without tokenizer.chat_template, base models); use template: raw")
-    if template == "chat":
-        from jinja2.exceptions import TemplateError
+    from jinja2.exceptions import TemplateError
 
-        try:
-            chat_texts(tokenizer, "question", "answer")
-        except TemplateError as e:  # a syntax error, or the template's own raise_exception
-            raise QtalignError(f"train: template 'chat': the chat template of model '{model_name}' does not render "
-                               f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); fix it or use template: raw") from None
+    try:
+        chat_texts(tokenizer, "question", "answer")
+    except TemplateError as e:  # a syntax error, or the template's own raise_exception
+        raise QtalignError(f"train: template 'chat': the chat template of model '{model_name}' does not render "
+                           f"({type(e).__name__}: {str(e).splitlines()[0][:160]}); fix it or use template: raw") from None
 
 
 class Collator:
@@ -100,16 +102,12 @@ class Collator:
         self.pad_id = pad_id
 
     def __call__(self, feats: list[dict]) -> dict:
-        T = max(len(f["input_ids"]) for f in feats)
-        ids = torch.full((len(feats), T), self.pad_id, dtype=torch.long)
-        labels = torch.full((len(feats), T), -100, dtype=torch.long)
-        mask = torch.zeros((len(feats), T), dtype=torch.long)
-        for i, f in enumerate(feats):
-            n = len(f["input_ids"])
-            ids[i, :n] = torch.tensor(f["input_ids"])
-            labels[i, :n] = torch.tensor(f["labels"])
-            mask[i, :n] = 1
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        def pad(rows: list[list[int]], value: int) -> torch.Tensor:
+            return pad_sequence([torch.tensor(r, dtype=torch.long) for r in rows], batch_first=True, padding_value=value)
+
+        ids = [f["input_ids"] for f in feats]
+        return {"input_ids": pad(ids, self.pad_id), "attention_mask": pad([[1] * len(i) for i in ids], 0),
+                "labels": pad([f["labels"] for f in feats], -100)}
 
 
 def split_rows(n: int, val_size: float, seed: int, max_rows: int | None = None) -> tuple[list[int], list[int]]:

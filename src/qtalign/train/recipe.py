@@ -46,8 +46,8 @@ from qtalign.tracking import check_available
 from qtalign.train.config import TrainConfig
 from qtalign.train.data import Collator, check_template, encode_example, load_pairs, split_rows
 from qtalign.train.loss import install_response_loss
-from qtalign.train.trainer import (STAGING, LogCallback, ResponseTrainer, StepProgress, checkpoint_problem, peak_rss_mb,
-                                   plot_loss, read_log, resume_files, truncate_log)
+from qtalign.train.trainer import (STAGING, ResponseTrainer, TrainLog, checkpoint_problem, plot_loss, read_log, resume_files,
+                                   truncate_log)
 
 OUR_FILES = ("train_config.json", "checkpoints", "adapter", "trainer_log.jsonl", "loss.png", "summary.json", "tracking")
 CHECKPOINTS = ("checkpoint-*", "tmp-checkpoint-*")  # the folders the Trainer writes (each whole) into checkpoints/
@@ -67,21 +67,13 @@ def training_arguments(cfg: TrainConfig, out: Path, n_train: int, n_val: int, de
     """The transformers TrainingArguments for a config (accumulation derived from the effective batch)."""
     from transformers import TrainingArguments
 
-    _, world = _world()
-    per = cfg.per_device_batch_size * world
-    if cfg.batch_size % per:
-        raise QtalignError(
-            f"train: batch_size {cfg.batch_size} is not a multiple of per_device_batch_size {cfg.per_device_batch_size}"
-            f" x {world} process(es)"
-        )
-    accum = cfg.batch_size // per
     total = planned_steps(cfg, n_train)
     eval_steps = cfg.eval_steps or min(total, max(total // 10, cfg.min_eval_steps))
     has_val = n_val > 0
     return TrainingArguments(
         output_dir=str(out / "checkpoints"),
         per_device_train_batch_size=cfg.per_device_batch_size,
-        gradient_accumulation_steps=accum,
+        gradient_accumulation_steps=_accumulation(cfg),
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
@@ -132,14 +124,20 @@ def _check_settings(cfg: TrainConfig) -> None:
     if cfg.model.dtype == "fp16" and device_type(cfg.model.device) == "cpu":
         raise QtalignError("train: dtype fp16 trains with a loss scaler, which needs a CUDA GPU; on CPU use --dtype bf16 "
                            "(or fp32)")
-
-    _, world = _world()
-    if cfg.batch_size % (cfg.per_device_batch_size * world):
-        raise QtalignError(f"train: batch_size {cfg.batch_size} is not a multiple of per_device_batch_size "
-                           f"{cfg.per_device_batch_size} x {world} process(es)")
+    _accumulation(cfg)
     names = [o.value for o in OptimizerNames]
     if cfg.optim not in names:
         raise QtalignError(f"train: unknown optim {cfg.optim!r} (e.g. {', '.join(names[:6])}, ...)")
+
+
+def _accumulation(cfg: TrainConfig) -> int:
+    """Micro-batches per optimizer step, derived from the effective batch (one line when it does not divide)."""
+    _, world = _world()
+    per = cfg.per_device_batch_size * world
+    if cfg.batch_size % per:
+        raise QtalignError(f"train: batch_size {cfg.batch_size} is not a multiple of per_device_batch_size "
+                           f"{cfg.per_device_batch_size} x {world} process(es)")
+    return cfg.batch_size // per
 
 
 def _data_files(cfg: TrainConfig, data_path) -> list[str]:
@@ -258,9 +256,9 @@ def _trainer(peft_model, args, tok, train_rows, val_rows, cfg: TrainConfig, out:
     trainer = ResponseTrainer(
         model=peft_model, args=args, data_collator=Collator(pad_id(tok)), train_dataset=train_rows,  # lists of rows:
         eval_dataset=val_rows or None, eval_batch_size=cfg.eval_batch_size,  # the Trainer's samplers take any sized one
-        callbacks=[LogCallback(out / "trainer_log.jsonl"), StepProgress(), *(callbacks or [])],
+        callbacks=[TrainLog(out / "trainer_log.jsonl"), *(callbacks or [])],
     )
-    trainer.remove_callback(ProgressCallback)  # StepProgress reports instead
+    trainer.remove_callback(ProgressCallback)  # TrainLog reports instead
     return trainer
 
 
@@ -321,6 +319,8 @@ def _run_trainer(trainer, out: Path, main: bool) -> tuple[object, int | None]:
 
 def _summary(cfg, out: Path, fp: str, args, state, result, n_train: int, n_val: int, skipped: int, resumed_from,
              world: int, t_start: float) -> dict:
+    import resource
+
     log = read_log(out / "trainer_log.jsonl")
     tps = [r["tokens_per_s"] for r in log if r.get("tokens_per_s")]
     evals = [r for r in log if "eval_loss" in r]
@@ -333,7 +333,8 @@ def _summary(cfg, out: Path, fp: str, args, state, result, n_train: int, n_val: 
         "best_eval_loss": best["eval_loss"] if best else None, "best_step": best["step"] if best else None,
         "tokens_per_s": round(result.metrics.get("train_tokens_per_second") or (sum(tps) / len(tps) if tps else 0.0), 1),
         "train_runtime_s": round(result.metrics.get("train_runtime", 0.0), 1),
-        "peak_rss_mb": peak_rss_mb(), "resumed_from_step": resumed_from,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "resumed_from_step": resumed_from,
     }
     return {
         "stage": "train",

@@ -1,5 +1,5 @@
-"""The transformers Trainer pieces of LoRA tuning: the trainer whose loss is the response-only loss, the log callback
-(trainer_log.jsonl) and the progress display."""
+"""The transformers Trainer pieces of LoRA tuning: the trainer whose loss is the response-only loss and the callback
+that writes the log (trainer_log.jsonl) and shows the progress."""
 
 from __future__ import annotations
 
@@ -132,15 +132,23 @@ class ResponseTrainer(Trainer):
         self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
         return metrics
 
-class LogCallback(TrainerCallback):
+class TrainLog(TrainerCallback):
     """trainer_log.jsonl (main process): step, loss, lr, grad_norm, tokens, tokens/s, elapsed and ETA per log;
-    eval_loss per evaluation."""
+    eval_loss per evaluation. And the progress display through qtalign.progress (a rich bar on a terminal, a line at a
+    steady interval otherwise), with the latest loss; replaces the Trainer's tqdm bar."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.t0 = self.t_last = None
-        self.tok_last = 0
-        self.step0 = 0
+        self.t0 = self.t_last = self.bar = None
+        self.tok_last = self.step0 = 0
+        self.info = ""
+
+    def on_train_begin(self, args, state, control, **kw):
+        from qtalign.progress import Progress
+
+        self.bar = Progress("train", state.max_steps, unit="steps", main=state.is_world_process_zero)
+        self.bar.done = state.global_step
+        self.bar.__enter__()
 
     def on_step_begin(self, args, state, control, **kw):
         if self.t0 is None:
@@ -148,7 +156,14 @@ class LogCallback(TrainerCallback):
             self.tok_last = state.num_input_tokens_seen
             self.step0 = state.global_step
 
+    def on_step_end(self, args, state, control, **kw):
+        if self.bar is not None:
+            self.bar.advance(1, info=self.info)
+
     def on_log(self, args, state, control, logs=None, **kw):
+        post = [f"{k.replace('_', ' ')} {logs[k]:.4g}" for k in ("loss", "eval_loss") if isinstance((logs or {}).get(k), float)]
+        if post:
+            self.info = ", ".join(post)
         if not state.is_world_process_zero or not logs:
             return
         now = time.time()
@@ -173,30 +188,6 @@ class LogCallback(TrainerCallback):
             return
         with disk_errors(self.path), open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(rec) + "\n")
-
-class StepProgress(TrainerCallback):
-    """Training progress through qtalign.progress (a rich bar on a terminal, a line at a steady interval otherwise),
-    with the latest loss; replaces the Trainer's tqdm bar."""
-
-    def __init__(self):
-        self.bar = None
-        self.info = ""
-
-    def on_train_begin(self, args, state, control, **kw):
-        from qtalign.progress import Progress
-
-        self.bar = Progress("train", state.max_steps, unit="steps", main=state.is_world_process_zero)
-        self.bar.done = state.global_step
-        self.bar.__enter__()
-
-    def on_step_end(self, args, state, control, **kw):
-        if self.bar is not None:
-            self.bar.advance(1, info=self.info)
-
-    def on_log(self, args, state, control, logs=None, **kw):
-        post = [f"{k.replace('_', ' ')} {logs[k]:.4g}" for k in ("loss", "eval_loss") if isinstance((logs or {}).get(k), float)]
-        if post:
-            self.info = ", ".join(post)
 
     def on_train_end(self, args, state, control, **kw):
         if self.bar is not None:
@@ -287,9 +278,3 @@ def plot_loss(log: list[dict], path: Path, title: str = "LoRA tuning") -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     save(fig, path)
-
-
-def peak_rss_mb() -> float:
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
