@@ -68,6 +68,15 @@ def group_entry(t: str, v: str, rs: list[LangRow], name: str, n_boot: int) -> di
     return {"task": t, "variant": v, **s, "group": name, "n_clusters": len(clusters), "majority": majority}
 
 
+def holm_adjust(tests: list[dict]) -> int:
+    """Holm-adjust one family of tests (entries with a 'p'), writing each adjusted p into its entry as p_holm; returns
+    the family's m (the tests that were made)."""
+    adj = holm([t.get("p") for t in tests])
+    for t, p in zip(tests, adj):
+        t["p_holm"] = p
+    return sum(1 for p in adj if not math.isnan(p))
+
+
 def _families(stats: dict) -> dict:
     """Holm-adjust every group test ('groups': tasks x GROUPS x raw/cal) and every per-language test ('langs'), writing
     p_holm into the entries; returns each family's m and keys."""
@@ -75,10 +84,8 @@ def _families(stats: dict) -> dict:
     for family, entries, key in (("groups", [g for g in stats["groups"] if g["group"] in GROUPS], "group"),
                                  ("langs", stats["languages"], "lang")):
         tests = [(e, k) for e in entries for k in KINDS if e.get(k) is not None]
-        adj = holm([e[k]["p"] for e, k in tests])
-        for (e, k), p in zip(tests, adj):
-            e[k]["p_holm"] = p
-        out[family] = {"m": sum(1 for p in adj if not math.isnan(p)), "keys": [[e["task"], e["variant"], e[key], k] for e, k in tests]}
+        out[family] = {"m": holm_adjust([e[k] for e, k in tests]),
+                       "keys": [[e["task"], e["variant"], e[key], k] for e, k in tests]}
     return out
 
 
