@@ -20,26 +20,18 @@ from pathlib import Path
 
 from qtalign.errors import QtalignError
 from qtalign.io import file_sha256, read_config, text_sha256, write_text
-from qtalign.report.format import DASH, interval, md_table, pval
+from qtalign.report.format import DASH, change, md_table, pval, side
 from qtalign.report.paired import GROUPS, N_BOOT, group_summary
 from qtalign.report.read import Run, read_run
 
 VERDICTS = ("reproduced", "raw accuracy only (label-prior shift)", "not reproduced", "not testable here")
 
 
-def _side(d: dict | None) -> int:
-    """+1 / -1 when the change's interval lies above / below 0; 0 when it covers 0 or is missing."""
-    lo, hi = (d or {}).get("ci_low"), (d or {}).get("ci_high")
-    if lo is None or hi is None or lo != lo or hi != hi:
-        return 0
-    return 1 if lo > 0 else (-1 if hi < 0 else 0)
-
-
 def verdict(expect: str, s: dict | None) -> str:
     """The verdict of one measurement (a group_summary with intervals) for a claimed gain or loss."""
     if not s:
         return VERDICTS[3]
-    raw, cal, auc = _side(s.get("raw")), _side(s.get("cal")), _side(s.get("auc"))
+    raw, cal, auc = side(s.get("raw")), side(s.get("cal")), side(s.get("auc"))
     if expect == "loss":
         return VERDICTS[0] if raw < 0 else VERDICTS[2] + (" (a gain)" if raw > 0 else "")
     if raw > 0:
@@ -122,9 +114,7 @@ def _row(c: dict, m: dict | None, runs: dict[str, Run]) -> tuple[list, dict]:
     group = ", ".join(m["group"]) if isinstance(m.get("group"), list) else m.get("group", "all")
     cells = [c["table"], c["claim"], p.get("model", ""), p.get("change", ""),
              f"[{m['run']}]({m['run']}/report.md): {model}; {m['task']}, {group}; {setting}", control,
-             interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) + f" (p {pval(raw.get('p'))})",
-             interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")),
-             interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
+             change(raw) + f" (p {pval(raw.get('p'))})", change(cal), change(auc, auc=True),
              f"**{v}**" + (f": {m['note']}" if m.get("note") else "")]
     return cells, {"verdict": v, "run": m["run"], "task": m["task"], "group": group, "summary": s}
 

@@ -86,19 +86,20 @@ class LangRow:
     clusters: list = field(default_factory=list)  # per row: its cluster (the item itself when none was recorded)
     _p: dict = field(default_factory=dict, repr=False, compare=False)  # p of (kind, n_perm, seed), computed once
 
-    @property
-    def delta(self) -> float:
-        return self.raw.acc("tuned") - self.raw.acc("base")
-
     def auc(self, which: str) -> float:
         return self.scores.auc(which) if self.scores else float("nan")
 
-    def units(self) -> list[list[int]]:
-        """Rows grouped by cluster (each item its own cluster when none were recorded): the bootstrap's units."""
+    def by_cluster(self) -> dict:
+        """cluster -> its rows (each item its own cluster when none were recorded; a cluster id names the same items
+        in every language)."""
         by: dict = {}
         for k, c in enumerate(self.clusters or range(self.raw.n)):
             by.setdefault(c, []).append(k)
-        return list(by.values())
+        return by
+
+    def units(self) -> list[list[int]]:
+        """Rows grouped by cluster: the bootstrap's units."""
+        return list(self.by_cluster().values())
 
     def p(self, kind: str = "raw", n_perm: int = N_PERM, seed: int = 0) -> float:
         """Paired test of the change in raw or calibrated accuracy: McNemar's exact test when each item is its own
@@ -212,17 +213,6 @@ def _select(rows: list[LangRow], name: str) -> list[LangRow]:
     return [r for r in rows if sel(r)]
 
 
-def _per_lang_clusters(rs: list[LangRow]) -> list[dict]:
-    """Per language: cluster -> its rows (a cluster id names the same items in every language)."""
-    out = []
-    for r in rs:
-        d: dict = {}
-        for k, c in enumerate(r.clusters or range(r.raw.n)):
-            d.setdefault(c, []).append(k)
-        out.append(d)
-    return out
-
-
 def _pooled_p(rs: list[LangRow], kind: str, n_perm: int = N_PERM, seed: int = 0) -> float:
     """The sign-flip permutation test of the macro-average change: a cluster of item indices (with all its languages)
     contributes its languages' tuned − base, each weighted 1 / (languages x that language's items)."""
@@ -230,7 +220,7 @@ def _pooled_p(rs: list[LangRow], kind: str, n_perm: int = N_PERM, seed: int = 0)
     if not rs or any(c is None or not c.tuned for c in cells):
         return float("nan")
     contrib: dict = {}
-    for cell, d in zip(cells, _per_lang_clusters(rs)):
+    for cell, d in zip(cells, (r.by_cluster() for r in rs)):
         for c, ks in d.items():
             contrib[c] = contrib.get(c, 0.0) + sum(cell.tuned[k] - cell.base[k] for k in ks) / (cell.n * len(rs))
     return sign_flip_p(list(contrib.values()), n_perm, seed)
@@ -244,7 +234,7 @@ def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[
         return nan
     if kind == "cal" and any(r.cal is None for r in rs):
         return nan
-    per_lang = _per_lang_clusters(rs)
+    per_lang = [r.by_cluster() for r in rs]
     universe = sorted(set().union(*[set(d) for d in per_lang]), key=str)
     stats = [r.stat(kind) for r in rs]
 
