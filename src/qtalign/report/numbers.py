@@ -59,7 +59,7 @@ def group_entry(t: str, v: str, rs: list[LangRow], name: str, n_boot: int) -> di
     """group_summary of one group (name 'english': the English row alone, as one pooled group), with its keys, the
     number of clusters of item indices and the mean share of the most frequent prediction."""
     sel = [r for r in rs if r.lang == "en"] if name == ENGLISH else rs
-    s = group_summary(sel, "all" if name == ENGLISH else name, n_boot=n_boot) if sel else None
+    s = group_summary(sel, "all" if name == ENGLISH else name, n_boot=n_boot)
     if s is None:
         return None
     sel = [r for r in sel if r.lang in s["langs"]]
