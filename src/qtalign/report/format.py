@@ -52,16 +52,15 @@ def change(d: dict | None, auc: bool = False) -> str:
     return f"{scale * x:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]{star}"
 
 
-def pval(p: float | None, floor: float | None = None) -> str:
-    """A p-value; one at ``floor`` (the smallest a permutation test can return, default: the report's sign-flip test
-    with N_PERM permutations) is shown as '< floor': the resampling only bounds it."""
+def pval(p: float | None) -> str:
+    """A p-value; one at the floor of the report's sign-flip test (the smallest p its N_PERM permutations can return)
+    is shown as '< floor': the resampling only bounds it."""
     if _nan(p):
         return DASH
-    if floor is None:
-        from qtalign.report.paired import N_PERM
-        from qtalign.stats import perm_floor
+    from qtalign.report.paired import N_PERM
+    from qtalign.stats import perm_floor
 
-        floor = perm_floor(N_PERM)
+    floor = perm_floor(N_PERM)
     if math.isclose(p, floor, rel_tol=1e-9):  # a permutation p is never below its floor; an exact test's can be
         return f"< {floor:.1e} *"
     s = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"

@@ -60,19 +60,18 @@ def _measures(s: dict | None, raw_p: tuple = ("p", "p_holm"), cal_p: tuple = ())
             num(auc.get("base")), num(auc.get("tuned")), change(auc, auc=True)]
 
 
-def _summary_figures(doc: Doc, folder: Path, name: str, skip: set[str] = frozenset()) -> bool:
+def _summary_figures(doc: Doc, folder: Path) -> None:
+    """The tables, figures and numbers of the summary.json of a stage's folder (named as the stage)."""
     from qtalign.io import read_json
 
     s = read_json(folder / "summary.json")
     if s is None:
-        doc.md(f"_Stage `{name}` has not run in this run dir (no `{folder.name}/summary.json`)._")
-        return False
+        doc.md(f"_Stage `{folder.name}` has not run in this run dir (no `{folder.name}/summary.json`)._")
+        return
     for t in s.get("tables", []):
         doc.md(f"**{t.get('title', '')}**\n\n{t.get('markdown', '')}")
     for f in s.get("figures", []):
         p = folder / f["path"]
-        if p.name in skip:
-            continue
         if p.exists():
             doc.img(p, f.get("caption", p.stem))
         else:
@@ -80,7 +79,6 @@ def _summary_figures(doc: Doc, folder: Path, name: str, skip: set[str] = frozens
     nums = flatten(s.get("numbers", {}))
     if nums and not s.get("tables"):  # the stage's tables already show its numbers
         doc.md(md_table(["number", "value"], [[k, v] for k, v in nums[:60]], "ll"))
-    return True
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -379,15 +377,15 @@ def training(doc: Doc, ctx: Ctx) -> None:
     listed = {f["path"] for f in (read_json(tdir / "summary.json") or {}).get("figures", [])}
     if (tdir / "loss.png").exists() and "loss.png" not in listed:
         doc.img(tdir / "loss.png", "training loss")
-    _summary_figures(doc, tdir, "train")
+    _summary_figures(doc, tdir)
 
 
 def lens(doc: Doc, ctx: Ctx) -> None:
-    _summary_figures(doc, ctx.run.dir / "lens", "lens")
+    _summary_figures(doc, ctx.run.dir / "lens")
 
 
 def geometry(doc: Doc, ctx: Ctx) -> None:
-    _summary_figures(doc, ctx.run.dir / "geometry", "geometry")
+    _summary_figures(doc, ctx.run.dir / "geometry")
 
 
 def _retrieval_task(doc: Doc, ctx: Ctx, e: dict) -> None:
@@ -448,7 +446,7 @@ def data(doc: Doc, ctx: Ctx) -> None:
             "dataset_name", "warnings")
     doc.md(md_table(["statistic", "value"], [[k, v] for k, v in flatten({k: stats.get(k) for k in keys if k in stats})], "ll"))
     if (ctx.run.dir / "data" / "summary.json").exists():
-        _summary_figures(doc, ctx.run.dir / "data", "data")
+        _summary_figures(doc, ctx.run.dir / "data")
 
 
 def environment(doc: Doc, ctx: Ctx) -> None:
