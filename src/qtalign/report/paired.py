@@ -226,12 +226,9 @@ def _pooled_p(rs: list[LangRow], kind: str) -> float:
 
 def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int) -> tuple[float, float, float]:
     """Δ of the macro average over languages, with a bootstrap that resamples clusters of item indices (each with all
-    its languages)."""
-    nan = (float("nan"),) * 3
+    its languages; only called for a kind every language has)."""
     if not rs or not rs[0].raw.tuned or (kind == "auc" and not all(r.scores and r.scores.tuned for r in rs)):
-        return nan
-    if kind == "cal" and any(r.cal is None for r in rs):
-        return nan
+        return (float("nan"),) * 3
     per_lang = [r.by_cluster() for r in rs]
     universe = sorted(set().union(*[set(d) for d in per_lang]), key=str)
     stats = [r.stat(kind) for r in rs]
