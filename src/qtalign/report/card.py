@@ -16,30 +16,23 @@ change), expect (gain | loss), measurements (each: run = a folder beside the cla
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 from qtalign.errors import QtalignError
 from qtalign.io import file_sha256, read_config, text_sha256, write_text
-from qtalign.report.format import DASH, interval, md_table, pval
+from qtalign.report.format import DASH, change, md_table, pval, side
 from qtalign.report.paired import GROUPS, N_BOOT, group_summary
 from qtalign.report.read import Run, read_run
 
 VERDICTS = ("reproduced", "raw accuracy only (label-prior shift)", "not reproduced", "not testable here")
 
 
-def _side(d: dict | None) -> int:
-    """+1 / -1 when the change's interval lies above / below 0; 0 when it covers 0 or is missing."""
-    lo, hi = (d or {}).get("ci_low"), (d or {}).get("ci_high")
-    if lo is None or hi is None or lo != lo or hi != hi:
-        return 0
-    return 1 if lo > 0 else (-1 if hi < 0 else 0)
-
-
 def verdict(expect: str, s: dict | None) -> str:
     """The verdict of one measurement (a group_summary with intervals) for a claimed gain or loss."""
     if not s:
         return VERDICTS[3]
-    raw, cal, auc = _side(s.get("raw")), _side(s.get("cal")), _side(s.get("auc"))
+    raw, cal, auc = side(s.get("raw")), side(s.get("cal")), side(s.get("auc"))
     if expect == "loss":
         return VERDICTS[0] if raw < 0 else VERDICTS[2] + (" (a gain)" if raw > 0 else "")
     if raw > 0:
@@ -55,11 +48,10 @@ def measure(run: Run, task: str, group, n_boot: int = N_BOOT) -> dict | None:
 
     rows = [r for (t, _v), rs in paired_rows(run).items() if t == task for r in rs]
     if isinstance(group, list):
-        rows = [r for r in rows if r.lang in group]
-        return group_summary(rows, "all", n_boot=n_boot) if rows else None
-    if group not in GROUPS:
+        rows, group = [r for r in rows if r.lang in group], "all"
+    elif group not in GROUPS:
         raise QtalignError(f"group {group!r}: expected one of {', '.join(GROUPS)} or a list of languages")
-    return group_summary(rows, group, n_boot=n_boot)
+    return group_summary(rows, group, n_boot=n_boot)  # None without rows
 
 
 def _facts(run: Run) -> tuple[str, str, str]:
@@ -108,25 +100,23 @@ def load_claims(path: str | Path) -> list[dict]:
     return claims
 
 
-def _row(c: dict, m: dict | None, runs: dict[str, Run]) -> tuple[list, dict]:
+def _row(c: dict, m: dict | None, runs: dict[str, Run]) -> tuple[list, str]:
+    """A claim's row of the card for one of its measurements (None: not testable here), and its verdict."""
     p = c["paper"]
     if m is None:
         v = VERDICTS[3]
-        return ([c["table"], c["claim"], p.get("model", ""), p.get("change", ""), DASH, DASH, DASH, DASH, DASH,
-                 f"**{v}**: {c['missing']}"], {"verdict": v, "missing": c["missing"]})
+        return [c["table"], c["claim"], p.get("model", ""), p.get("change", ""), DASH, DASH, DASH, DASH, DASH,
+                f"**{v}**: {c['missing']}"], v
     run = runs[m["run"]]
-    s = measure(run, m["task"], m.get("group", "all"))
+    s = measure(run, m["task"], m.get("group", "all")) or {}
     model, setting, control = _facts(run)
-    raw, cal, auc = (s or {}).get("raw", {}), (s or {}).get("cal", {}), (s or {}).get("auc", {})
-    v = verdict(c["expect"], s)
+    v, raw = verdict(c["expect"], s), s.get("raw", {})
     group = ", ".join(m["group"]) if isinstance(m.get("group"), list) else m.get("group", "all")
     cells = [c["table"], c["claim"], p.get("model", ""), p.get("change", ""),
              f"[{m['run']}]({m['run']}/report.md): {model}; {m['task']}, {group}; {setting}", control,
-             interval(raw.get("delta"), raw.get("ci_low"), raw.get("ci_high")) + f" (p {pval(raw.get('p'))})",
-             interval(cal.get("delta"), cal.get("ci_low"), cal.get("ci_high")),
-             interval(auc.get("delta"), auc.get("ci_low"), auc.get("ci_high"), scale=1, digits=3),
+             change(raw) + f" (p {pval(raw.get('p'))})", change(s.get("cal")), change(s.get("auc"), auc=True),
              f"**{v}**" + (f": {m['note']}" if m.get("note") else "")]
-    return cells, {"verdict": v, "run": m["run"], "task": m["task"], "group": group, "summary": s}
+    return cells, v
 
 
 def write_card(claims_path: str | Path, out: str | Path) -> Path:
@@ -135,13 +125,12 @@ def write_card(claims_path: str | Path, out: str | Path) -> Path:
     claims = load_claims(claims_path)
     names = [m["run"] for c in claims for m in c.get("measurements") or []]
     runs = {n: read_run(claims_path.parent / n) for n in dict.fromkeys(names)}
-    body, counts = [], {}
+    body, counts = [], Counter()
     for c in claims:
         for m in c.get("measurements") or [None]:
-            cells, rec = _row(c, m, runs)
+            cells, v = _row(c, m, runs)
             body.append(cells)
-            key = rec["verdict"].split(" (a")[0]
-            counts[key] = counts.get(key, 0) + 1
+            counts[v.split(" (a")[0]] += 1
     rel = lambda p: Path(os.path.relpath(Path(p).resolve(), Path.cwd())).as_posix()  # noqa: E731 - as the command was given
     lines = [
         "# Reproduction card: the paper's claims against qtalign's measurements",

@@ -21,8 +21,8 @@ from qtalign.errors import QtalignError
 from qtalign.io import OutputDir, read_json, write_json, write_text
 from qtalign.report.format import DASH, change, display_path, md_table, num, pct, pval
 from qtalign.report.html import Doc, md_to_html
-from qtalign.report.numbers import by_task, paired_rows
-from qtalign.report.paired import GROUPS, N_BOOT, LangRow, compare, group_summary
+from qtalign.report.numbers import KINDS, by_task, holm_adjust, paired_rows
+from qtalign.report.paired import GROUPS, N_BOOT, compare, group_summary
 from qtalign.report.read import Run, read_run
 
 
@@ -114,20 +114,9 @@ def common_items(cols: list[tuple[str, Run, str]], excluded: list | None = None)
     return common
 
 
-def _restrict(preds: dict[str, dict], keep: dict | None, label: str | None = None) -> dict[str, dict]:
+def _restrict(preds: dict[str, dict], keep: dict, label: str) -> dict[str, dict]:
     """The records of ``keep`` (group -> column label -> keys; a column absent from a group keeps none of it)."""
-    if keep is None:
-        return preds
     return {k: r for k, r in preds.items() if k in keep.get(_group(r), {}).get(label, ())}
-
-
-def _rows(run: Run, which: str, keep: dict | None = None, label: str | None = None) -> list[LangRow]:
-    """Per-language rows of one evaluation of a run (as a 'base' column: the comparison is across runs), on the
-    ``keep`` items."""
-    preds = _restrict(_preds(run, which), keep, label)
-    if not preds:
-        return []
-    return compare(preds, {}, run.resource, run.seen)
 
 
 def _unique_labels(cols: list[tuple[str, Run, str]]) -> list[tuple[str, Run, str]]:
@@ -173,6 +162,9 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
     od.record("compare_training.png")
     numbers = {"schema": COMPARE_SCHEMA, "which": which, "title": title or "qtalign comparison",
                **(_change_numbers if which == "change" else _level_numbers)(cols, od.path)}
+    trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
+    if trained:
+        numbers["training"] = _training_numbers(trained)
     write_json(od.path / "compare.json", numbers)
     doc = render_compare(read_json(od.path / "compare.json"), od.path)  # rendered from the file, as a reader has it
     write_text(od.path / "compare.md", doc.render(embed=False))
@@ -183,9 +175,9 @@ def compare_runs(runs: list[str], out: str | Path, title: str | None = None, whi
 def _head(cols: list[tuple[str, Run, str]], out: Path, tuned_task: bool = False) -> tuple[dict, dict]:
     """compare.json's entries for what each column is (model, training; the tuned task for a change) and the groups
     left out, and the items every column has."""
-    facts = {label: {**_model_facts(run), "training": _training_facts(run),
-                     **({"tuned task": run.trained_task or DASH} if tuned_task else {})} for label, run, _ in cols}
-    runs = {label: {"facts": facts[label], "dir": _where(run, out), "which": w} for label, run, w in cols}
+    runs = {label: {"facts": {**_model_facts(run), "training": _training_facts(run),
+                              **({"tuned task": run.trained_task or DASH} if tuned_task else {})},
+                    "dir": _where(run, out), "which": w} for label, run, w in cols}
     excluded: list = []
     keep = common_items(cols, excluded)
     return {"runs": runs, "not_compared": [{"run": a, "group": g, "why": w} for a, g, w in excluded]}, keep
@@ -208,7 +200,9 @@ def render_compare(numbers: dict, out: Path) -> Doc:
 def _level_numbers(cols: list[tuple[str, Run, str]], out: Path) -> dict:
     """Per task: each column's macro averages (all / high / low) and its per-language accuracies, AUC and items."""
     numbers, keep = _head(cols, out)
-    per_run = {label: by_task(_rows(run, w, keep, label)) for label, run, w in cols}
+    # each column as a 'base' column (the comparison is across runs), on the items every column has
+    per_run = {label: by_task(compare(_restrict(_preds(run, w), keep, label), {}, run.resource, run.seen))
+               for label, run, w in cols}
     tasks = sorted({tv for d in per_run.values() for tv in d})
     numbers["tasks"], numbers["languages"] = {}, {}
     for tv in tasks:
@@ -220,9 +214,6 @@ def _level_numbers(cols: list[tuple[str, Run, str]], out: Path) -> dict:
             numbers["languages"][key][label] = {r.lang: {"n": r.raw.n, "acc": r.raw.acc("base"),
                                                          "cal_acc": r.cal.acc("base") if r.cal else None,
                                                          "auc": r.auc("base")} for r in rs}
-    trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
-    if trained:
-        numbers["training"] = _training_numbers(trained)
     return numbers
 
 
@@ -245,31 +236,21 @@ def _render_levels(doc: Doc, numbers: dict, out: Path) -> None:
            "evaluated in that task and language (runs of items 0-99 and 0-59 on 0-59); the items per language are shown.")
 
 
-def change_numbers(run: Run, n_boot: int = N_BOOT, keep: dict | None = None, label: str | None = None) -> dict:
-    """'task/variant' -> language group -> the paired changes of one run (group_summary with intervals)."""
-    out: dict = {}
-    for tv, rs in paired_rows(run, _restrict(run.base_preds, keep, label)).items():
-        out["/".join(tv)] = {g: s for g in GROUPS if (s := group_summary(rs, g, n_boot=n_boot)) is not None}
-    return out
-
-
 def _change_numbers(cols: list[tuple[str, Run, str]], out: Path) -> dict:
     """Per run: the paired changes of every task x group, their Holm-adjusted p (p_holm; the family's m under
-    'families'), the seed aggregation of runs labelled <arm>-seed<k>, and the training numbers."""
+    'families') and the seed aggregation of runs labelled <arm>-seed<k>."""
     numbers, keep = _head(cols, out, tuned_task=True)
-    changes = {label: change_numbers(run, keep=keep, label=label) for label, run, _ in cols}
-    numbers["changes"], numbers["families"] = changes, {}
-    for label, ch in changes.items():
-        adj = holm_family(ch)
-        for (tv, g, kind), p in adj.items():
-            ch[tv][g][kind]["p_holm"] = p
-        numbers["families"][label] = {"m": sum(1 for p in adj.values() if p == p)}
+    changes, families = {}, {}
+    for label, run, _ in cols:  # 'task/variant' -> group -> the paired changes (group_summary with intervals)
+        rows = paired_rows(run, _restrict(run.base_preds, keep, label))
+        changes[label] = {"/".join(tv): {g: s for g in GROUPS if (s := group_summary(rs, g, n_boot=N_BOOT)) is not None}
+                          for tv, rs in rows.items()}
+        tests = [s[k] for d in changes[label].values() for s in d.values() for k in KINDS if k in s]
+        families[label] = {"m": holm_adjust(tests)}  # the run's family: every task x group x raw/calibrated change
+    numbers["changes"], numbers["families"] = changes, families
     seeds = seed_numbers(changes)
     if seeds is not None:
         numbers["seeds"] = seeds
-    trained = {label: run for label, run, _ in cols if run.summary("train") is not None}
-    if trained:
-        numbers["training"] = _training_numbers(trained)
     return numbers
 
 
@@ -304,14 +285,6 @@ def _render_change(doc: Doc, numbers: dict, out: Path) -> None:
            "run's family of tests (every task x group x raw/calibrated of that run). seen = the "
            "languages of each run's question-translation data. Every run is compared on the items all runs evaluated "
            "(base and tuned) in that task and language.")
-
-
-def holm_family(change: dict) -> dict:
-    """Holm-adjusted p of one run's family of tests: every task x group x raw/calibrated change, keyed (tv, group, kind)."""
-    from qtalign.stats import holm
-
-    keys = [(tv, g, k) for tv, d in change.items() for g, s in d.items() for k in ("raw", "cal") if k in s]
-    return dict(zip(keys, holm([change[tv][g][k].get("p") for tv, g, k in keys])))
 
 
 SEED_LABEL = re.compile(r"^(?:(.*?)[-_: ])?seed(-?\d+)$")

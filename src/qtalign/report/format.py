@@ -29,32 +29,38 @@ def signed_num(x: float | None, digits: int = 3) -> str:
     return DASH if _nan(x) else f"{x:+.{digits}f}"
 
 
-def interval(d: float, lo: float, hi: float, scale: float = 100.0, digits: int = 1) -> str:
-    """'+3.2 [+0.4, +6.1]' (points by default); a star when the interval excludes 0."""
-    if _nan(d):
-        return DASH
-    star = " *" if not _nan(lo) and (lo > 0 or hi < 0) else ""
-    if _nan(lo):
-        return f"{scale * d:+.{digits}f}"
-    return f"{scale * d:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]{star}"
+def side(d: dict | None) -> int:
+    """+1 / -1 when the bootstrap interval of a change (an entry's ci_low, ci_high) lies above / below 0; 0 when it
+    covers 0 or is missing."""
+    lo, hi = (d or {}).get("ci_low"), (d or {}).get("ci_high")
+    if lo is None or hi is None or lo != lo or hi != hi:
+        return 0
+    return 1 if lo > 0 else (-1 if hi < 0 else 0)
 
 
 def change(d: dict | None, auc: bool = False) -> str:
-    """interval() of a statistics entry's change ({delta, ci_low, ci_high}); an AUC's in AUC units."""
+    """A statistics entry's change ({delta, ci_low, ci_high}) as '+3.2 [+0.4, +6.1]', in points (an AUC's in AUC
+    units); a star when the interval excludes 0."""
     d = d or {}
-    return interval(d.get("delta"), d.get("ci_low"), d.get("ci_high"), *((1, 3) if auc else ()))
+    x, lo, hi = d.get("delta"), d.get("ci_low"), d.get("ci_high")
+    scale, digits = (1, 3) if auc else (100.0, 1)
+    if _nan(x):
+        return DASH
+    if _nan(lo):
+        return f"{scale * x:+.{digits}f}"
+    star = " *" if lo > 0 or hi < 0 else ""
+    return f"{scale * x:+.{digits}f} [{scale * lo:+.{digits}f}, {scale * hi:+.{digits}f}]{star}"
 
 
-def pval(p: float | None, floor: float | None = None) -> str:
-    """A p-value; one at ``floor`` (the smallest a permutation test can return, default: the report's sign-flip test
-    with N_PERM permutations) is shown as '< floor': the resampling only bounds it."""
+def pval(p: float | None) -> str:
+    """A p-value; one at the floor of the report's sign-flip test (the smallest p its N_PERM permutations can return)
+    is shown as '< floor': the resampling only bounds it."""
     if _nan(p):
         return DASH
-    if floor is None:
-        from qtalign.report.paired import N_PERM
-        from qtalign.stats import perm_floor
+    from qtalign.report.paired import N_PERM
+    from qtalign.stats import perm_floor
 
-        floor = perm_floor(N_PERM)
+    floor = perm_floor(N_PERM)
     if math.isclose(p, floor, rel_tol=1e-9):  # a permutation p is never below its floor; an exact test's can be
         return f"< {floor:.1e} *"
     s = f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"

@@ -59,13 +59,22 @@ def group_entry(t: str, v: str, rs: list[LangRow], name: str, n_boot: int) -> di
     """group_summary of one group (name 'english': the English row alone, as one pooled group), with its keys, the
     number of clusters of item indices and the mean share of the most frequent prediction."""
     sel = [r for r in rs if r.lang == "en"] if name == ENGLISH else rs
-    s = group_summary(sel, "all" if name == ENGLISH else name, n_boot=n_boot) if sel else None
+    s = group_summary(sel, "all" if name == ENGLISH else name, n_boot=n_boot)
     if s is None:
         return None
     sel = [r for r in sel if r.lang in s["langs"]]
     clusters = {c for r in sel for c in (r.clusters or range(r.raw.n))}
     majority = {w: sum(r.majority.get(w, math.nan) for r in sel) / len(sel) for w in ("base", "tuned")}
     return {"task": t, "variant": v, **s, "group": name, "n_clusters": len(clusters), "majority": majority}
+
+
+def holm_adjust(tests: list[dict]) -> int:
+    """Holm-adjust one family of tests (entries with a 'p'), writing each adjusted p into its entry as p_holm; returns
+    the family's m (the tests that were made)."""
+    adj = holm([t.get("p") for t in tests])
+    for t, p in zip(tests, adj):
+        t["p_holm"] = p
+    return sum(1 for p in adj if not math.isnan(p))
 
 
 def _families(stats: dict) -> dict:
@@ -75,10 +84,8 @@ def _families(stats: dict) -> dict:
     for family, entries, key in (("groups", [g for g in stats["groups"] if g["group"] in GROUPS], "group"),
                                  ("langs", stats["languages"], "lang")):
         tests = [(e, k) for e in entries for k in KINDS if e.get(k) is not None]
-        adj = holm([e[k]["p"] for e, k in tests])
-        for (e, k), p in zip(tests, adj):
-            e[k]["p_holm"] = p
-        out[family] = {"m": sum(1 for p in adj if not math.isnan(p)), "keys": [[e["task"], e["variant"], e[key], k] for e, k in tests]}
+        out[family] = {"m": holm_adjust([e[k] for e, k in tests]),
+                       "keys": [[e["task"], e["variant"], e[key], k] for e, k in tests]}
     return out
 
 

@@ -84,38 +84,37 @@ class LangRow:
     scores: Scores | None = None
     majority: dict = field(default_factory=dict)  # which -> share of the most frequent prediction
     clusters: list = field(default_factory=list)  # per row: its cluster (the item itself when none was recorded)
-    _p: dict = field(default_factory=dict, repr=False, compare=False)  # p of (kind, n_perm, seed), computed once
-
-    @property
-    def delta(self) -> float:
-        return self.raw.acc("tuned") - self.raw.acc("base")
+    _p: dict = field(default_factory=dict, repr=False, compare=False)  # p per kind, computed once
 
     def auc(self, which: str) -> float:
         return self.scores.auc(which) if self.scores else float("nan")
 
-    def units(self) -> list[list[int]]:
-        """Rows grouped by cluster (each item its own cluster when none were recorded): the bootstrap's units."""
+    def by_cluster(self) -> dict:
+        """cluster -> its rows (each item its own cluster when none were recorded; a cluster id names the same items
+        in every language)."""
         by: dict = {}
         for k, c in enumerate(self.clusters or range(self.raw.n)):
             by.setdefault(c, []).append(k)
-        return list(by.values())
+        return by
 
-    def p(self, kind: str = "raw", n_perm: int = N_PERM, seed: int = 0) -> float:
+    def units(self) -> list[list[int]]:
+        """Rows grouped by cluster: the bootstrap's units."""
+        return list(self.by_cluster().values())
+
+    def p(self, kind: str = "raw") -> float:
         """Paired test of the change in raw or calibrated accuracy: McNemar's exact test when each item is its own
         cluster, else the sign-flip permutation test over the clusters (computed once: a report asks for each p in
         its tables and again in its Holm family)."""
-        key = (kind, n_perm, seed)
-        if key not in self._p:
+        if kind not in self._p:
             cell = self.raw if kind == "raw" else self.cal
             if cell is None or not cell.tuned:
-                self._p[key] = float("nan")
+                self._p[kind] = float("nan")
             elif all(len(u) == 1 for u in self.units()):
-                self._p[key] = cell.mcnemar()[2]
+                self._p[kind] = cell.mcnemar()[2]
             else:
                 n = cell.n
-                self._p[key] = sign_flip_p([sum(cell.tuned[k] - cell.base[k] for k in u) / n for u in self.units()],
-                                           n_perm, seed)
-        return self._p[key]
+                self._p[kind] = sign_flip_p([sum(cell.tuned[k] - cell.base[k] for k in u) / n for u in self.units()], N_PERM)
+        return self._p[kind]
 
     def stat(self, kind: str):
         """stat(which, units) -> the statistic of 'raw' | 'cal' | 'auc' over the rows of the drawn units."""
@@ -127,12 +126,12 @@ class LangRow:
             return sum(xs[k] for k in rows) / len(rows)
         return f
 
-    def boot(self, kind: str, n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, float, float]:
+    def boot(self, kind: str, n_boot: int = N_BOOT) -> tuple[float, float, float]:
         """(Δ, lo, hi) for kind 'raw' | 'cal' | 'auc': the paired bootstrap over this language's clusters of items."""
         nan = (float("nan"),) * 3
         if not self.raw.tuned or (kind == "cal" and self.cal is None) or (kind == "auc" and not (self.scores and self.scores.tuned)):
             return nan
-        return bootstrap_change(self.stat(kind), self.units(), n_boot, seed)
+        return bootstrap_change(self.stat(kind), self.units(), n_boot)
 
 
 def _share(recs: list[dict]) -> float:
@@ -212,39 +211,25 @@ def _select(rows: list[LangRow], name: str) -> list[LangRow]:
     return [r for r in rows if sel(r)]
 
 
-def _per_lang_clusters(rs: list[LangRow]) -> list[dict]:
-    """Per language: cluster -> its rows (a cluster id names the same items in every language)."""
-    out = []
-    for r in rs:
-        d: dict = {}
-        for k, c in enumerate(r.clusters or range(r.raw.n)):
-            d.setdefault(c, []).append(k)
-        out.append(d)
-    return out
-
-
-def _pooled_p(rs: list[LangRow], kind: str, n_perm: int = N_PERM, seed: int = 0) -> float:
+def _pooled_p(rs: list[LangRow], kind: str) -> float:
     """The sign-flip permutation test of the macro-average change: a cluster of item indices (with all its languages)
     contributes its languages' tuned − base, each weighted 1 / (languages x that language's items)."""
     cells = [getattr(r, kind) for r in rs]
     if not rs or any(c is None or not c.tuned for c in cells):
         return float("nan")
     contrib: dict = {}
-    for cell, d in zip(cells, _per_lang_clusters(rs)):
+    for cell, d in zip(cells, (r.by_cluster() for r in rs)):
         for c, ks in d.items():
             contrib[c] = contrib.get(c, 0.0) + sum(cell.tuned[k] - cell.base[k] for k in ks) / (cell.n * len(rs))
-    return sign_flip_p(list(contrib.values()), n_perm, seed)
+    return sign_flip_p(list(contrib.values()), N_PERM)
 
 
-def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[float, float, float]:
+def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int) -> tuple[float, float, float]:
     """Δ of the macro average over languages, with a bootstrap that resamples clusters of item indices (each with all
-    its languages)."""
-    nan = (float("nan"),) * 3
+    its languages; only called for a kind every language has)."""
     if not rs or not rs[0].raw.tuned or (kind == "auc" and not all(r.scores and r.scores.tuned for r in rs)):
-        return nan
-    if kind == "cal" and any(r.cal is None for r in rs):
-        return nan
-    per_lang = _per_lang_clusters(rs)
+        return (float("nan"),) * 3
+    per_lang = [r.by_cluster() for r in rs]
     universe = sorted(set().union(*[set(d) for d in per_lang]), key=str)
     stats = [r.stat(kind) for r in rs]
 
@@ -252,10 +237,10 @@ def _pooled_boot(rs: list[LangRow], kind: str, n_boot: int, seed: int) -> tuple[
         return mean(f(which, [d[c] for c in draw if c in d]) if any(c in d for c in draw) else float("nan")
                      for f, d in zip(stats, per_lang))
 
-    return bootstrap_change(stat, universe, n_boot, seed)
+    return bootstrap_change(stat, universe, n_boot)
 
 
-def group_summary(rows: list[LangRow], name: str, n_boot: int = 0, seed: int = 0) -> dict | None:
+def group_summary(rows: list[LangRow], name: str, n_boot: int = 0) -> dict | None:
     """Macro-average accuracies (raw, calibrated) and AUC over the languages of a group, the paired test of each change
     (one language: LangRow.p; several: the sign-flip test over clusters of item indices with all their languages) and,
     with n_boot > 0, bootstrap intervals of the changes."""
@@ -278,6 +263,6 @@ def group_summary(rows: list[LangRow], name: str, n_boot: int = 0, seed: int = 0
         if n_boot:
             for kind in ("raw", "cal", "auc"):
                 if kind in out:
-                    _, lo, hi = _pooled_boot(rs, kind, n_boot, seed)
+                    _, lo, hi = _pooled_boot(rs, kind, n_boot)
                     out[kind].update(ci_low=lo, ci_high=hi)
     return out

@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from qtalign.report.format import (
-    DASH, change, display_path, display_paths, flatten, md_table, num, pct, pval, signed, signed_num,
+    DASH, change, display_path, display_paths, flatten, md_table, num, pct, pval, side, signed, signed_num,
 )
 from qtalign.report.html import Doc
 from qtalign.report.numbers import ENGLISH
@@ -51,19 +51,27 @@ def _triple(s: dict | None) -> tuple[dict, dict, dict]:
     return s.get("raw") or {}, s.get("cal") or {}, s.get("auc") or {}
 
 
-def _summary_figures(doc: Doc, folder: Path, name: str, skip: set[str] = frozenset()) -> bool:
+def _measures(s: dict | None, raw_p: tuple = ("p", "p_holm"), cal_p: tuple = ()) -> list:
+    """A group's base, tuned and change of raw accuracy, calibrated accuracy and AUC, with the p values named in
+    ``raw_p`` / ``cal_p`` ('p', 'p_holm') after the raw / calibrated change."""
+    raw, cal, auc = _triple(s)
+    return [pct(raw.get("base")), pct(raw.get("tuned")), change(raw), *(pval(raw.get(k)) for k in raw_p),
+            pct(cal.get("base")), pct(cal.get("tuned")), change(cal), *(pval(cal.get(k)) for k in cal_p),
+            num(auc.get("base")), num(auc.get("tuned")), change(auc, auc=True)]
+
+
+def _summary_figures(doc: Doc, folder: Path) -> None:
+    """The tables, figures and numbers of the summary.json of a stage's folder (named as the stage)."""
     from qtalign.io import read_json
 
     s = read_json(folder / "summary.json")
     if s is None:
-        doc.md(f"_Stage `{name}` has not run in this run dir (no `{folder.name}/summary.json`)._")
-        return False
+        doc.md(f"_Stage `{folder.name}` has not run in this run dir (no `{folder.name}/summary.json`)._")
+        return
     for t in s.get("tables", []):
         doc.md(f"**{t.get('title', '')}**\n\n{t.get('markdown', '')}")
     for f in s.get("figures", []):
         p = folder / f["path"]
-        if p.name in skip:
-            continue
         if p.exists():
             doc.img(p, f.get("caption", p.stem))
         else:
@@ -71,7 +79,6 @@ def _summary_figures(doc: Doc, folder: Path, name: str, skip: set[str] = frozens
     nums = flatten(s.get("numbers", {}))
     if nums and not s.get("tables"):  # the stage's tables already show its numbers
         doc.md(md_table(["number", "value"], [[k, v] for k, v in nums[:60]], "ll"))
-    return True
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -113,10 +120,7 @@ def header(doc: Doc, ctx: Ctx) -> None:
     hl = []  # without a tuned run every tuned number is NaN, shown as "—"
     for t, v in ctx.tasks:
         s = ctx.group(t, v, "all")
-        raw, cal, auc = _triple(s)
-        hl.append([f"{t} ({v})", s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")), change(raw),
-                   pval(raw.get("p")), pval(raw.get("p_holm")), pct(cal.get("base")), pct(cal.get("tuned")), change(cal),
-                   num(auc.get("base")), num(auc.get("tuned")), change(auc, auc=True)])
+        hl.append([f"{t} ({v})", s["n_langs"], _triple(s)[0].get("n_items"), *_measures(s)])
     doc.md("**Headline (macro average over languages)**\n\n" + md_table(
         ["task (labels)", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm", "base cal %", "tuned cal %",
          "Δ cal [95 % CI]", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], hl))
@@ -221,16 +225,10 @@ def accuracy(doc: Doc, ctx: Ctx) -> None:
                "is the paired bootstrap over the language's clusters of items.")
 
 
-def _group_line(s: dict) -> list:
-    raw, cal, auc = _triple(s)
-    return [s["group"], s["n_langs"], raw.get("n_items"), pct(raw.get("base")), pct(raw.get("tuned")), change(raw),
-            pval(raw.get("p")), pval(raw.get("p_holm")), pct(cal.get("base")), pct(cal.get("tuned")), change(cal),
-            pval(cal.get("p")), pval(cal.get("p_holm")), num(auc.get("base")), num(auc.get("tuned")), change(auc, auc=True)]
-
-
 def summaries(doc: Doc, ctx: Ctx) -> None:
     for t, v in ctx.tasks:
-        body = [_group_line(s) for g in GROUPS if (s := ctx.group(t, v, g)) is not None]
+        body = [[s["group"], s["n_langs"], _triple(s)[0].get("n_items"), *_measures(s, cal_p=("p", "p_holm"))]
+                for g in GROUPS if (s := ctx.group(t, v, g)) is not None]
         doc.h(3, f"{t} ({v} labels)")
         doc.md(md_table(["languages", "langs", "items", "base %", "tuned %", "Δ [95 % CI]", "p", "p Holm", "base cal %",
                          "tuned cal %", "Δ cal [95 % CI]", "p cal", "p cal Holm", "base AUC", "tuned AUC", "Δ AUC [95 % CI]"], body))
@@ -266,27 +264,17 @@ def retention(doc: Doc, ctx: Ctx) -> None:
             flag = f"⚠ loss ({', '.join(lost)})" if lost else ""
             if lost:
                 losses.append(f"{t} {scope}: {', '.join(lost)}")
-            body.append([f"{t} ({v})", role, scope, pct(raw.get("base")), pct(raw.get("tuned")), change(raw),
-                         pval(raw.get("p")), pct(cal.get("base")), pct(cal.get("tuned")), change(cal), num(auc.get("base")),
-                         num(auc.get("tuned")), change(auc, auc=True), flag])
+            body.append([f"{t} ({v})", role, scope, *_measures(s, ("p",)), flag])
     doc.md(("**Losses:** " + "; ".join(losses) + "." if losses else "No significant loss on English or on the other task.")
            + f" Tuned task: {trained or 'none recorded'}.")
     doc.md(md_table(["task", "role", "scope", "base %", "tuned %", "Δ [95 % CI]", "p", "base cal %", "tuned cal %", "Δ cal [95 % CI]",
                      "base AUC", "tuned AUC", "Δ AUC [95 % CI]", ""], body, "lll" + "r" * 10 + "l"))
 
 
-def _sign(d: dict) -> int:
-    """+1 / -1 when the bootstrap interval of a change lies above / below 0, 0 when it covers 0 or is missing."""
-    lo, hi = d.get("ci_low"), d.get("ci_high")
-    if lo is None or hi is None or lo != lo or hi != hi:
-        return 0
-    return 1 if lo > 0 else (-1 if hi < 0 else 0)
-
-
 def _verdict(raw: dict, cal: dict, auc: dict) -> str:
     """What the intervals support; a change whose interval covers 0 is 'no detectable change', never evidence of
     its absence."""
-    r, c, a = _sign(raw), _sign(cal), _sign(auc)
+    r, c, a = side(raw), side(cal), side(auc)
     moved = f"raw accuracy {'rose' if r > 0 else 'fell'}" if r else "raw accuracy did not change detectably"
     if not auc:
         return f"{moved}; no AUC (the records carry no class scores)"
@@ -389,15 +377,15 @@ def training(doc: Doc, ctx: Ctx) -> None:
     listed = {f["path"] for f in (read_json(tdir / "summary.json") or {}).get("figures", [])}
     if (tdir / "loss.png").exists() and "loss.png" not in listed:
         doc.img(tdir / "loss.png", "training loss")
-    _summary_figures(doc, tdir, "train")
+    _summary_figures(doc, tdir)
 
 
 def lens(doc: Doc, ctx: Ctx) -> None:
-    _summary_figures(doc, ctx.run.dir / "lens", "lens")
+    _summary_figures(doc, ctx.run.dir / "lens")
 
 
 def geometry(doc: Doc, ctx: Ctx) -> None:
-    _summary_figures(doc, ctx.run.dir / "geometry", "geometry")
+    _summary_figures(doc, ctx.run.dir / "geometry")
 
 
 def _retrieval_task(doc: Doc, ctx: Ctx, e: dict) -> None:
@@ -458,7 +446,7 @@ def data(doc: Doc, ctx: Ctx) -> None:
             "dataset_name", "warnings")
     doc.md(md_table(["statistic", "value"], [[k, v] for k, v in flatten({k: stats.get(k) for k in keys if k in stats})], "ll"))
     if (ctx.run.dir / "data" / "summary.json").exists():
-        _summary_figures(doc, ctx.run.dir / "data", "data")
+        _summary_figures(doc, ctx.run.dir / "data")
 
 
 def environment(doc: Doc, ctx: Ctx) -> None:
