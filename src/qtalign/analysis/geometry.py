@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from qtalign.analysis.common import analysis_summary, load_models, prepare_analysis, write_summary
+from qtalign.analysis.common import prepare_analysis, write_summary
 from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - the geometry stage's config
 from qtalign.engine.forward import Engine, Prompt, encode_prompts
 from qtalign.tokenids import lcp, pad_id
@@ -348,10 +348,9 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
     from qtalign.progress import Progress
 
     t0 = time.time()
-    out, plan = prepare_analysis(cfg, out_dir, "geometry", OUR_FILES, check=lambda gs: _check(cfg, gs), apply_limit=False,
-                                 plan=plan)
+    out, plan, models = prepare_analysis(cfg, out_dir, "geometry", OUR_FILES, check=lambda gs: _check(cfg, gs),
+                                         apply_limit=False, plan=plan, models=models)
     specs, groups, skipped, items = plan.specs, plan.groups, plan.skipped, plan.by_lang
-    models = models or load_models(cfg)
     names = list(models)
     figures, tables, numbers, retrieval = [], [], {}, {}
     timing: dict[str, float] = {n: 0.0 for n in names}
@@ -378,9 +377,7 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                 tables.append(_table(cfg, t, v, pool, by_model, langs, n_layers, numbers))
             numbers[f"{t}/{v}/items"] = len(common)
             retrieval[f"{t}/{v}"] = retrieval_record(res, names, cfg.pools, langs, cfg.reference, len(common), clusters)
-    summary = analysis_summary(
-        "geometry", plan, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
+    return write_summary(
+        out, "geometry", plan, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
         timing_per_model_s={n: round(x, 2) for n, x in timing.items()}, base=BASE, retrieval=retrieval,
     )
-    write_summary(out, summary)
-    return summary
