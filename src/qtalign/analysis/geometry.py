@@ -149,12 +149,6 @@ def retrieval_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray |
     return out
 
 
-def item_clusters(task, items: list) -> np.ndarray | None:
-    """Cluster ids of parallel items (from the reference language's items; tasks.items.cluster_ids)."""
-    ids = cluster_ids(task, items)
-    return None if ids is None else np.array(ids)
-
-
 def layer_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """All metrics of one layer: blocks[i] = (n_items, d) vectors of language i, rows parallel."""
     with threadpool_limits(1):  # tiny matrices: BLAS threads only spin (10-50x slower on a busy CPU)
@@ -242,10 +236,6 @@ def retrieval_record(res: dict, names: list[str], pools: list[str], langs: list[
             out.setdefault(n, {})[pool] = {m: {lang: [round(float(x), 4) for x in d[m][:, li]] for li, lang in enumerate(langs)}
                                            for m in d if m.startswith("retrieval")}
     return out
-
-
-def default_layers(n_layers: int, k: int = 5) -> list[int]:
-    return sorted({int(round(x)) for x in np.linspace(0, n_layers, k)})
 
 
 def _check(cfg: GeometryConfig, groups) -> None:
@@ -360,10 +350,11 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
         for t, v, langs in tv:
             task = specs.task(t)
             per_lang, common = _parallel(cfg, items, t, langs)
-            clusters = item_clusters(task, [per_lang[cfg.reference][i] for i in common])
+            ids = cluster_ids(task, [per_lang[cfg.reference][i] for i in common])  # from the reference language's items
+            clusters = None if ids is None else np.array(ids)
             res, vectors = _metrics(cfg, models, _prompts(task, t, v, langs, common, per_lang), langs, common, clusters, timing, bar)
             n_layers = next(iter(res.values()))["cka"].shape[0] - 1
-            layers = cfg.layers if cfg.layers is not None else default_layers(n_layers)
+            layers = cfg.layers if cfg.layers is not None else sorted({int(round(x)) for x in np.linspace(0, n_layers, 5)})
             bad = [x for x in layers if not 0 <= x <= n_layers]
             if bad:
                 raise QtalignError(f"geometry: layers {bad} out of range 0..{n_layers}")
