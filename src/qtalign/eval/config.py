@@ -80,15 +80,10 @@ class TaskSelection(BaseModel):
     def source(self) -> DataSource:
         return DataSource.from_options(self.data_dir, self.data_files, self.split)
 
-    def item_range(self, task: str) -> slice | None:
-        if isinstance(self.items, dict):
-            return parse_range(self.items.get(task))
-        return parse_range(self.items)
-
     def select(self, task: TaskSpec, lang: str, source: DataSource | None = None) -> list:
         """The items of one task x language this config uses (range, exclusions, limit)."""
-        return select_items(task, lang, source or self.source(), self.item_range(task.name), self.limit,
-                            set(self.exclude_items))
+        rng = self.items.get(task.name) if isinstance(self.items, dict) else self.items
+        return select_items(task, lang, source or self.source(), parse_range(rng), self.limit, set(self.exclude_items))
 
     def result_config(self) -> dict:
         """The settings that change results: the config part of the fingerprint."""
