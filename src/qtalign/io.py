@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -563,6 +564,38 @@ class OutputDir:
         to the next, such as dated files); the marker stays, and so does everything that is not qtalign's."""
         self.remove(*sorted(x.name for x in self.path.iterdir() if x.name != MARKER and self.is_ours(x.name)))
         self._save({e for e in self.entries() if (self.path / e.rstrip("/")).exists()})  # folders still holding others'
+
+
+def claim_run(out: OutputDir, record: dict, done: str, files: tuple[str, ...], what: str, other: str,
+              overwrite: bool = False, leftovers: tuple[str, ...] = ()) -> dict | None:
+    """The start of a resumable command (evaluation, training) in its output folder, on the main process (the caller
+    shares the outcome): the finished run's ``done`` file when the run recorded in ``files[0]`` and that file carry
+    ``record['fingerprint']``; else None, the folder claimed for it and ``record`` written to ``files[0]``. A finished
+    run of another fingerprint, or ``files`` of an unknown run, are refused (one line; ``what`` names the command's
+    files, ``other`` the refused run); an unfinished run of another fingerprint, or everything with ``overwrite``, is
+    replaced: only what qtalign wrote goes (``files``, and the names that match the patterns ``leftovers``)."""
+    out.check()
+    fp, first = record["fingerprint"], files[0]
+    prev, finished = read_json(out.path / first), read_json(out.path / done)
+    stale = prev is not None and prev.get("fingerprint") != fp
+    if not overwrite and prev is not None and finished is not None:
+        if stale:
+            raise QtalignError(f"{out.path}: holds {other} (fingerprint {prev.get('fingerprint')} != {fp}); use another "
+                               "--out or --overwrite")
+        if finished.get("fingerprint") == fp:
+            return finished
+    if not overwrite and prev is None and any(out.holds(n) for n in files):
+        raise QtalignError(f"{out.path}: holds {what} files of an unknown run (no {first}); use another --out or "
+                           "--overwrite")
+    if stale and not overwrite:
+        print(f"qtalign: {out.path}: replacing an unfinished {what} of another config", file=sys.stderr)
+    out.claim()
+    if overwrite or stale:
+        out.remove(*[n for n in files if out.is_ours(n)],
+                   *[x.name for pattern in leftovers for x in out.path.glob(pattern) if out.is_ours(x.name)])
+    out.record(*files)
+    write_json(out.path / first, record)
+    return None
 
 
 def _discard(path: Path, marked: bool = False) -> None:

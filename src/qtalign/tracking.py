@@ -12,6 +12,9 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Annotated
+
+from pydantic import BeforeValidator
 
 from qtalign.errors import QtalignError
 
@@ -26,6 +29,10 @@ def parse_trackers(v) -> list[str]:
     if bad:
         raise ValueError(f"unknown tracker {bad[0]!r} (choose from {', '.join(TRACKERS)}; [] = none)")
     return v
+
+
+# the type of every config's `report_to`: tracker names, as a list or 'a,b', validated
+Trackers = Annotated[list[str], BeforeValidator(parse_trackers)]
 
 
 def check_available(report_to: list[str], tracking_dir: str | Path | None = None) -> None:

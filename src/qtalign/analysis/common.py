@@ -39,34 +39,23 @@ def mean_ci(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # stage
 
 
-def analysis_summary(stage: str, plan, models: dict, t0: float, **fields) -> dict:
-    """The summary.json record every analysis stage writes (docs/architecture.md), with stage-specific `fields`; its
-    fingerprint is the plan's for the models compared: the config, the data, the models' identities and the
-    engine's numerics (the experiment's unit records the same value)."""
-    plan = plan.for_model(model_ids(models))
-    return {"stage": stage, "fingerprint": plan.fingerprint, "covers": plan.covers(),
-            "config": plan.cfg.model_dump(mode="json"),
-            "models": {n: lm.info for n, lm in models.items()}, **fields, "timing_s": round(time.time() - t0, 2)}
-
-
-def model_ids(models: dict) -> dict:
-    """{name: identity} of the models an analysis compares (what its fingerprint records of them)."""
-    return {n: lm.info.get("identity") for n, lm in models.items()}
-
-
-def write_summary(out: Path, summary: dict) -> None:
+def write_summary(out: Path, stage: str, plan, models: dict, t0: float, **fields) -> dict:
+    """The summary.json every analysis stage writes last (docs/architecture.md), with stage-specific `fields`; its
+    fingerprint is the plan's for the models compared ({name: identity}): the config, the data, the models'
+    identities and the engine's numerics (the experiment's unit records the same value). Returns the record."""
+    plan = plan.for_model({n: lm.info.get("identity") for n, lm in models.items()})
+    summary = {"stage": stage, "fingerprint": plan.fingerprint, "covers": plan.covers(),
+               "config": plan.cfg.model_dump(mode="json"),
+               "models": {n: lm.info for n, lm in models.items()}, **fields, "timing_s": round(time.time() - t0, 2)}
     write_json(out / "summary.json", summary)
-
-
-def fmt(x: float) -> str:
-    return "—" if x is None or x != x else f"{x:.3f}"
+    return summary
 
 
 def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path, kind: str, own: tuple[str, ...], check=None,
-                     apply_limit: bool = True, plan=None):
-    """What every analysis run starts with, before any model is loaded: seeds, the plan (specs, the groups that
-    have data, their items: every data error here; ``plan`` when the caller made it already), the stage's own checks
-    (``check(groups)``), and only then the output dir claimed -> (out, plan)."""
+                     apply_limit: bool = True, plan=None, models: dict[str, LoadedModel] | None = None):
+    """What every analysis run starts with: seeds, the plan (specs, the groups that have data, their items: every
+    data error here; ``plan`` when the caller made it already), the stage's own checks (``check(groups)``), only then
+    the output dir claimed, and last the models (``models``, else loaded: load_models) -> (out, plan, models)."""
     from transformers import set_seed
 
     from qtalign.io import OutputDir
@@ -79,4 +68,4 @@ def prepare_analysis(cfg: AnalysisConfig, out_dir: str | Path, kind: str, own: t
     out.claim()
     out.remove("summary.json")  # present again only once this run has finished
     out.record(*own)
-    return out.path, plan
+    return out.path, plan, models or load_models(cfg)

@@ -17,32 +17,6 @@ BASE = "base"
 POOLS = ("prompt", "query", "last")
 
 
-def parse_compare(v) -> dict[str, str]:
-    """{label: adapter dir} from a mapping, or from ['DIR', 'LABEL=DIR', ...] / 'LABEL=DIR,...' (an unlabelled first
-    adapter is 'tuned'); labels become folder names, so they must be plain names."""
-    if isinstance(v, dict):
-        items = list(v.items())
-    else:
-        items = []
-        for i, x in enumerate(comma_list(v) if isinstance(v, str) else list(v or [])):
-            label, sep, path = str(x).partition("=")
-            if not sep:
-                label, path = ("tuned" if i == 0 else f"tuned{i + 1}"), str(x)
-            if not label or not path:
-                raise ValueError(f"compare {x!r}: expected DIR or LABEL=DIR")
-            items.append((label, path))
-    out: dict[str, str] = {}
-    for label, path in items:
-        try:
-            safe_name(label, "compare label")
-        except Exception as e:  # noqa: BLE001 - QtalignError -> a validation error naming the field
-            raise ValueError(str(e)) from None
-        if label in out:
-            raise ValueError(f"compare: label '{label}' given twice")
-        out[label] = path
-    return out
-
-
 class AnalysisConfig(TaskSelection):
     """What the analysis stages (lens, geometry) share with evaluation: model(s), tasks, languages, data."""
 
@@ -56,15 +30,32 @@ class AnalysisConfig(TaskSelection):
 
     @field_validator("compare", mode="before")
     @classmethod
-    def _parse_compare(cls, v):
-        return parse_compare(v)
-
-    @field_validator("compare")
-    @classmethod
-    def _compare(cls, v):
-        if BASE in v:
+    def _compare(cls, v) -> dict[str, str]:
+        """{label: adapter dir} from a mapping, or from ['DIR', 'LABEL=DIR', ...] / 'LABEL=DIR,...' (an unlabelled first
+        adapter is 'tuned'); labels become folder names, so they must be plain names, and 'base' is the base model's."""
+        if isinstance(v, dict):
+            items = list(v.items())
+        else:
+            items = []
+            for i, x in enumerate(comma_list(v) if isinstance(v, str) else list(v or [])):
+                label, sep, path = str(x).partition("=")
+                if not sep:
+                    label, path = ("tuned" if i == 0 else f"tuned{i + 1}"), str(x)
+                if not label or not path:
+                    raise ValueError(f"compare {x!r}: expected DIR or LABEL=DIR")
+                items.append((label, path))
+        out: dict[str, str] = {}
+        for label, path in items:
+            try:
+                safe_name(label, "compare label")
+            except Exception as e:  # noqa: BLE001 - QtalignError -> a validation error naming the field
+                raise ValueError(str(e)) from None
+            if label in out:
+                raise ValueError(f"compare: label '{label}' given twice")
+            out[label] = path
+        if BASE in out:
             raise ValueError(f"'{BASE}' names the base model; choose another label")
-        return v
+        return out
 
 
 class LensConfig(AnalysisConfig):

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from threadpoolctl import threadpool_limits
 
-from qtalign.analysis.common import analysis_summary, load_models, prepare_analysis, write_summary
+from qtalign.analysis.common import prepare_analysis, write_summary
 from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - the geometry stage's config
 from qtalign.engine.forward import Engine, Prompt, encode_prompts
 from qtalign.tokenids import lcp, pad_id
@@ -149,12 +149,6 @@ def retrieval_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray |
     return out
 
 
-def item_clusters(task, items: list) -> np.ndarray | None:
-    """Cluster ids of parallel items (from the reference language's items; tasks.items.cluster_ids)."""
-    ids = cluster_ids(task, items)
-    return None if ids is None else np.array(ids)
-
-
 def layer_metrics(blocks: list[np.ndarray], ref: int, clusters: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """All metrics of one layer: blocks[i] = (n_items, d) vectors of language i, rows parallel."""
     with threadpool_limits(1):  # tiny matrices: BLAS threads only spin (10-50x slower on a busy CPU)
@@ -242,10 +236,6 @@ def retrieval_record(res: dict, names: list[str], pools: list[str], langs: list[
             out.setdefault(n, {})[pool] = {m: {lang: [round(float(x), 4) for x in d[m][:, li]] for li, lang in enumerate(langs)}
                                            for m in d if m.startswith("retrieval")}
     return out
-
-
-def default_layers(n_layers: int, k: int = 5) -> list[int]:
-    return sorted({int(round(x)) for x in np.linspace(0, n_layers, k)})
 
 
 def _check(cfg: GeometryConfig, groups) -> None:
@@ -348,10 +338,9 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
     from qtalign.progress import Progress
 
     t0 = time.time()
-    out, plan = prepare_analysis(cfg, out_dir, "geometry", OUR_FILES, check=lambda gs: _check(cfg, gs), apply_limit=False,
-                                 plan=plan)
+    out, plan, models = prepare_analysis(cfg, out_dir, "geometry", OUR_FILES, check=lambda gs: _check(cfg, gs),
+                                         apply_limit=False, plan=plan, models=models)
     specs, groups, skipped, items = plan.specs, plan.groups, plan.skipped, plan.by_lang
-    models = models or load_models(cfg)
     names = list(models)
     figures, tables, numbers, retrieval = [], [], {}, {}
     timing: dict[str, float] = {n: 0.0 for n in names}
@@ -361,10 +350,11 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
         for t, v, langs in tv:
             task = specs.task(t)
             per_lang, common = _parallel(cfg, items, t, langs)
-            clusters = item_clusters(task, [per_lang[cfg.reference][i] for i in common])
+            ids = cluster_ids(task, [per_lang[cfg.reference][i] for i in common])  # from the reference language's items
+            clusters = None if ids is None else np.array(ids)
             res, vectors = _metrics(cfg, models, _prompts(task, t, v, langs, common, per_lang), langs, common, clusters, timing, bar)
             n_layers = next(iter(res.values()))["cka"].shape[0] - 1
-            layers = cfg.layers if cfg.layers is not None else default_layers(n_layers)
+            layers = cfg.layers if cfg.layers is not None else sorted({int(round(x)) for x in np.linspace(0, n_layers, 5)})
             bad = [x for x in layers if not 0 <= x <= n_layers]
             if bad:
                 raise QtalignError(f"geometry: layers {bad} out of range 0..{n_layers}")
@@ -378,9 +368,7 @@ def run_geometry(cfg: GeometryConfig, out_dir: str | Path, models: dict[str, Loa
                 tables.append(_table(cfg, t, v, pool, by_model, langs, n_layers, numbers))
             numbers[f"{t}/{v}/items"] = len(common)
             retrieval[f"{t}/{v}"] = retrieval_record(res, names, cfg.pools, langs, cfg.reference, len(common), clusters)
-    summary = analysis_summary(
-        "geometry", plan, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
+    return write_summary(
+        out, "geometry", plan, models, t0, figures=figures, tables=tables, numbers=numbers, skipped=skipped,
         timing_per_model_s={n: round(x, 2) for n, x in timing.items()}, base=BASE, retrieval=retrieval,
     )
-    write_summary(out, summary)
-    return summary

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qtalign.analysis.common import analysis_summary, fmt, load_models, mean_ci, prepare_analysis, write_summary
+from qtalign.analysis.common import mean_ci, prepare_analysis, write_summary
 from qtalign.analysis.config import BASE, LensConfig  # noqa: F401 - the lens stage's config
 from qtalign.engine.models import LoadedModel
 from qtalign.errors import NonFiniteError, QtalignError
@@ -213,7 +213,8 @@ def _run_models(cfg: LensConfig, models: dict, specs, groups, items, out: Path, 
                 else:
                     results[(t, v, lang)][name] = r
                     n_items += len(r.index)
-                    np.savez_compressed(_arr_path(out, name, t, v, lang), index=r.index, gold=r.gold, **r.arrays)
+                    (out / "arrays" / name).mkdir(parents=True, exist_ok=True)
+                    np.savez_compressed(out / "arrays" / name / f"{t}_{v}_{lang}.npz", index=r.index, gold=r.gold, **r.arrays)
                 bar.advance(1)
             timing[name] = round(time.time() - t1, 2)
     return {g: by for g, by in results.items() if len(by) == len(models)}, timing, n_items, vocab
@@ -252,7 +253,8 @@ def _lang_cells(r: GroupResult, key: str, numbers: dict) -> list[str]:
     il, io = int(np.argmax(lat)), int(np.argmax(o))
     numbers.update({f"{key}/latent_max": float(lat[il]), f"{key}/latent_argmax_layer": il, f"{key}/out_last": float(o[-1]),
                     f"{key}/entropy_last_bits": float(e[-1])})
-    return [f"{lat[il]:.3f} ({il})", f"{o[io]:.3f} ({io})" if not r.identical else "= en", fmt(o[-1]), f"{e[-1]:.2f}"]
+    return [f"{lat[il]:.3f} ({il})", f"{o[io]:.3f} ({io})" if not r.identical else "= en",
+            "—" if o[-1] != o[-1] else f"{o[-1]:.3f}", f"{e[-1]:.2f}"]
 
 
 def _task_outputs(t: str, v: str, sel: dict, names: list[str], out: Path, vocab: int, max_langs: int, numbers: dict):
@@ -291,9 +293,8 @@ def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel
     loaded from ``cfg`` when None; ``plan``: cfg's plan, eval/plan.py). Returns the summary dict (also written to
     ``out_dir/summary.json``)."""
     t0 = time.time()
-    out, plan = prepare_analysis(cfg, out_dir, "lens", OUR_FILES, plan=plan)
+    out, plan, models = prepare_analysis(cfg, out_dir, "lens", OUR_FILES, plan=plan, models=models)
     specs, groups, skipped, items = plan.specs, plan.groups, plan.skipped, plan.by_lang
-    models = models or load_models(cfg)
     results, timing, n_items, vocab = _run_models(cfg, models, specs, groups, items, out, skipped, progress)
     _write_means(results, out)
     names = list(models)
@@ -305,16 +306,8 @@ def run_lens(cfg: LensConfig, out_dir: str | Path, models: dict[str, LoadedModel
                 table, figs = _task_outputs(t, v, sel, names, out, vocab, cfg.max_plot_langs, numbers)
                 tables.append(table)
                 figures += figs
-    summary = analysis_summary(
-        "lens", plan, models, t0, figures=figures, tables=tables, numbers=numbers,
+    return write_summary(
+        out, "lens", plan, models, t0, figures=figures, tables=tables, numbers=numbers,
         dropped={f"{t}/{v}/{lang}": by[names[0]].dropped for (t, v, lang), by in results.items()},
         skipped=skipped, timing_per_model_s=timing, items_per_s=round(n_items / max(sum(timing.values()), 1e-9), 3),
     )
-    write_summary(out, summary)
-    return summary
-
-
-def _arr_path(out: Path, model: str, task: str, variant: str, lang: str) -> Path:
-    d = out / "arrays" / model
-    d.mkdir(parents=True, exist_ok=True)
-    return d / f"{task}_{variant}_{lang}.npz"

@@ -13,26 +13,10 @@ from qtalign.limits import SETTINGS, BatchSize, Count, Index, Seed, Tokens
 from qtalign.tasks.groups import Group
 from qtalign.tasks.items import CommaList, DataSource, comma_list, indices_field, parse_range, select_items
 from qtalign.tasks.specs import SpecSet, TaskSpec, canonical_variant
-from qtalign.tracking import parse_trackers
+from qtalign.tracking import Trackers
 
 # fields that do not change a result (how the work is split up): left out of every fingerprint
 NOT_FINGERPRINTED = frozenset({"batch_size", "batch_tokens", "model", "store", "progress", "report_to", "tracking_dir", "server_url"})
-
-
-def parse_items(v):
-    """`items` as given in YAML or on the command line: None, 'START:END' for every task, a mapping
-    {task: 'START:END'}, or 'emotion=0:250,snli=0:200'."""
-    if v is None or isinstance(v, dict):
-        return v
-    if isinstance(v, str) and "=" in v:
-        out = {}
-        for part in comma_list(v):
-            task, sep, rng = part.partition("=")
-            if not sep or not task.strip():
-                raise ValueError(f"bad per-task item range {part!r}: use TASK=START:END (e.g. emotion=0:250,snli=0:200)")
-            out[task.strip()] = rng.strip()
-        return out
-    return v
 
 
 class TaskSelection(BaseModel):
@@ -74,9 +58,18 @@ class TaskSelection(BaseModel):
     @field_validator("items", mode="before")
     @classmethod
     def _items(cls, v):
+        """`items` as given in YAML or on the command line: None, 'START:END' for every task, a mapping
+        {task: 'START:END'}, or 'emotion=0:250,snli=0:200'; every range checked."""
         if v is not None and not isinstance(v, (str, dict)):
             raise ValueError(f"expected 'START:END' or a mapping {{task: 'START:END'}}, got {v!r}")
-        v = parse_items(v)
+        if isinstance(v, str) and "=" in v:
+            out = {}
+            for part in comma_list(v):
+                task, sep, rng = part.partition("=")
+                if not sep or not task.strip():
+                    raise ValueError(f"bad per-task item range {part!r}: use TASK=START:END (e.g. emotion=0:250,snli=0:200)")
+                out[task.strip()] = rng.strip()
+            v = out
         for rng in ([v] if isinstance(v, str) else (v or {}).values()):
             try:
                 parse_range(rng)
@@ -87,15 +80,10 @@ class TaskSelection(BaseModel):
     def source(self) -> DataSource:
         return DataSource.from_options(self.data_dir, self.data_files, self.split)
 
-    def item_range(self, task: str) -> slice | None:
-        if isinstance(self.items, dict):
-            return parse_range(self.items.get(task))
-        return parse_range(self.items)
-
     def select(self, task: TaskSpec, lang: str, source: DataSource | None = None) -> list:
         """The items of one task x language this config uses (range, exclusions, limit)."""
-        return select_items(task, lang, source or self.source(), self.item_range(task.name), self.limit,
-                            set(self.exclude_items))
+        rng = self.items.get(task.name) if isinstance(self.items, dict) else self.items
+        return select_items(task, lang, source or self.source(), parse_range(rng), self.limit, set(self.exclude_items))
 
     def result_config(self) -> dict:
         """The settings that change results: the config part of the fingerprint."""
@@ -142,18 +130,13 @@ class EvalConfig(TaskSelection):
     calibrate: bool = Field(True, description="also report contextual calibration (content-free queries)")
     store: bool = Field(True, description="reuse per-item results from the shared result store ($QTALIGN_STORE, default "
                         "$QTALIGN_CACHE/store) when model, data, prompts, method and engine numerics match, and add new ones")
-    report_to: list[str] = Field(default_factory=list, description="also write the metrics to trackers: tensorboard, wandb "
-                                 "(offline), mlflow (file store); [] = none")
+    report_to: Trackers = Field(default_factory=list, description="also write the metrics to trackers: tensorboard, wandb "
+                                "(offline), mlflow (file store); [] = none")
     tracking_dir: str | None = Field(None, description="where the trackers write (default <out>/tracking)")
     backend: Literal["torch", "vllm", "sglang"] = Field("torch", description="what computes the log-probs: torch (the "
                                                         "native engine) or a running vllm / sglang server at server_url "
                                                         "(docs/scale.md); results of different engines are stored apart")
     server_url: str | None = Field(None, description="address of the vllm / sglang server (e.g. http://127.0.0.1:8000)")
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _trackers(cls, v):
-        return parse_trackers(v)
 
     @model_validator(mode="after")
     def _server(self):

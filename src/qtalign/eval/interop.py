@@ -15,17 +15,13 @@ import time
 from datetime import datetime
 from pathlib import Path
 
+from qtalign.io import text_sha256
+
 VERSION = 1.0
 
 
 def task_name(task: str, lang: str, variant: str) -> str:
     return f"{task}_{lang}_{variant}"
-
-
-def _hash(s: str) -> str:
-    from qtalign.io import text_sha256
-
-    return text_sha256(s)
 
 
 def _stderr(xs: list[float]) -> float:
@@ -121,8 +117,8 @@ def lm_eval_samples(records: list[dict], items: dict, prompts: dict) -> dict[str
              "arguments": [[prompt, c] for c in classes], "resps": [[[raw[c], classes[k] == r["pred"]]] for k, c in enumerate(classes)],
              "filtered_resps": [[raw[c], classes[k] == r["pred"]] for k, c in enumerate(classes)], "filter": "none",
              "metrics": ["acc"] + (["acc_calibrated"] if "cal_correct" in r else []),
-             "doc_hash": _hash(json.dumps(doc, indent=2, ensure_ascii=False)), "prompt_hash": _hash(prompt),
-             "target_hash": _hash(str(target)), "acc": float(r["correct"])}
+             "doc_hash": text_sha256(json.dumps(doc, indent=2, ensure_ascii=False)),
+             "prompt_hash": text_sha256(prompt), "target_hash": text_sha256(str(target)), "acc": float(r["correct"])}
         if "cal_correct" in r:
             s["acc_calibrated"] = float(r["cal_correct"])
         out.setdefault(task_name(r["task"], r["lang"], r["variant"]), []).append(s)
@@ -139,7 +135,8 @@ def write_lm_eval(out: Path, results: dict, records: list[dict], n_shot: dict[st
     folder.clear()
     samples = lm_eval_samples(records, items, prompts)
     agg = lm_eval_results(results, records, n_shot, date)
-    agg["task_hashes"] = {n: _hash("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in ss)) for n, ss in samples.items()}
+    agg["task_hashes"] = {n: text_sha256("".join(s["doc_hash"] + s["prompt_hash"] + s["target_hash"] for s in ss))
+                          for n, ss in samples.items()}
     write_json(folder.file(f"results_{date}.json"), agg, indent=2)
     for name, ss in samples.items():
         write_jsonl(folder.file(f"samples_{name}_{date}.jsonl"), ss)

@@ -14,7 +14,6 @@ Every input (options, data files, model config) is read and checked before a mod
 
 from __future__ import annotations
 
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -25,7 +24,7 @@ from qtalign.eval.config import EvalConfig
 from qtalign.eval.metrics import compute_metrics, write_tables
 from qtalign.eval.plan import Plan
 from qtalign.eval.store import RECORD_VERSION, Store
-from qtalign.io import OutputDir, parse_jsonl, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
+from qtalign.io import OutputDir, claim_run, parse_jsonl, read_json, read_jsonl, repair_jsonl_tail, write_json, write_jsonl
 from qtalign.scoring.faithful import official_correct, special_case
 from qtalign.scoring.base import argmax
 from qtalign.scoring.calibration import calibrate, content_free_requests, mean_probs
@@ -73,53 +72,20 @@ def store_keys(plan: Plan) -> dict[Group, str]:
     return plan.store_keys(scoring)
 
 
-def _decide(out: OutputDir, plan: Plan, overwrite: bool) -> dict | None:
-    """What to do with the output dir, read-only (on the main process; evaluate shares the outcome): the finished
-    results when they are already there; None to (re)start; one clear error for a folder that holds something else."""
+def _claim(out: OutputDir, plan: Plan, overwrite: bool, shards: list[str] = ()) -> dict | None:
+    """The finished results when they are already there; else None, the folder claimed for this run (io.claim_run)
+    and the processes' ``shards`` recorded (main process; evaluate shares the outcome)."""
     from qtalign.eval.interop import lm_eval_dir
 
     out.check()
     lm_eval_dir(out.path).check()  # written last: refused now, not after scoring
     lm_eval_dir(out.path, plan.cfg.model.name).check()
-    prev = read_json(out.path / "run.json")
-    finished = read_json(out.path / "results.json")
-    same = prev is not None and prev.get("fingerprint") == plan.fingerprint
-    if same and finished is not None and finished.get("fingerprint") == plan.fingerprint and not overwrite:
-        return finished
-    if overwrite:
-        return None
-    if prev is not None and not same and finished is not None:
-        raise QtalignError(f"{out.path}: holds an evaluation with a different config, data or model (fingerprint "
-                           f"{prev.get('fingerprint')} != {plan.fingerprint}); use another --out or --overwrite")
-    if prev is None and any(out.holds(n) for n in OUR_FILES):
-        raise QtalignError(f"{out.path}: holds evaluation files of an unknown run (no run.json); use another --out or "
-                           "--overwrite")
-    return None
-
-
-def _start(out: OutputDir, plan: Plan, overwrite: bool) -> None:
-    """Own the output dir for this fingerprint (main process): an unfinished run of another config, or everything
-    with --overwrite, is replaced; only what qtalign wrote is removed."""
-    prev = read_json(out.path / "run.json")
-    if prev is not None and prev.get("fingerprint") != plan.fingerprint and not overwrite:
-        print(f"qtalign: {out.path}: replacing an unfinished evaluation of another config", file=sys.stderr)
-    out.claim()
-    if overwrite or (prev is not None and prev.get("fingerprint") != plan.fingerprint):
-        out.remove(*[n for n in OUR_FILES if out.is_ours(n)],
-                   *[p.name for p in out.path.glob("predictions.rank*.jsonl") if out.is_ours(p.name)])
-    out.record(*OUR_FILES)
-    write_json(out.path / "run.json", {"fingerprint": plan.fingerprint, "covers": plan.covers(),
-                                       "config": plan.cfg.model_dump(mode="json"), "started": time.time()})
-
-
-def _decide_and_start(out: OutputDir, plan: Plan, overwrite: bool, shards: list[str] = ()) -> dict | None:
-    """The finished results, or None after claiming the folder for this run and recording the processes' ``shards``
-    (main process; the outcome is shared)."""
-    finished = _decide(out, plan, overwrite)
-    if finished is None:
-        _start(out, plan, overwrite)
-        if shards:
-            out.record(*shards)
+    record = {"fingerprint": plan.fingerprint, "covers": plan.covers(), "config": plan.cfg.model_dump(mode="json"),
+              "started": time.time()}
+    finished = claim_run(out, record, "results.json", OUR_FILES, "evaluation",
+                         "an evaluation with a different config, data or model", overwrite, ("predictions.rank*.jsonl",))
+    if finished is None and shards:
+        out.record(*shards)
     return finished
 
 
@@ -244,7 +210,7 @@ def evaluate(cfg: EvalConfig, out: str | Path, loaded: LoadedModel | Callable[[]
     rank, world = state.process_index, state.num_processes
     # the processes' shards are recorded as the main process claims the folder, before any process writes one
     shards = [f"predictions.rank{r}.jsonl" for r in range(world)] if world > 1 else []
-    finished = on_main_then_share(state, lambda: _decide_and_start(out_dir, plan, overwrite, shards))
+    finished = on_main_then_share(state, lambda: _claim(out_dir, plan, overwrite, shards))
     if finished is not None:
         return finished if state.is_main_process else {}
     set_seed(cfg.seed)

@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from qtalign.errors import QtalignError
-from qtalign.io import cache_root, canonical, check_folder, file_lock, fingerprint, read_json, read_jsonl, repair_jsonl_tail, text_sha256, write_json
+from qtalign.io import cache_root, canonical, check_folder, file_lock, fingerprint, read_jsonl, repair_jsonl_tail, text_sha256, write_json
 from qtalign.tasks.groups import Group
 from qtalign.tasks.specs import TaskSpec
 
@@ -97,6 +97,3 @@ class Store:
         except OSError as e:  # a read-only or full store is said, never taken for "nothing new"
             raise QtalignError(f"result store {self.root}: cannot write {d} ({e.strerror or e}); free space or fix "
                                "$QTALIGN_STORE, or evaluate with --no-store") from None
-
-    def meta(self, fp: str) -> dict | None:
-        return read_json(self.entry(fp) / "meta.json")

@@ -19,6 +19,7 @@ from qtalign.limits import SETTINGS, Seed
 from qtalign.eval.config import EvalConfig
 from qtalign.qtdata.config import QTDataConfig
 from qtalign.tasks.items import CommaList
+from qtalign.tracking import Trackers
 from qtalign.train.config import TrainConfig
 
 
@@ -106,8 +107,8 @@ class ExperimentConfig(BaseModel):
     prompts: CommaList[str] = Field(default_factory=list, description="spec files merged over the defaults in every stage "
                                "(e.g. '{data_dir}/../paper_prompts.json')")
     model: ModelConfig = Field(default_factory=ModelConfig, description="the base model (the tuned model = it + train/adapter)")
-    report_to: list[str] = Field(default_factory=list, description="trackers for training and evaluation metrics: "
-                                 "tensorboard, wandb (offline), mlflow (file store); given to every section that sets none")
+    report_to: Trackers = Field(default_factory=list, description="trackers for training and evaluation metrics: "
+                                "tensorboard, wandb (offline), mlflow (file store); given to every section that sets none")
     data: DataSection = Field(default_factory=DataSection, description="question-translation data (qtdata.QTDataConfig)")
     train: TrainSection = Field(default_factory=TrainSection, description="LoRA tuning (train.TrainConfig)")
     eval: EvalSection = Field(default_factory=EvalSection, description="evaluation of base and tuned (evaluate.EvalConfig)")
@@ -127,13 +128,6 @@ class ExperimentConfig(BaseModel):
                 if key.split(".")[0] in ("arms", "seeds", "out", "name"):
                     raise ValueError(f"arm {name!r}: '{key}' cannot differ between arms")
         return v
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _trackers(cls, v):
-        from qtalign.tracking import parse_trackers
-
-        return parse_trackers(v)
 
     @model_validator(mode="before")
     @classmethod

@@ -40,11 +40,6 @@ REPORT_OUTPUTS = ("stats.json", "report.md", "report.html")  # report/build.py's
 RUN_FILES = ("config.yaml", "experiment.json", *REPORT_OUTPUTS, "tracking")
 
 
-def config_defaults() -> dict:
-    """Every setting's default (recorded in experiment.json: the report shows what differs from it)."""
-    return ExperimentConfig().model_dump(mode="json")
-
-
 class Models:
     """The models of a run, each loaded once: base = the configured model; tuned = the same + the trained LoRA adapter
     (unmerged). The one object through which the stages reach models (stages.Inputs.models)."""
@@ -124,7 +119,9 @@ class Experiment:
                 done[u.folder] = fps[u.folder]
         if "report" in cfg.stages:
             self._report(units, done, only, force, outcome)
-        self._write_experiment({"stages": {f: "done" for f in outcome}, "finished": time.time(), "last_run": outcome})
+        p = self.run_dir / "experiment.json"
+        write_json(p, {**(read_json(p) or {}), "stages": {f: "done" for f in outcome}, "finished": time.time(),
+                       "last_run": outcome})
         self._track()
         return outcome
 
@@ -227,10 +224,6 @@ class Experiment:
             return "done"
         return "partial"
 
-    def _write_experiment(self, extra: dict) -> None:
-        p = self.run_dir / "experiment.json"
-        write_json(p, {**(read_json(p) or {}), **extra})
-
     def _withdraw(self, u: Unit) -> None:
         """Take back a unit's done marker (its folder stays: an interrupted stage resumes from it)."""
         sj_path = self.run_dir / u.folder / "stage.json"
@@ -262,7 +255,7 @@ class Experiment:
         old = {k: v for k, v in (read_json(self.run_dir / "experiment.json") or {}).items()
                if k not in ("finished", "last_run", "stale_stages", "stages")}
         write_json(self.run_dir / "experiment.json", {
-            **old, "config": self.cfg.model_dump(mode="json"), "config_defaults": config_defaults(),
+            **old, "config": self.cfg.model_dump(mode="json"), "config_defaults": ExperimentConfig().model_dump(mode="json"),
             "seen_langs": data.seen_langs if data else [], "overlap": data.overlap if data else None,
             "environment": {**environment(), **hardware()}, "started": time.time(), "stale_stages": stale})
 
@@ -288,28 +281,20 @@ class Experiment:
 
     def _track(self) -> None:
         """The experiment's headline numbers (macro averages of base and tuned, and their change) to its trackers."""
-        from qtalign.tracking import log_metrics
+        from qtalign.tracking import eval_scalars, log_metrics
 
         if not self.cfg.report_to:
             return
-        base = read_json(self.run_dir / "eval" / "base" / "results.json") or {}
-        tuned = read_json(self.run_dir / "eval" / "tuned" / "results.json") or {}
+        base, tuned = (eval_scalars((read_json(self.run_dir / "eval" / w / "results.json") or {}).get("metrics", {}))
+                       for w in ("base", "tuned"))
         out = {}
-        for t, tv in base.get("metrics", {}).items():
-            for v, d in tv.items():
-                for k in ("acc", "cal_acc", "auc"):
-                    b = d["avg"]["all"].get(k)
-                    out[f"experiment/{t}/{v}/base_{k}"] = b
-                    tt = ((tuned.get("metrics", {}).get(t) or {}).get(v) or {}).get("avg", {}).get("all", {}).get(k)
-                    if tt is not None and b is not None:
-                        out[f"experiment/{t}/{v}/tuned_{k}"] = tt
-                        out[f"experiment/{t}/{v}/delta_{k}"] = tt - b
+        for name, b in base.items():  # eval/<task>/<variant>/avg_all/<metric> -> experiment/<task>/<variant>/base_<metric>
+            head, all_langs, k = name.removeprefix("eval/").rpartition("/avg_all/")
+            if all_langs:
+                out[f"experiment/{head}/base_{k}"] = b
+                if name in tuned:
+                    out[f"experiment/{head}/tuned_{k}"], out[f"experiment/{head}/delta_{k}"] = tuned[name], tuned[name] - b
         log_metrics(self.cfg.report_to, self.run_dir / "tracking" / "experiment", out, run_name=self.cfg.name)
-
-
-def run_label(label: str) -> str:
-    """A run's label in a comparison: 'copy/seed1' -> 'copy-seed1' (compare labels are plain names)."""
-    return label.replace("/", "-")
 
 
 def run_experiments(cfg: ExperimentConfig, only: list[str] | None = None, force: list[str] | None = None,
@@ -334,7 +319,8 @@ def run_experiments(cfg: ExperimentConfig, only: list[str] | None = None, force:
         from qtalign.report.compare import compare_runs
 
         which = "change" if all("train" in sub.stages for _, sub in done) else "base"
-        compare_runs([f"{run_label(label)}={sub.run_dir}" for label, sub in done], cfg.run_dir / "compare",
+        # a run's label in the comparison: 'copy/seed1' -> 'copy-seed1' (compare labels are plain names)
+        compare_runs([f"{label.replace('/', '-')}={sub.run_dir}" for label, sub in done], cfg.run_dir / "compare",
                      title=f"{(cfg.report.title or cfg.name)}: {len(done)} runs (arms x seeds)", which=which)
         log(f"[compare] {cfg.run_dir / 'compare' / 'compare.md'}")
     return [sub.run_dir for _, sub in runs]

@@ -41,7 +41,7 @@ import torch
 from qtalign.tokenids import pad_id
 from qtalign.engine.models import check_model, load_model
 from qtalign.errors import QtalignError
-from qtalign.io import OutputDir, disk_errors, read_json, require_file, write_json
+from qtalign.io import OutputDir, claim_run, disk_errors, read_json, require_file, write_json
 from qtalign.tracking import check_available
 from qtalign.train.config import TrainConfig
 from qtalign.train.data import Collator, check_template, encode_example, load_pairs, split_rows
@@ -151,29 +151,14 @@ def _data_files(cfg: TrainConfig, data_path) -> list[str]:
     return files
 
 
-def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool, main: bool) -> dict | None:
-    """Own the output dir for this fingerprint; returns the summary of a finished identical run."""
-    out.check()
-    prev = read_json(out.path / "train_config.json")
-    finished = read_json(out.path / "summary.json")
-    stale = prev is not None and prev.get("fingerprint") != fp
-    if prev is not None and not overwrite:
-        if stale and finished is not None:
-            raise QtalignError(f"{out.path}: holds a training run with another config or data ({prev.get('fingerprint')} "
-                               f"!= {fp}); use another --out or --overwrite")
-        if not stale and finished is not None:
-            return finished
-    if prev is None and not overwrite and any(out.holds(n) for n in OUR_FILES):
-        raise QtalignError(f"{out.path}: holds training files of an unknown run (no train_config.json); use another --out "
-                           "or --overwrite")
-    if main:
-        out.claim()
-        if overwrite or stale:  # --overwrite, or an unfinished run of another config: only qtalign's files go
-            out.remove(*[n for n in OUR_FILES if out.is_ours(n)])
-        out.record(*OUR_FILES)
+def _claim(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool) -> dict | None:
+    """Own the output dir for this fingerprint (io.claim_run); returns the summary of a finished identical run."""
+    record = {"fingerprint": fp, "world_size": _world()[1], "config": cfg.model_dump(mode="json")}
+    finished = claim_run(out, record, "summary.json", OUR_FILES, "training", "a training run with another config or data",
+                         overwrite)
+    if finished is None:
         out.subdir("checkpoints", "checkpoints").record(*CHECKPOINTS)
-        write_json(out.path / "train_config.json", {"fingerprint": fp, "world_size": _world()[1], "config": cfg.model_dump(mode="json")})
-    return None
+    return finished
 
 
 def _claim_once(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool) -> dict | None:
@@ -185,8 +170,8 @@ def _claim_once(out: OutputDir, fp: str, cfg: TrainConfig, overwrite: bool) -> d
 
     state = PartialState(cpu=cfg.model.device == "cpu") if _world()[1] > 1 else None
     if state is None:
-        return _claim(out, fp, cfg, overwrite, True)
-    return on_main_then_share(state, lambda: _claim(out, fp, cfg, overwrite, True))
+        return _claim(out, fp, cfg, overwrite)
+    return on_main_then_share(state, lambda: _claim(out, fp, cfg, overwrite))
 
 
 def _encode_rows(tok, pairs: list[dict], cfg: TrainConfig) -> tuple[list[dict], int]:
