@@ -33,7 +33,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from qtalign.analysis.common import prepare_analysis, write_summary
-from qtalign.analysis.config import BASE, POOLS, GeometryConfig  # noqa: F401 - the geometry stage's config
+from qtalign.analysis.config import BASE, GeometryConfig  # noqa: F401 - the geometry stage's config
 from qtalign.engine.forward import Engine, Prompt, encode_prompts
 from qtalign.tokenids import lcp, pad_id
 from qtalign.engine.models import LoadedModel

@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from qtalign.analysis.common import mean_ci, prepare_analysis, write_summary
-from qtalign.analysis.config import BASE, LensConfig  # noqa: F401 - the lens stage's config
+from qtalign.analysis.config import LensConfig  # noqa: F401 - the lens stage's config
 from qtalign.engine.models import LoadedModel
 from qtalign.errors import NonFiniteError, QtalignError
 from qtalign.scoring.scorer import ScoreRequest, Scorer

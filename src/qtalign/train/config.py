@@ -12,7 +12,7 @@ from pydantic import BaseModel, Field, field_validator
 from qtalign.engine.models import ModelConfig
 from qtalign.limits import SETTINGS, BatchSize, Count, Rank, Seed, Tokens
 from qtalign.tasks.items import CommaList
-from qtalign.tracking import parse_trackers
+from qtalign.tracking import Trackers
 
 # TrainConfig fields that do not change the result (how the work is split up, what is kept and logged)
 NOT_FINGERPRINTED = frozenset({"per_device_batch_size", "eval_batch_size", "save_total_limit", "logging_steps",
@@ -70,7 +70,7 @@ class TrainConfig(BaseModel):
                                           "similar length (transformers batch_rebalance): less padding, same rows per step")
     loss_chunk_tokens: Tokens = Field(128, ge=1, description="response positions projected to logits at once in the fused loss")
     seed: Seed = Field(0, description="seeds the LoRA init, the split, the data order and dropout")
-    report_to: list[str] = Field(default_factory=list, description="training metrics to trackers through the Trainer's "
+    report_to: Trackers = Field(default_factory=list, description="training metrics to trackers through the Trainer's "
                                  "integrations: tensorboard, wandb (offline), mlflow (a file store); written under "
                                  "<out>/tracking; [] = none")
     run_name: str | None = Field(None, description="the run's name in the trackers")
@@ -82,11 +82,6 @@ class TrainConfig(BaseModel):
         if v not in SCHEDULERS:
             raise ValueError(f"unknown scheduler {v!r} (choose from {', '.join(SCHEDULERS)})")
         return v
-
-    @field_validator("report_to", mode="before")
-    @classmethod
-    def _trackers(cls, v):
-        return parse_trackers(v)
 
     def result_config(self) -> dict:
         """The settings that change the result (not the micro-batch or the eval batch, which do not). The settings
