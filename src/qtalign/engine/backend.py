@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Iterator, Protocol
 
-from qtalign.engine.forward import Encoded
+from qtalign.engine.forward import Encoded, by_group
 from qtalign.errors import QtalignError
 
 BACKENDS = ("torch", "vllm", "sglang")
@@ -78,11 +78,7 @@ class TorchBackend:
             with torch.inference_mode():
                 logits = parts.unembed(b.last_hidden)
                 dist = torch.softmax(logits, dim=-1) if probs else torch.log_softmax(logits, dim=-1)
-                want = [ids[k] for k in b.keys]
-                if all(w == want[0] for w in want):  # one group, one id list: one gather and one copy back
-                    rows = dist[:, want[0]].tolist() if want[0] else [[] for _ in want]
-                else:
-                    rows = _gather_rows(dist, want)
+                rows = _gather_rows(dist, [ids[k] for k in b.keys])
             yield from zip(b.keys, rows)
 
     def continuation_logprobs(self, encoded, conts, progress=None):
@@ -174,10 +170,7 @@ class HttpBackend:
     def _batches(self, encoded: list[Encoded]) -> Iterator[list[Encoded]]:
         """Group by group (first appearance), in the caller's order; a group's first prompt alone (its demo block is
         then in the server's prefix cache when the rest arrive), then batches of at most batch_size prompts."""
-        groups: dict[str, list[Encoded]] = {}
-        for e in encoded:
-            groups.setdefault(e.group, []).append(e)
-        for es in groups.values():
+        for es in by_group(encoded).values():
             yield es[:1]
             for i in range(1, len(es), self.batch_size):
                 yield es[i : i + self.batch_size]
@@ -225,10 +218,7 @@ class HttpBackend:
     def continuation_logprobs(self, encoded, conts, progress=None):
         """Token j of a continuation = the next token after prompt + its tokens 0..j-1: every request reads the
         prompt from the prefix cache. Items go in chunks of batch_size (an item's requests consecutively)."""
-        groups: dict[str, list[Encoded]] = {}
-        for e in encoded:
-            groups.setdefault(e.group, []).append(e)
-        for es in groups.values():
+        for es in by_group(encoded).values():
             for i in range(0, len(es), self.batch_size):
                 chunk = es[i : i + self.batch_size]
                 probes, wants = _continuation_probes(chunk, conts)
