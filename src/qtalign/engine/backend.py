@@ -34,7 +34,7 @@ import re
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
 from qtalign.engine.forward import Encoded, by_group
 from qtalign.errors import QtalignError
@@ -44,18 +44,6 @@ RETRY_STATUS = (429, 500, 502, 503, 504)
 # a refusal for too many requested ids (vLLM: "Requested logprob_token_ids of length N, which is greater than max
 # allowed: 128"): answered with smaller requests
 ID_LIMIT = re.compile(r"(logprob_token_ids|token_ids_logprob)\b.*\b(max|at most)\b", re.S)
-
-
-class Backend(Protocol):
-    name: str
-
-    def identity(self) -> dict | None: ...
-
-    def next_logprobs(self, encoded: list[Encoded], ids: dict[Any, list[int]], probs: bool = False,
-                      progress=None) -> Iterator[tuple[Any, list[float]]]: ...
-
-    def continuation_logprobs(self, encoded: list[Encoded], conts: dict[Any, list[list[int]]],
-                              progress=None) -> Iterator[tuple[Any, list[list[float]]]]: ...
 
 
 class TorchBackend:
