@@ -163,14 +163,13 @@ class HttpBackend:
             for i in range(1, len(es), self.batch_size):
                 yield es[i : i + self.batch_size]
 
-    def _score(self, prompts: list[list[int]], want: list[int]) -> list[list[float]]:
-        """Per prompt, the log-prob of every id of ``want`` (in its order), in requests of at most max_ids ids; a
+    def _score(self, prompts: list[list[int]], want: list[int]) -> list[dict[int, float]]:
+        """Per prompt, {id: log-prob} for every id of ``want`` (distinct ids), in requests of at most max_ids ids; a
         server that refuses a request's id count gets smaller requests (halved, down to one id)."""
-        uniq = list(dict.fromkeys(want))
         got: list[dict[int, float]] = [{} for _ in prompts]
         i = 0
-        while i < len(uniq):
-            chunk = uniq[i : i + self.max_ids]
+        while i < len(want):
+            chunk = want[i : i + self.max_ids]
             try:
                 answers = self._request(prompts, chunk)
             except _IdLimit as e:
@@ -181,14 +180,12 @@ class HttpBackend:
             for g, a in zip(got, answers):
                 g.update(a)
             i += len(chunk)
-        return [[g[t] for t in want] for g in got]
+        return got
 
     def next_logprobs(self, encoded, ids, probs=False, progress=None):
         for batch in self._batches(encoded):
             want = list(dict.fromkeys(t for e in batch for t in ids[e.key]))  # one request asks for the batch's union
-            rows = self._score([e.ids for e in batch], want) if want else [[] for _ in batch]
-            for e, row in zip(batch, rows):
-                lp = dict(zip(want, row))
+            for e, lp in zip(batch, self._score([e.ids for e in batch], want)):
                 vals = [lp[t] for t in ids[e.key]]
                 yield e.key, [math.exp(x) for x in vals] if probs else vals
             if progress is not None:

@@ -53,16 +53,12 @@ def by_group(encoded: Iterable[Encoded]) -> dict[str, list[Encoded]]:
     return groups
 
 
-def encode_prompts(tokenizer, prompts: Iterable[Prompt], max_length: int | None = None) -> list[Encoded]:
+def encode_prompts(tokenizer, prompts: Iterable[Prompt]) -> list[Encoded]:
     """Tokenize full prompts (with the tokenizer's default special tokens, as the paper) and find each group's
     shared token prefix. Tokenizing the full text keeps boundary tokens exactly as the model would see them."""
     prompts = list(prompts)
     enc = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
     out = [Encoded(p.key, p.group, list(ids) + list(p.append_ids)) for p, ids in zip(prompts, enc)]
-    if max_length:
-        for e in out:
-            if len(e.ids) > max_length:
-                raise QtalignError(f"prompt {e.key} has {len(e.ids)} tokens > max_length {max_length}")
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p.group, []).append(i)
