@@ -82,15 +82,18 @@ def allocator_reexec() -> tuple[list[str], dict] | None:
     return [sys.executable, *sys.orig_argv[1:]], env
 
 
+def _cpuinfo(field: str) -> str | None:
+    """The value of the first /proc/cpuinfo line for ``field`` (None where there is none or the file cannot be read)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith(field)), None)
+
+
 def cpu_flags() -> set[str]:
     """The CPU's feature flags (/proc/cpuinfo; empty where that cannot be read)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
+    return set((_cpuinfo("flags") or "").split())
 
 
 def bf16_native() -> bool | None:
@@ -106,13 +109,8 @@ def hardware() -> dict:
     import torch
 
     out: dict = {"torch_threads": torch.get_num_threads(), "bf16_native": bf16_native()}
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                out["cpu_model"] = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    if (model := _cpuinfo("model name")) is not None:
+        out["cpu_model"] = model
     try:
         import psutil
 

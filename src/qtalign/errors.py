@@ -36,7 +36,5 @@ def validation_message(e, where: str = "config") -> str:
     err = e.errors()[0]
     loc = ".".join(str(x) for x in err["loc"])
     more = "" if len(e.errors()) == 1 else f" (and {len(e.errors()) - 1} more)"
-    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-    if msg.startswith("Value error, "):
-        msg = msg[len("Value error, "):]
+    msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
     return f"{where}: field '{loc}': {msg}{more}"

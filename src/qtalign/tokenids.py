@@ -12,8 +12,4 @@ def pad_id(tokenizer) -> int:
 
 def lcp(a: list[int], b: list[int]) -> int:
     """Length of the longest common prefix of two token lists."""
-    n = min(len(a), len(b))
-    i = 0
-    while i < n and a[i] == b[i]:
-        i += 1
-    return i
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))

@@ -34,9 +34,9 @@ import re
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterator, Protocol
+from typing import Any, Iterator
 
-from qtalign.engine.forward import Encoded
+from qtalign.engine.forward import Encoded, by_group
 from qtalign.errors import QtalignError
 
 BACKENDS = ("torch", "vllm", "sglang")
@@ -44,18 +44,6 @@ RETRY_STATUS = (429, 500, 502, 503, 504)
 # a refusal for too many requested ids (vLLM: "Requested logprob_token_ids of length N, which is greater than max
 # allowed: 128"): answered with smaller requests
 ID_LIMIT = re.compile(r"(logprob_token_ids|token_ids_logprob)\b.*\b(max|at most)\b", re.S)
-
-
-class Backend(Protocol):
-    name: str
-
-    def identity(self) -> dict | None: ...
-
-    def next_logprobs(self, encoded: list[Encoded], ids: dict[Any, list[int]], probs: bool = False,
-                      progress=None) -> Iterator[tuple[Any, list[float]]]: ...
-
-    def continuation_logprobs(self, encoded: list[Encoded], conts: dict[Any, list[list[int]]],
-                              progress=None) -> Iterator[tuple[Any, list[list[float]]]]: ...
 
 
 class TorchBackend:
@@ -78,11 +66,7 @@ class TorchBackend:
             with torch.inference_mode():
                 logits = parts.unembed(b.last_hidden)
                 dist = torch.softmax(logits, dim=-1) if probs else torch.log_softmax(logits, dim=-1)
-                want = [ids[k] for k in b.keys]
-                if all(w == want[0] for w in want):  # one group, one id list: one gather and one copy back
-                    rows = dist[:, want[0]].tolist() if want[0] else [[] for _ in want]
-                else:
-                    rows = _gather_rows(dist, want)
+                rows = _gather_rows(dist, [ids[k] for k in b.keys])
             yield from zip(b.keys, rows)
 
     def continuation_logprobs(self, encoded, conts, progress=None):
@@ -174,22 +158,18 @@ class HttpBackend:
     def _batches(self, encoded: list[Encoded]) -> Iterator[list[Encoded]]:
         """Group by group (first appearance), in the caller's order; a group's first prompt alone (its demo block is
         then in the server's prefix cache when the rest arrive), then batches of at most batch_size prompts."""
-        groups: dict[str, list[Encoded]] = {}
-        for e in encoded:
-            groups.setdefault(e.group, []).append(e)
-        for es in groups.values():
+        for es in by_group(encoded).values():
             yield es[:1]
             for i in range(1, len(es), self.batch_size):
                 yield es[i : i + self.batch_size]
 
-    def _score(self, prompts: list[list[int]], want: list[int]) -> list[list[float]]:
-        """Per prompt, the log-prob of every id of ``want`` (in its order), in requests of at most max_ids ids; a
+    def _score(self, prompts: list[list[int]], want: list[int]) -> list[dict[int, float]]:
+        """Per prompt, {id: log-prob} for every id of ``want`` (distinct ids), in requests of at most max_ids ids; a
         server that refuses a request's id count gets smaller requests (halved, down to one id)."""
-        uniq = list(dict.fromkeys(want))
         got: list[dict[int, float]] = [{} for _ in prompts]
         i = 0
-        while i < len(uniq):
-            chunk = uniq[i : i + self.max_ids]
+        while i < len(want):
+            chunk = want[i : i + self.max_ids]
             try:
                 answers = self._request(prompts, chunk)
             except _IdLimit as e:
@@ -200,14 +180,12 @@ class HttpBackend:
             for g, a in zip(got, answers):
                 g.update(a)
             i += len(chunk)
-        return [[g[t] for t in want] for g in got]
+        return got
 
     def next_logprobs(self, encoded, ids, probs=False, progress=None):
         for batch in self._batches(encoded):
             want = list(dict.fromkeys(t for e in batch for t in ids[e.key]))  # one request asks for the batch's union
-            rows = self._score([e.ids for e in batch], want) if want else [[] for _ in batch]
-            for e, row in zip(batch, rows):
-                lp = dict(zip(want, row))
+            for e, lp in zip(batch, self._score([e.ids for e in batch], want)):
                 vals = [lp[t] for t in ids[e.key]]
                 yield e.key, [math.exp(x) for x in vals] if probs else vals
             if progress is not None:
@@ -225,10 +203,7 @@ class HttpBackend:
     def continuation_logprobs(self, encoded, conts, progress=None):
         """Token j of a continuation = the next token after prompt + its tokens 0..j-1: every request reads the
         prompt from the prefix cache. Items go in chunks of batch_size (an item's requests consecutively)."""
-        groups: dict[str, list[Encoded]] = {}
-        for e in encoded:
-            groups.setdefault(e.group, []).append(e)
-        for es in groups.values():
+        for es in by_group(encoded).values():
             for i in range(0, len(es), self.batch_size):
                 chunk = es[i : i + self.batch_size]
                 probes, wants = _continuation_probes(chunk, conts)

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from itertools import islice
 from typing import Any, Iterable, Iterator
 
 import torch
+from torch.nn.utils.rnn import pad_sequence
 from transformers import DynamicCache
 
 from qtalign.errors import QtalignError
@@ -43,16 +45,20 @@ class Encoded:
     prefix_len: int = 0  # tokens shared with the group's cached prefix
 
 
-def encode_prompts(tokenizer, prompts: Iterable[Prompt], max_length: int | None = None) -> list[Encoded]:
+def by_group(encoded: Iterable[Encoded]) -> dict[str, list[Encoded]]:
+    """Encoded prompts by group, the groups in order of first appearance, each in the caller's order."""
+    groups: dict[str, list[Encoded]] = {}
+    for e in encoded:
+        groups.setdefault(e.group, []).append(e)
+    return groups
+
+
+def encode_prompts(tokenizer, prompts: Iterable[Prompt]) -> list[Encoded]:
     """Tokenize full prompts (with the tokenizer's default special tokens, as the paper) and find each group's
     shared token prefix. Tokenizing the full text keeps boundary tokens exactly as the model would see them."""
     prompts = list(prompts)
     enc = tokenizer([p.text for p in prompts], add_special_tokens=True)["input_ids"]
     out = [Encoded(p.key, p.group, list(ids) + list(p.append_ids)) for p, ids in zip(prompts, enc)]
-    if max_length:
-        for e in out:
-            if len(e.ids) > max_length:
-                raise QtalignError(f"prompt {e.key} has {len(e.ids)} tokens > max_length {max_length}")
     groups: dict[str, list[int]] = {}
     for i, p in enumerate(prompts):
         groups.setdefault(p.group, []).append(i)
@@ -140,9 +146,7 @@ class ModelParts:
 
     def final_norm(self, h: torch.Tensor) -> torch.Tensor:
         """The final norm, in this model's adapter state where an adapter replaced it (peft modules_to_save)."""
-        if not hasattr(self.norm, "modules_to_save"):
-            return self.norm(h)
-        with self.active():
+        with self.active() if hasattr(self.norm, "modules_to_save") else nullcontext():
             return self.norm(h)
 
 
@@ -238,11 +242,8 @@ class Engine:
 
     def order(self, encoded: list[Encoded]) -> list[list[Encoded]]:
         """Batches: grouped by prefix group (first-appearance order), longest suffix first within a group."""
-        groups: dict[str, list[Encoded]] = {}
-        for e in encoded:
-            groups.setdefault(e.group, []).append(e)
         batches = []
-        for g, es in groups.items():
+        for es in by_group(encoded).values():
             es = sorted(es, key=lambda e: -(len(e.ids) - (e.prefix_len if self.prefix_cache else 0)))
             if self.batch_tokens:
                 batches += self._split(es)
@@ -278,9 +279,8 @@ class Engine:
             sizes = [len(s) for s in suffixes]
             T = max(sizes)
             # built on the host, then one copy each to the device (no per-row transfers)
-            ids = torch.full((len(batch), T), self.pad_id, dtype=torch.long)
-            for i, s in enumerate(suffixes):
-                ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+            ids = pad_sequence([torch.tensor(s, dtype=torch.long) for s in suffixes], batch_first=True,
+                               padding_value=self.pad_id)
             lengths = torch.tensor(sizes)
             mask = torch.cat([torch.ones((len(batch), plen), dtype=torch.long),
                               (torch.arange(T)[None, :] < lengths[:, None]).long()], dim=1)
@@ -334,10 +334,9 @@ class Engine:
                 kv.append(t.gather(2, idx))
             cache.update(kv[0], kv[1], i)
         # the label tokens and the mask built on the host, then one copy each
-        ids = torch.full((R, T), self.pad_id, dtype=torch.long)
+        ids = pad_sequence([torch.tensor(c[:-1], dtype=torch.long) for _, c in pairs], batch_first=True,
+                           padding_value=self.pad_id)
         n_lab = torch.tensor([len(c) - 1 for _, c in pairs])
-        for j, (_, c) in enumerate(pairs):
-            ids[j, : len(c) - 1] = torch.tensor(c[:-1], dtype=torch.long)
         mask = torch.cat([(torch.arange(N)[None, :] >= (N - torch.tensor(ctx))[:, None]).long(),
                           (torch.arange(T)[None, :] < n_lab[:, None]).long()], dim=1)
         ids, mask = ids.to(dev), mask.to(dev)
@@ -349,9 +348,5 @@ class Engine:
         sel_pos = torch.tensor([t for _, c in pairs for t in range(len(c) - 1)], device=h.device)
         lp = torch.log_softmax(self.parts.unembed(h[sel_row, sel_pos]), dim=-1)
         target = torch.tensor([x for _, c in pairs for x in c[1:]], device=lp.device)
-        flat = lp[torch.arange(len(target), device=lp.device), target].tolist()  # one copy back per batch
-        out_lps, k = [], 0
-        for _, c in pairs:
-            out_lps.append(flat[k : k + len(c) - 1])
-            k += len(c) - 1
-        return out_lps
+        flat = iter(lp[torch.arange(len(target), device=lp.device), target].tolist())  # one copy back per batch
+        return [list(islice(flat, len(c) - 1)) for _, c in pairs]

@@ -149,13 +149,6 @@ def _cached_gguf_ok(gguf: Path, entry) -> bool:
     return False
 
 
-def _check_local_dir(p: Path, what: str = "model") -> None:
-    if not (p / "config.json").is_file():
-        raise QtalignError(f"{p}: not a Hugging Face model folder (no config.json)")
-    if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
-        raise QtalignError(f"{p}: the {what} folder has no weights (model.safetensors / pytorch_model.bin)")
-
-
 def looks_like_path(name: str) -> bool:
     return name.startswith((".", "/", "~")) or name.endswith(".gguf") or Path(name).exists() or name.count("/") > 1
 
@@ -173,7 +166,10 @@ def check_model(cfg: ModelConfig) -> None:
         if not p.is_dir():
             raise QtalignError(f"{p}: a model is a folder, a .gguf file, an embedded name or a hub id")
         if not cfg.gguf_file:
-            _check_local_dir(p)
+            if not (p / "config.json").is_file():
+                raise QtalignError(f"{p}: not a Hugging Face model folder (no config.json)")
+            if not any((p / f).is_file() for f in WEIGHT_FILES) and not list(p.glob("*.safetensors")):
+                raise QtalignError(f"{p}: the model folder has no weights (model.safetensors / pytorch_model.bin)")
     elif looks_like_path(cfg.name):
         raise QtalignError(f"{p}: model folder not found")
     elif "/" not in cfg.name:

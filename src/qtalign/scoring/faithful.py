@@ -14,6 +14,7 @@ Differences from ``first-token`` (see docs/scoring.md):
 
 from __future__ import annotations
 
+import functools
 import random
 import weakref
 from typing import Iterator
@@ -66,17 +67,9 @@ def official_decision(mass: list[float], rng: random.Random) -> int:
 
 def faithful_scores(scorer, reqs, progress=None) -> Iterator[ItemScore]:
     tok = scorer.tokenizer
-    sets_cache: dict[str, list[int]] = {}
-
-    def cands(w):
-        if w not in sets_cache:
-            sets_cache[w] = official_candidates(tok, w)
-        return sets_cache[w]
-
-    prompts = []
-    for r in reqs:
-        extra = tok(r.forced, add_special_tokens=True)["input_ids"] if r.forced else []
-        prompts.append(Prompt(r.key, r.group, r.prefix, r.prefix + r.question, append_ids=extra))
+    cands = functools.cache(functools.partial(official_candidates, tok))  # a word's candidate set, once per call
+    prompts = [Prompt(r.key, r.group, r.prefix, r.prefix + r.question,
+                      append_ids=tok(r.forced, add_special_tokens=True)["input_ids"] if r.forced else []) for r in reqs]
     by_key = {r.key: r for r in reqs}
     enc = encode_prompts(tok, prompts)
     flat = {r.key: [t for w in r.words for t in cands(w)] for r in reqs}

@@ -51,9 +51,7 @@ def first_token_scores(scorer, reqs: list[ScoreRequest], progress=None) -> Itera
         planned.append(dataclasses.replace(r, forced=r.forced + forced, words=words))
     by_key = {r.key: r for r in planned}
     enc = encode_prompts(scorer.tokenizer, scorer.prompts(planned))
-    flat = {}
-    for r in planned:
-        flat[r.key] = [t for s in scorer.candidates(r.words).sets for t in s]
+    flat = {r.key: [t for s in scorer.candidates(r.words).sets for t in s] for r in planned}
     for key, lps in scorer.backend.next_logprobs(enc, flat, progress=progress):
         r = by_key[key]
         mass = class_sums(lps, scorer.candidates(r.words).sets, exp=True)
