@@ -289,8 +289,8 @@ class Experiment:
                        for w in ("base", "tuned"))
         out = {}
         for name, b in base.items():  # eval/<task>/<variant>/avg_all/<metric> -> experiment/<task>/<variant>/base_<metric>
-            head, all_langs, k = name.removeprefix("eval/").rpartition("/avg_all/")
-            if all_langs:
+            head, sep, k = name.removeprefix("eval/").rpartition("/avg_all/")
+            if sep:  # a macro average over all languages
                 out[f"experiment/{head}/base_{k}"] = b
                 if name in tuned:
                     out[f"experiment/{head}/tuned_{k}"], out[f"experiment/{head}/delta_{k}"] = tuned[name], tuned[name] - b
